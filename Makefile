@@ -1,0 +1,42 @@
+# One-command set-up and checks. Everything runs in a virtual environment ($(VENV)) that the
+# first target creates: torch, the package with its compiled extension, and the test tools.
+VENV        ?= .venv
+PY          := $(VENV)/bin/python
+PIP         := $(PY) -m pip
+TORCH_SPEC  ?= torch==2.14.1 torchvision==0.29.1
+PYTEST_ARGS ?=
+
+.PHONY: install test test-fast demo bench cpp-test info clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*) $(wildcard kernels/*)
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade "pip>=23" "setuptools>=68" wheel ninja pybind11
+	$(PIP) install -q $(TORCH_SPEC)
+	$(PIP) install -q --no-build-isolation -e ".[all]"
+	$(PY) -m pccfast info
+	touch $@
+
+test: install
+	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests
+
+demo: install
+	$(VENV)/bin/pccfast demo
+
+bench: install
+	$(PY) -m pytest -q benchmarks --benchmark-only --benchmark-columns=min,mean,rounds
+
+cpp-test: install
+	cmake -S . -B build/cmake -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" -DPython_EXECUTABLE=$(abspath $(PY)) >/dev/null
+	cmake --build build/cmake -j2
+	cd build/cmake && ctest --output-on-failure
+
+info: install
+	$(PY) -m pccfast info
+
+clean:
+	rm -rf build pccfast/_C*.so *.egg-info

@@ -1,0 +1,332 @@
+// PCC on the CPU (SPEC section 1).
+//
+// The groups are processed in chunks of about kChunkElements floats of temporaries: each chunk's
+// rows are normalised, their correlation matrix R (or, for "square" with K < M, the K x K Gram
+// matrix of the features) is formed with one batched matrix product, and phi(R) is reduced.
+// Only the per-row mean and rstd leave the forward pass; the backward pass recomputes vhat and R
+// chunk by chunk. The one-group "batch" mode streams its N*P-long rows over sample chunks and
+// keeps only C x C matrices.
+#include "pcc_cpu.h"
+
+#include <torch/library.h>
+
+#include <algorithm>
+
+namespace pccfast {
+namespace {
+
+constexpr int64_t kChunkElements = int64_t(1) << 24;  // ~64 MB of fp32 temporaries
+
+struct Sizes {
+  int64_t groups, rows, features;
+};
+
+Sizes sizes_of(const at::Tensor& x, const PCCConfig& cfg) {
+  const int64_t n = x.size(0), c = x.size(1), p = x.size(2) * x.size(3);
+  const int64_t groups = cfg.group == Group::Sample ? n : 1;
+  if (cfg.pixel) return {groups, p, c};
+  return {groups, c, cfg.group == Group::Batch ? n * p : p};
+}
+
+int64_t pair_count(int64_t rows, bool include_diagonal) {
+  return include_diagonal ? rows * rows : rows * (rows - 1);
+}
+
+at::ScalarType compute_type(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_input(const at::Tensor& x, const PCCConfig& cfg) {
+  TORCH_CHECK_VALUE(x.dim() == 4, "x must have shape (N, C, H, W), got ", x.sizes());
+  TORCH_CHECK_VALUE(x.numel() > 0, "x must not have an empty dimension, got ", x.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), "x must be a float tensor, got ",
+                   x.scalar_type());
+  TORCH_CHECK_VALUE(x.device().is_cpu(), "x must be a CPU tensor, got ", x.device());
+  const Sizes s = sizes_of(x, cfg);
+  TORCH_CHECK_VALUE(s.rows > 1 || cfg.include_diagonal,
+                    "x has a single row, so there are no off-diagonal pairs");
+}
+
+// The tensor the groups are drawn from: x, or its batch mean (1/N of x) for "batch_mean".
+at::Tensor group_source(const at::Tensor& x, const PCCConfig& cfg) {
+  if (cfg.group == Group::BatchMean) return at::mean(x, {0}, /*keepdim=*/true, compute_type(x));
+  return x;
+}
+
+// Rows of samples [n0, n0 + count): (count, M, K) in the compute dtype. May alias src: never
+// modify it in place.
+at::Tensor sample_rows(const at::Tensor& src, int64_t n0, int64_t count, bool pixel,
+                       at::ScalarType type) {
+  const at::Tensor s = src.narrow(0, n0, count);
+  const int64_t c = s.size(1), p = s.size(2) * s.size(3);
+  const at::Tensor v =
+      pixel ? s.permute({0, 2, 3, 1}).reshape({count, p, c}) : s.reshape({count, c, p});
+  return v.to(type).contiguous();
+}
+
+// Writes the row gradient (count, M, K) of samples [n0, n0 + count) into dx (N, C, H, W).
+void store_rows(at::Tensor& dx, const at::Tensor& dv, int64_t n0, bool pixel) {
+  at::Tensor out = dx.narrow(0, n0, dv.size(0));
+  const int64_t c = dx.size(1), h = dx.size(2), w = dx.size(3);
+  if (pixel) {
+    out.copy_(dv.view({dv.size(0), h, w, c}).permute({0, 3, 1, 2}));
+  } else {
+    out.copy_(dv.view({dv.size(0), c, h, w}));
+  }
+}
+
+int64_t chunk_of(int64_t groups, int64_t per_group) {
+  return std::clamp<int64_t>(kChunkElements / std::max<int64_t>(per_group, 1), 1, groups);
+}
+
+// Normalised rows: returns vhat and fills mean/rstd (count, M) with the row statistics.
+at::Tensor normalize(const at::Tensor& v, double eps, at::Tensor mean, at::Tensor rstd) {
+  const at::Tensor mu = v.mean(-1, /*keepdim=*/true);
+  at::Tensor centered = v - mu;
+  const at::Tensor r = (centered.square().mean(-1, /*keepdim=*/true) + eps).rsqrt();
+  mean.copy_(mu.squeeze(-1));
+  rstd.copy_(r.squeeze(-1));
+  return centered.mul_(r);
+}
+
+at::Tensor renormalize(const at::Tensor& v, const at::Tensor& mean, const at::Tensor& rstd) {
+  return (v - mean.unsqueeze(-1)).mul_(rstd.unsqueeze(-1));
+}
+
+// sum over groups and pairs of phi(R) for one chunk of normalised rows vhat: (g, M, K).
+double phi_sum(const at::Tensor& vhat, const PCCConfig& cfg) {
+  const int64_t m = vhat.size(1), k = vhat.size(2);
+  if (cfg.square && k < m) {
+    // sum_ij R_ij^2 = ||Vhat^T Vhat||_F^2 / K^2: the K x K side.
+    const at::Tensor features = at::bmm(vhat.transpose(1, 2), vhat);
+    double total = features.square().sum(at::kDouble).item<double>() / double(k * k);
+    if (!cfg.include_diagonal) {
+      const at::Tensor diagonal = vhat.square().sum(-1) / double(k);
+      total -= diagonal.square().sum(at::kDouble).item<double>();
+    }
+    return total;
+  }
+  at::Tensor r = at::bmm(vhat, vhat.transpose(1, 2)).div_(double(k));
+  if (!cfg.include_diagonal) r.diagonal(0, -2, -1).zero_();
+  return (cfg.square ? r.square_() : r.abs_()).sum(at::kDouble).item<double>();
+}
+
+// d(sum phi(R)) / dR with the diagonal masked, times `factor`: (…, M, M).
+at::Tensor phi_derivative(const at::Tensor& r, const PCCConfig& cfg, double factor) {
+  at::Tensor d = cfg.square ? r * (2.0 * factor) : r.sign().mul_(factor);
+  if (!cfg.include_diagonal) d.diagonal(0, -2, -1).zero_();
+  return d;
+}
+
+// Layer-norm backward: dv = rstd * (dvhat - mean(dvhat) - vhat * mean(dvhat * vhat)).
+at::Tensor row_backward(const at::Tensor& dvhat, const at::Tensor& vhat, const at::Tensor& rstd) {
+  const at::Tensor mean_d = dvhat.mean(-1, /*keepdim=*/true);
+  const at::Tensor mean_dv = (dvhat * vhat).mean(-1, /*keepdim=*/true);
+  return (dvhat - mean_d - vhat * mean_dv).mul_(rstd.unsqueeze(-1));
+}
+
+// ---- per-sample groups ("sample", and "batch_mean" on the mean map) ----
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_grouped(const at::Tensor& x,
+                                                               const PCCConfig& cfg) {
+  const at::ScalarType type = compute_type(x);
+  const at::Tensor src = group_source(x, cfg);
+  const Sizes s = sizes_of(src, cfg);
+  at::Tensor mean = at::empty({s.groups, s.rows}, x.options().dtype(type));
+  at::Tensor rstd = at::empty_like(mean);
+  const int64_t side = cfg.square ? std::min(s.rows, s.features) : s.rows;
+  const int64_t chunk = chunk_of(s.groups, 3 * s.rows * s.features + 2 * side * side);
+  double total = 0.0;
+  for (int64_t g0 = 0; g0 < s.groups; g0 += chunk) {
+    const int64_t count = std::min(chunk, s.groups - g0);
+    const at::Tensor v = sample_rows(src, g0, count, cfg.pixel, type);
+    const at::Tensor vhat =
+        normalize(v, cfg.eps, mean.narrow(0, g0, count), rstd.narrow(0, g0, count));
+    total += phi_sum(vhat, cfg);
+  }
+  const double pairs = double(s.groups) * double(pair_count(s.rows, cfg.include_diagonal));
+  return {at::scalar_tensor(total / pairs, x.options().dtype(type)), mean, rstd};
+}
+
+at::Tensor backward_grouped(double scale, const at::Tensor& x, const at::Tensor& mean,
+                            const at::Tensor& rstd, const PCCConfig& cfg) {
+  const at::ScalarType type = compute_type(x);
+  const at::Tensor src = group_source(x, cfg);
+  const Sizes s = sizes_of(src, cfg);
+  const double k = double(s.features);
+  const double factor = 2.0 * scale / k;  // d R_ij / d vhat_i = vhat_j / K, R symmetric: twice
+  const int64_t chunk = chunk_of(s.groups, 5 * s.rows * s.features + 2 * s.rows * s.rows);
+  at::Tensor dsrc = at::empty(src.sizes(), src.options().dtype(type));
+  for (int64_t g0 = 0; g0 < s.groups; g0 += chunk) {
+    const int64_t count = std::min(chunk, s.groups - g0);
+    const at::Tensor r_stat = rstd.narrow(0, g0, count);
+    const at::Tensor vhat = renormalize(sample_rows(src, g0, count, cfg.pixel, type),
+                                        mean.narrow(0, g0, count), r_stat);
+    at::Tensor dvhat;
+    if (cfg.square && s.features < s.rows) {
+      // R Vhat = Vhat (Vhat^T Vhat) / K, minus the diagonal part when it is excluded.
+      at::Tensor rv = at::bmm(vhat, at::bmm(vhat.transpose(1, 2), vhat)).div_(k);
+      if (!cfg.include_diagonal) rv.sub_(vhat * (vhat.square().sum(-1, true) / k));
+      dvhat = rv.mul_(2.0 * factor);
+    } else {
+      const at::Tensor r = at::bmm(vhat, vhat.transpose(1, 2)).div_(k);
+      dvhat = at::bmm(phi_derivative(r, cfg, factor), vhat);
+    }
+    store_rows(dsrc, row_backward(dvhat, vhat, r_stat), g0, cfg.pixel);
+  }
+  at::Tensor dx = at::empty_like(x);
+  if (cfg.group == Group::BatchMean) {
+    dx.copy_((dsrc / double(x.size(0))).expand_as(x));
+  } else {
+    dx.copy_(dsrc);
+  }
+  return dx;
+}
+
+// ---- one group over the whole batch ("batch", channel rows of length N*P) ----
+
+int64_t batch_chunk(const at::Tensor& x) {
+  return chunk_of(x.size(0), 4 * x.size(1) * x.size(2) * x.size(3));
+}
+
+// Centered (by `mu`) or normalised (by `mu`, `rstd`) Gram matrix of the channel rows over the
+// batch, accumulated in double over sample chunks; also the row sums of the rows used.
+std::pair<at::Tensor, at::Tensor> batch_gram(const at::Tensor& x, const at::Tensor& mu,
+                                             const at::Tensor& rstd) {
+  const at::ScalarType type = compute_type(x);
+  const int64_t n = x.size(0), c = x.size(1), chunk = batch_chunk(x);
+  at::Tensor gram = at::zeros({c, c}, x.options().dtype(at::kDouble));
+  at::Tensor sums = at::zeros({c}, x.options().dtype(at::kDouble));
+  for (int64_t n0 = 0; n0 < n; n0 += chunk) {
+    const int64_t count = std::min(chunk, n - n0);
+    at::Tensor v = sample_rows(x, n0, count, /*pixel=*/false, type) - mu.view({1, c, 1});
+    if (rstd.defined()) v.mul_(rstd.view({1, c, 1}));
+    const at::Tensor rows = v.transpose(0, 1).reshape({c, -1});
+    gram.add_(at::mm(rows, rows.t()));
+    sums.add_(rows.sum(1, /*keepdim=*/false, at::kDouble));
+  }
+  return {gram, sums};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_batch(const at::Tensor& x,
+                                                             const PCCConfig& cfg) {
+  const at::ScalarType type = compute_type(x);
+  const int64_t n = x.size(0), c = x.size(1), chunk = batch_chunk(x);
+  const double k = double(n) * double(x.size(2) * x.size(3));
+  at::Tensor sums = at::zeros({c}, x.options().dtype(at::kDouble));
+  for (int64_t n0 = 0; n0 < n; n0 += chunk) {
+    const int64_t count = std::min(chunk, n - n0);
+    sums.add_(sample_rows(x, n0, count, false, type).sum({0, 2}, false, at::kDouble));
+  }
+  const at::Tensor mu = (sums / k).to(type);
+  const at::Tensor centered_gram = batch_gram(x, mu, at::Tensor()).first;
+  const at::Tensor var = centered_gram.diagonal() / k;
+  const at::Tensor r = (var + cfg.eps).rsqrt();
+  at::Tensor corr = centered_gram * r.unsqueeze(1) * r.unsqueeze(0) / k;
+  if (!cfg.include_diagonal) corr.diagonal().zero_();
+  const double total = (cfg.square ? corr.square() : corr.abs()).sum().item<double>();
+  const double pairs = double(pair_count(c, cfg.include_diagonal));
+  return {at::scalar_tensor(total / pairs, x.options().dtype(type)), mu.view({1, c}),
+          r.to(type).view({1, c})};
+}
+
+at::Tensor backward_batch(double scale, const at::Tensor& x, const at::Tensor& mean,
+                          const at::Tensor& rstd, const PCCConfig& cfg) {
+  const at::ScalarType type = compute_type(x);
+  const int64_t n = x.size(0), c = x.size(1), chunk = batch_chunk(x);
+  const double k = double(n) * double(x.size(2) * x.size(3));
+  const at::Tensor mu = mean.view({c}), r = rstd.view({c});
+  auto [gram, sums] = batch_gram(x, mu, r);
+  const at::Tensor corr = gram / k;                          // R, recomputed
+  const at::Tensor d = phi_derivative(corr, cfg, 2.0 * scale / k);  // dvhat = D vhat
+  // The row means over all N*P features of dvhat and of dvhat * vhat, from C x C quantities.
+  const at::Tensor mean_d = at::mv(d, sums / k).to(type).view({1, c, 1});
+  const at::Tensor mean_dv = (d * corr).sum(1).to(type).view({1, c, 1});
+  const at::Tensor d_t = d.to(type);
+  at::Tensor dx = at::empty_like(x);
+  for (int64_t n0 = 0; n0 < n; n0 += chunk) {
+    const int64_t count = std::min(chunk, n - n0);
+    const at::Tensor vhat =
+        renormalize(sample_rows(x, n0, count, false, type), mu.view({1, c}).expand({count, c}),
+                    r.view({1, c}).expand({count, c}));
+    const at::Tensor dvhat = at::matmul(d_t, vhat);
+    at::Tensor dv = (dvhat - mean_d - vhat * mean_dv).mul_(r.view({1, c, 1}));
+    store_rows(dx, dv, n0, /*pixel=*/false);
+  }
+  return dx;
+}
+
+// ---- operator entry points ----
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pcc_forward_op(const at::Tensor& x,
+                                                             c10::string_view orientation,
+                                                             c10::string_view group,
+                                                             c10::string_view penalty,
+                                                             bool include_diagonal, double eps) {
+  return pcc_forward_cpu(x, parse_pcc_config(orientation, group, penalty, include_diagonal, eps));
+}
+
+at::Tensor pcc_backward_op(const at::Tensor& grad_score, const at::Tensor& x,
+                           const at::Tensor& mean, const at::Tensor& rstd,
+                           c10::string_view orientation, c10::string_view group,
+                           c10::string_view penalty, bool include_diagonal, double eps) {
+  return pcc_backward_cpu(grad_score, x, mean, rstd,
+                          parse_pcc_config(orientation, group, penalty, include_diagonal, eps));
+}
+
+}  // namespace
+
+PCCConfig parse_pcc_config(std::string_view orientation, std::string_view group,
+                           std::string_view penalty, bool include_diagonal, double eps) {
+  PCCConfig cfg;
+  TORCH_CHECK_VALUE(orientation == "channel" || orientation == "pixel",
+                    "orientation must be 'channel' or 'pixel', got '", orientation, "'");
+  cfg.pixel = orientation == "pixel";
+  if (group == "sample") {
+    cfg.group = Group::Sample;
+  } else if (group == "batch") {
+    cfg.group = Group::Batch;
+  } else if (group == "batch_mean") {
+    cfg.group = Group::BatchMean;
+  } else {
+    TORCH_CHECK_VALUE(false, "group must be 'sample', 'batch' or 'batch_mean', got '", group, "'");
+  }
+  TORCH_CHECK_VALUE(!(cfg.pixel && cfg.group == Group::Batch),
+                    "group='batch' needs orientation='channel'");
+  TORCH_CHECK_VALUE(penalty == "abs" || penalty == "square",
+                    "penalty must be 'abs' or 'square', got '", penalty, "'");
+  cfg.square = penalty == "square";
+  TORCH_CHECK_VALUE(eps > 0, "eps must be positive, got ", eps);
+  cfg.include_diagonal = include_diagonal;
+  cfg.eps = eps;
+  return cfg;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pcc_forward_cpu(const at::Tensor& x,
+                                                               const PCCConfig& cfg) {
+  check_input(x, cfg);
+  return cfg.group == Group::Batch ? forward_batch(x, cfg) : forward_grouped(x, cfg);
+}
+
+at::Tensor pcc_backward_cpu(const at::Tensor& grad_score, const at::Tensor& x,
+                            const at::Tensor& mean, const at::Tensor& rstd,
+                            const PCCConfig& cfg) {
+  check_input(x, cfg);
+  const Sizes s = sizes_of(x, cfg);
+  const int64_t groups = s.groups, rows = s.rows;
+  TORCH_CHECK_VALUE(mean.sizes() == at::IntArrayRef({groups, rows}) &&
+                        rstd.sizes() == mean.sizes(),
+                    "mean and rstd must have shape (", groups, ", ", rows, "), got ",
+                    mean.sizes(), " and ", rstd.sizes());
+  const double pairs = double(groups) * double(pair_count(rows, cfg.include_diagonal));
+  const double scale = grad_score.item<double>() / pairs;
+  return cfg.group == Group::Batch ? backward_batch(scale, x, mean, rstd, cfg)
+                                   : backward_grouped(scale, x, mean, rstd, cfg);
+}
+
+TORCH_LIBRARY_IMPL(pccfast, CPU, m) {
+  m.impl("pcc_forward", &pcc_forward_op);
+  m.impl("pcc_backward", &pcc_backward_op);
+}
+
+}  // namespace pccfast

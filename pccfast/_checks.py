@@ -1,0 +1,61 @@
+"""Argument checks shared by every public entry point.
+
+Every message names the argument, what was expected and what came, so a user can fix the
+call without reading our source.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_choice(name: str, value, choices: Iterable[str]) -> str:
+    choices = tuple(choices)
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
+
+
+def check_float_tensor(name: str, x, ndims: tuple[int, ...]) -> torch.Tensor:
+    """A floating tensor with one of the given ranks and no empty dimension."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}"
+        )
+    if x.dim() not in ndims:
+        shapes = " or ".join(_shape_name(n) for n in ndims)
+        raise ValueError(f"{name} must have shape {shapes}, got {tuple(x.shape)}")
+    if x.numel() == 0:
+        raise ValueError(f"{name} must not have an empty dimension, got shape {tuple(x.shape)}")
+    return x
+
+
+def check_positive_float(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    value = float(value)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive finite number, got {value}")
+    return value
+
+
+def check_finite_tensor(name: str, x: torch.Tensor) -> None:
+    """Raises if x holds NaN or Inf (one reduction; syncs on CUDA)."""
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or Inf")
+
+
+def is_compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and compiler.is_compiling())
+
+
+def _shape_name(ndim: int) -> str:
+    return {2: "(C, P)", 3: "(C, H, W)", 4: "(N, C, H, W)"}.get(ndim, f"{ndim}-d")

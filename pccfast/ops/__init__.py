@@ -1,0 +1,16 @@
+"""The ops of pccfast, one family per module, each beside its reference.
+
+PCC (pixel-level cross-correlation, SPEC section 1):
+    pcc_options      the options and their checks, shared by every backend
+    pcc_reference    the definition in plain PyTorch (backend "torch")
+    pcc_cpu          compiled C++ CPU kernels (backend "cpu"), csrc/pcc_cpu.cpp
+    pcc_triton       fused Triton kernels (backend "triton")
+
+CI (channel independence, SPEC section 2):
+    ci_reference     the definition (brute force) and the fast algorithm in PyTorch ("torch")
+    ci_compiled      compiled kernels: csrc/ci_cpu.cpp ("cpu"), kernels/ci_cuda.cu ("cuda")
+
+Plumbing:
+    _C               loads the compiled extension and remembers why it is missing
+    backends         turns backend="auto" | "torch" | "cpu" | "triton" | "cuda" into a choice
+"""

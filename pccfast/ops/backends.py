@@ -1,0 +1,117 @@
+"""Which backend runs an op: the one place that turns ``backend=`` into a choice.
+
+``"torch"`` (the pure-PyTorch reference) always works. ``"cpu"`` needs the compiled extension,
+``"cuda"`` the extension built with CUDA, ``"triton"`` an importable Triton and a CUDA tensor (or
+``TRITON_INTERPRET=1`` for CPU tensors, as the tests use). ``"auto"`` picks the fastest one
+available for the input's device. Asking for one that cannot run raises a ValueError that says
+what is missing.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+from .._checks import check_choice
+from . import _C
+
+BACKENDS = ("auto", "torch", "cpu", "triton", "cuda")
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_import_reason() -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # a broken install must not break pccfast
+        return f"triton failed to import ({exc})"
+    return None
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+def triton_unavailable_reason(device: torch.device) -> str | None:
+    reason = _triton_import_reason()
+    if reason is not None:
+        return reason
+    if device.type == "cuda" or (device.type == "cpu" and triton_interpreted()):
+        return None
+    return f"triton kernels need a CUDA tensor (or TRITON_INTERPRET=1 on the CPU), got {device}"
+
+
+def cpu_unavailable_reason(device: torch.device) -> str | None:
+    reason = _C.unavailable_reason()
+    if reason is not None:
+        return reason
+    if device.type != "cpu":
+        return f'backend "cpu" needs a CPU tensor, got {device}'
+    return None
+
+
+def cuda_unavailable_reason(device: torch.device) -> str | None:
+    reason = _C.unavailable_reason()
+    if reason is not None:
+        return reason
+    if not _C.has_cuda_kernels():
+        return "pccfast._C was built without CUDA kernels (PCCFAST_CUDA=1 builds them)"
+    if device.type != "cuda":
+        return f'backend "cuda" needs a CUDA tensor, got {device}'
+    return None
+
+
+_REASONS = {
+    "torch": lambda device: None,
+    "cpu": cpu_unavailable_reason,
+    "triton": triton_unavailable_reason,
+    "cuda": cuda_unavailable_reason,
+}
+
+# Preference order of "auto" per op and device type; the first available one wins.
+_AUTO = {
+    ("pcc", "cuda"): ("triton", "torch"),
+    ("pcc", "cpu"): ("cpu", "torch"),
+    ("ci", "cuda"): ("cuda", "torch"),
+    ("ci", "cpu"): ("cpu", "torch"),
+}
+
+# Backends that exist per op (PCC's GPU kernels are Triton, CI's are CUDA C++).
+_IMPLEMENTED = {
+    "pcc": ("torch", "cpu", "triton"),
+    "ci": ("torch", "cpu", "cuda"),
+}
+
+
+def resolve(op: str, backend, device: torch.device) -> str:
+    """The concrete backend for ``op`` ("pcc" or "ci") on ``device``; raises if it cannot run."""
+    check_choice("backend", backend, BACKENDS)
+    if backend == "auto":
+        for name in _AUTO.get((op, device.type), ("torch",)):
+            if _REASONS[name](device) is None:
+                return name
+        return "torch"
+    if backend not in _IMPLEMENTED[op]:
+        gpu = "triton" if op == "pcc" else "cuda"
+        raise ValueError(
+            f'backend "{backend}" is not implemented for {op}; its choices are '
+            f'{("auto",) + _IMPLEMENTED[op]} (its GPU kernels are the "{gpu}" backend)'
+        )
+    reason = _REASONS[backend](device)
+    if reason is not None:
+        raise ValueError(f'backend "{backend}" is unavailable for {op}: {reason}')
+    return backend
+
+
+def availability(device: torch.device | None = None) -> dict[str, str | None]:
+    """backend name -> None when it can run, else the reason (for ``pccfast info``)."""
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out = {"torch": None, "cpu": cpu_unavailable_reason(torch.device("cpu"))}
+    out["triton"] = triton_unavailable_reason(device)
+    out["cuda"] = cuda_unavailable_reason(device)
+    return out

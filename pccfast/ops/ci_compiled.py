@@ -1,0 +1,37 @@
+"""CI on the compiled kernels: ``torch.ops.pccfast.channel_independence``.
+
+One operator, two kernels: csrc/ci_cpu.cpp (CPU: batched LAPACK eigendecompositions, parallel
+over images) and kernels/ci_cuda.cu (CUDA: fused Gram matrices and a batched Jacobi
+eigensolver). Both finish with the same quadrature (csrc/ci_quadrature.cpp). The result is a
+score, not a training signal, so the operator has no autograd formula.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _C
+
+_registered = False
+
+
+def _fake(fmaps):
+    b, c, _ = fmaps.shape
+    return fmaps.new_empty((b, c), dtype=torch.float64)
+
+
+def register() -> bool:
+    global _registered
+    if _registered:
+        return True
+    if _C.extension() is None:
+        return False
+    torch.library.register_fake("pccfast::channel_independence")(_fake)
+    _registered = True
+    return True
+
+
+def channel_independence(rows: torch.Tensor) -> torch.Tensor:
+    """rows: (B, C, P), any float dtype, CPU or CUDA -> CI: (B, C) float64."""
+    register()
+    return torch.ops.pccfast.channel_independence(rows)

@@ -1,0 +1,67 @@
+"""PCC on the compiled CPU kernels: ``torch.ops.pccfast.pcc_forward`` / ``pcc_backward``.
+
+The operators are defined in csrc/ (TORCH_LIBRARY). This module gives them what the
+dispatcher needs from Python: fake (meta) implementations, so ``torch.compile`` can trace them,
+and a registered autograd formula. Forward returns the score plus per-row statistics
+``(mean, rstd)`` of shape (G, M); backward recomputes everything else from ``x`` chunk by chunk,
+so nothing activation- or Gram-sized is kept in between.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _C
+from .pcc_options import PCCOptions, compute_dtype, pcc_shape
+
+_registered = False
+
+
+def _fake_forward(x, orientation, group, penalty, include_diagonal, eps):
+    opts = PCCOptions(orientation, group, penalty, include_diagonal, eps)
+    shape = pcc_shape(x.shape, opts)
+    dtype = compute_dtype(x.dtype)
+    stats = (shape.groups, shape.rows)
+    return x.new_empty((), dtype=dtype), x.new_empty(stats, dtype=dtype), x.new_empty(stats, dtype=dtype)
+
+
+def _fake_backward(grad, x, mean, rstd, orientation, group, penalty, include_diagonal, eps):
+    return torch.empty_like(x)
+
+
+def _setup_context(ctx, inputs, output):
+    x, orientation, group, penalty, include_diagonal, eps = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, mean, rstd)
+    ctx.options = (orientation, group, penalty, include_diagonal, eps)
+
+
+def _backward(ctx, grad_score, grad_mean, grad_rstd):
+    x, mean, rstd = ctx.saved_tensors
+    grad_x = torch.ops.pccfast.pcc_backward(grad_score, x, mean, rstd, *ctx.options)
+    return grad_x, None, None, None, None, None
+
+
+def register() -> bool:
+    """Registers fake and autograd implementations once; False when the extension is absent."""
+    global _registered
+    if _registered:
+        return True
+    if _C.extension() is None:
+        return False
+    torch.library.register_fake("pccfast::pcc_forward")(_fake_forward)
+    torch.library.register_fake("pccfast::pcc_backward")(_fake_backward)
+    torch.library.register_autograd(
+        "pccfast::pcc_forward", _backward, setup_context=_setup_context
+    )
+    _registered = True
+    return True
+
+
+def pcc_cpu(x: torch.Tensor, opts: PCCOptions) -> torch.Tensor:
+    """x: (N, C, H, W) on the CPU -> S (0-d, fp32 or fp64), differentiable."""
+    register()
+    score, _, _ = torch.ops.pccfast.pcc_forward(
+        x, opts.orientation, opts.group, opts.penalty, opts.include_diagonal, opts.eps
+    )
+    return score

@@ -1,0 +1,103 @@
+"""The PCC score as users call it: ``pcc``, ``pcc_matrix`` and the ``PCCLoss`` module."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ._checks import check_choice, is_compiling
+from .ops import backends
+from .ops.pcc_options import DEFAULT_EPS, PCCOptions, check_pcc_input
+from .ops.pcc_reference import pcc_matrix_reference, pcc_reference
+
+
+def _run_backend(name: str, x: torch.Tensor, opts: PCCOptions) -> torch.Tensor:
+    if name == "torch":
+        return pcc_reference(x, opts)
+    if name == "cpu":
+        from .ops.pcc_cpu import pcc_cpu
+
+        return pcc_cpu(x, opts)
+    from .ops.pcc_triton import pcc_triton
+
+    return pcc_triton(x, opts)
+
+
+def pcc(
+    x: torch.Tensor,
+    orientation: str = "channel",
+    group: str = "sample",
+    penalty: str = "abs",
+    include_diagonal: bool = False,
+    eps: float = DEFAULT_EPS,
+    backend: str = "auto",
+    check_finite: bool = True,
+) -> torch.Tensor:
+    """Pixel-level cross-correlation score of a feature map (SPEC section 1).
+
+    x: (N, C, H, W), fp16/bf16/fp32/fp64, any strides -> S, a differentiable 0-d tensor (fp32;
+    fp64 for fp64 input): the mean of phi(R) over the groups and the off-diagonal (or all) pairs
+    of rows, R being the correlation matrix of the normalised rows.
+
+    ``check_finite`` raises ValueError when the score is NaN/Inf, which happens exactly when x
+    holds NaN/Inf; it costs one host sync on CUDA, so a training loop may turn it off (the
+    :class:`PCCRegularizer` checks its total once instead).
+    """
+    opts = PCCOptions(orientation, group, penalty, include_diagonal, eps)
+    check_pcc_input(x, opts)
+    name = backends.resolve("pcc", backend, x.device)
+    score = _run_backend(name, x, opts)
+    if check_finite and not is_compiling() and not bool(torch.isfinite(score)):
+        raise ValueError("x contains NaN or Inf (the PCC score is not finite)")
+    return score
+
+
+def pcc_matrix(
+    x: torch.Tensor,
+    orientation: str = "channel",
+    group: str = "sample",
+    eps: float = DEFAULT_EPS,
+) -> torch.Tensor:
+    """The correlation matrices themselves: x: (N, C, H, W) -> R: (G, M, M) (fp32; fp64 for fp64).
+
+    Materialises R (G*M*M floats), so it is meant for small inputs, inspection and tests.
+    """
+    opts = PCCOptions(orientation, group, "abs", True, eps)
+    check_pcc_input(x, opts)
+    r = pcc_matrix_reference(x, opts)
+    if not is_compiling() and not bool(torch.isfinite(r).all()):
+        raise ValueError("x contains NaN or Inf (the PCC matrix is not finite)")
+    return r
+
+
+class PCCLoss(nn.Module):
+    """``PCCLoss(**options)(x)`` is ``pcc(x, **options)``: a module for losses built from layers."""
+
+    def __init__(
+        self,
+        orientation: str = "channel",
+        group: str = "sample",
+        penalty: str = "abs",
+        include_diagonal: bool = False,
+        eps: float = DEFAULT_EPS,
+        backend: str = "auto",
+        check_finite: bool = True,
+    ):
+        super().__init__()
+        self.options = PCCOptions(orientation, group, penalty, include_diagonal, eps)
+        self.backend = check_choice("backend", backend, backends.BACKENDS)
+        self.check_finite = check_finite
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        o = self.options
+        return pcc(
+            x, o.orientation, o.group, o.penalty, o.include_diagonal, o.eps,
+            backend=self.backend, check_finite=self.check_finite,
+        )
+
+    def extra_repr(self) -> str:
+        o = self.options
+        return (
+            f"orientation={o.orientation!r}, group={o.group!r}, penalty={o.penalty!r}, "
+            f"include_diagonal={o.include_diagonal}, eps={o.eps}, backend={self.backend!r}"
+        )

@@ -1,0 +1,124 @@
+"""``PCCRegularizer``: the PCC term of the pre-training loss, over the scored layers of a model."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ._checks import check_choice, is_compiling
+from .ops import backends
+from .ops.pcc_options import DEFAULT_EPS, PCCOptions
+from .pcc import pcc
+from .sites import Site, SiteHooks, select_sites
+
+MODES = {"promote": -1.0, "suppress": 1.0}
+
+
+class PCCRegularizer:
+    """``loss = sgn * weight * mean_l S_l`` over the hooked layers (SPEC section 1).
+
+    mode="promote" (sgn = -1, the default) rewards correlated feature maps, building the linear
+    redundancy that CI pruning then removes; "suppress" (sgn = +1) decorrelates them.
+
+    The score of each layer is computed inside its forward hook, while the activation is at
+    hand, so nothing beyond the score's own autograd state is kept. Scores are computed only
+    while gradients are enabled (training), or always with ``always=True``.
+
+        reg = PCCRegularizer(model, weight=0.05)
+        loss = F.cross_entropy(model(x), y) + reg.loss()
+        reg.remove()          # or: with PCCRegularizer(model) as reg: ...
+
+    layers: None (every ReLU after a Conv2d/BatchNorm2d), names, or a predicate; see
+    :func:`pccfast.sites.select_sites`. Other keywords are those of :func:`pccfast.pcc`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers=None,
+        weight: float = 0.05,
+        mode: str = "promote",
+        orientation: str = "channel",
+        group: str = "sample",
+        penalty: str = "abs",
+        include_diagonal: bool = False,
+        eps: float = DEFAULT_EPS,
+        backend: str = "auto",
+        check_finite: bool = True,
+        always: bool = False,
+    ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise TypeError(f"weight must be a float, got {type(weight).__name__}")
+        if not weight >= 0:
+            raise ValueError(f"weight must be >= 0, got {weight}")
+        self.sign = MODES[check_choice("mode", mode, MODES)]
+        self.weight = float(weight)
+        self.mode = mode
+        self.options = PCCOptions(orientation, group, penalty, include_diagonal, eps)
+        self.backend = check_choice("backend", backend, backends.BACKENDS)
+        self.check_finite = check_finite
+        self.always = always
+        self.enabled = True
+        self.sites: list[Site] = select_sites(model, layers)
+        if not self.sites:
+            raise ValueError(
+                f"{type(model).__name__} has no ReLU after a Conv2d/BatchNorm2d to regularise; "
+                "name the layers with layers=[...]"
+            )
+        self._latest: dict[str, torch.Tensor] = {}
+        self._hooks = SiteHooks(model, self.sites, self._score, on_start=self._new_pass)
+
+    @property
+    def layer_names(self) -> list[str]:
+        return [s.name for s in self.sites]
+
+    def _new_pass(self) -> None:
+        if self.enabled and (self.always or torch.is_grad_enabled()):
+            self._latest = {}
+
+    def _score(self, site: Site, activation: torch.Tensor) -> None:
+        if not self.enabled or not (self.always or torch.is_grad_enabled()):
+            return
+        o = self.options
+        self._latest[site.name] = pcc(
+            activation, o.orientation, o.group, o.penalty, o.include_diagonal, o.eps,
+            backend=self.backend, check_finite=False,
+        )
+
+    def loss(self) -> torch.Tensor:
+        """The regularisation term of the latest forward pass (a differentiable 0-d tensor)."""
+        if not self._latest:
+            raise RuntimeError(
+                "PCCRegularizer.loss() needs a forward pass of the model first "
+                "(with gradients enabled, or always=True)"
+            )
+        values = list(self._latest.values())
+        mean = torch.stack([v.to(values[0].dtype) for v in values]).mean()
+        if self.check_finite and not is_compiling() and not bool(torch.isfinite(mean)):
+            bad = [n for n, v in self._latest.items() if not bool(torch.isfinite(v))]
+            raise ValueError(f"the activations of {', '.join(bad)} contain NaN or Inf")
+        return (self.sign * self.weight) * mean
+
+    @property
+    def scores(self) -> dict[str, torch.Tensor]:
+        """layer name -> the latest PCC score S_l (detached)."""
+        return {name: value.detach() for name, value in self._latest.items()}
+
+    def remove(self) -> None:
+        """Removes the hooks; the model is as it was before."""
+        self._hooks.remove()
+        self._latest = {}
+
+    def __enter__(self) -> "PCCRegularizer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        return (
+            f"PCCRegularizer(layers={len(self.sites)}, weight={self.weight}, mode={self.mode!r}, "
+            f"{self.options})"
+        )

@@ -1,0 +1,73 @@
+"""Builds the optional compiled extension ``pccfast._C``.
+
+The C++ CPU kernels in csrc/ are always built. The CUDA kernels in kernels/ are added when a
+CUDA toolkit and a CUDA build of torch are both present; ``PCCFAST_CUDA=1`` forces them (and
+fails loudly when that is impossible), ``PCCFAST_CUDA=0`` skips them. ``PCCFAST_NO_EXT=1``
+builds no extension at all: the package then runs on the pure-PyTorch reference backend.
+"""
+
+import glob
+import os
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _want_cuda(torch, cuda_home):
+    flag = os.environ.get("PCCFAST_CUDA", "").strip()
+    have = torch.version.cuda is not None and cuda_home is not None
+    if flag == "0":
+        return False
+    if flag == "1":
+        if not have:
+            sys.exit(
+                "PCCFAST_CUDA=1 but CUDA cannot be built: "
+                f"torch.version.cuda={torch.version.cuda!r}, CUDA_HOME={cuda_home!r}"
+            )
+        return True
+    return have
+
+
+def _extensions():
+    if os.environ.get("PCCFAST_NO_EXT", "") == "1":
+        return [], {}
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+    cuda_sources = sorted(glob.glob("kernels/*.cu"))
+    with_cuda = bool(cuda_sources) and _want_cuda(torch, CUDA_HOME)
+    sources = sorted(glob.glob("csrc/*.cpp"))
+    torch_version = torch.__version__.split("+")[0]
+    macros = [("PCCFAST_TORCH_VERSION", f'"{torch_version}"')]
+    cxx = ["-O3"]  # the C++ standard comes from torch.utils.cpp_extension (C++20 for new torch)
+    if with_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+        sources += cuda_sources
+        macros += [
+            ("PCCFAST_WITH_CUDA", None),
+            ("PCCFAST_CUDA_VERSION", f'"{torch.version.cuda}"'),
+            ("PCCFAST_CUDA_ARCH", f'"{os.environ["TORCH_CUDA_ARCH_LIST"]}"'),
+        ]
+        nvcc = ["-O3", "-lineinfo"]
+        ext = CUDAExtension(
+            "pccfast._C",
+            sources,
+            include_dirs=[os.path.join(ROOT, "csrc"), os.path.join(ROOT, "kernels")],
+            define_macros=macros,
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+        )
+    else:
+        ext = CppExtension(
+            "pccfast._C",
+            sources,
+            include_dirs=[os.path.join(ROOT, "csrc")],
+            define_macros=macros,
+            extra_compile_args={"cxx": cxx},
+        )
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)
