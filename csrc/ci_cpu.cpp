@@ -3,6 +3,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "ci_cpu.h"
 #include "ci_quadrature.h"
 
 namespace pccfast {
@@ -23,6 +24,8 @@ std::tuple<at::Tensor, at::Tensor> parallel_eigh(const at::Tensor& gram) {
   return {values, vectors};
 }
 
+}  // namespace
+
 at::Tensor channel_independence_cpu(const at::Tensor& fmaps) {
   TORCH_CHECK_VALUE(fmaps.dim() == 3, "fmaps must have shape (B, C, P), got ", fmaps.sizes());
   TORCH_CHECK_VALUE(fmaps.numel() > 0, "fmaps must not be empty, got ", fmaps.sizes());
@@ -40,8 +43,6 @@ at::Tensor channel_independence_cpu(const at::Tensor& fmaps) {
   }
   return out;
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(pccfast, CPU, m) {
   m.impl("channel_independence", &channel_independence_cpu);

@@ -48,22 +48,26 @@ at::Tensor ci_quadrature(const at::Tensor& lam, const at::Tensor& weights,
       at::where(kept, lam, at::full_like(lam, std::numeric_limits<double>::infinity())).amin(-1);
   lam_min = at::where(any_kept, lam_min, lam_max);
   const at::Tensor x_lo = 0.5 * at::log(lam_min) - kQuadratureMargin;
-  const at::Tensor x_hi = 0.5 * at::log(lam_max) + kQuadratureMargin;
-  const double widest = (x_hi - x_lo).max().item<double>();
-  const int64_t nodes = int64_t(std::ceil(widest / kQuadratureStep)) + 1;
-  const at::Tensor step = (x_hi - x_lo) / double(nodes - 1);  // <= kQuadratureStep per image
-  const at::Tensor x = x_lo.unsqueeze(1) + step.unsqueeze(1) * at::arange(nodes, options);
+  // A fixed step and per-image node counts (the batch padded to its longest, padding masked), so
+  // an image's score does not depend on the other images of its batch.
+  const at::Tensor count =
+      at::ceil((0.5 * at::log(lam_max) + kQuadratureMargin - x_lo) / kQuadratureStep) + 1.0;
+  const int64_t nodes = static_cast<int64_t>(count.max().item<double>());
+  const at::Tensor q = at::arange(nodes, options);
+  const at::Tensor x = x_lo.unsqueeze(1) + kQuadratureStep * q;
+  const at::Tensor valid = (q.unsqueeze(0) < count.unsqueeze(1)).to(at::kDouble);  // (B, Q)
+  const at::Tensor x_hi = x_lo + kQuadratureStep * (count - 1.0);
   const at::Tensor t = at::exp(2.0 * x);  // (B, Q)
 
   // Nodes near the spectrum: N and h for all channels by two matrix products.
   const at::Tensor resolvent = (lam.unsqueeze(2) + t.unsqueeze(1)).reciprocal_();  // (B, m, Q)
   const at::Tensor h = at::baddbmm(null.unsqueeze(2) / t.unsqueeze(1), weights, resolvent);
   const at::Tensor numerator = at::bmm(weights * lam.unsqueeze(1), resolvent.square());
-  const at::Tensor body = (numerator.div_(h) * at::exp(x).unsqueeze(1)).sum(-1);
+  const at::Tensor body = (numerator.div_(h) * (at::exp(x) * valid).unsqueeze(1)).sum(-1);
 
   // Above: N/h -> G_cc / t, a geometric series over the remaining nodes.
-  const at::Tensor ratio = at::exp(-step).unsqueeze(1);
-  const at::Tensor geometric = ratio / (1.0 - ratio);
+  const double ratio = std::exp(-kQuadratureStep);
+  const double geometric = ratio / (1.0 - ratio);
   const at::Tensor gram_diagonal = (weights * lam.unsqueeze(1)).sum(-1);
   const at::Tensor upper = gram_diagonal * at::exp(-x_hi).unsqueeze(1) * geometric;
 
@@ -72,13 +76,13 @@ at::Tensor ci_quadrature(const at::Tensor& lam, const at::Tensor& weights,
   const at::Tensor n0 = (weights / safe_lam.unsqueeze(1)).sum(-1).unsqueeze(2);  // (B, C, 1)
   const int64_t extra = int64_t(std::ceil(kLowerExtension / kQuadratureStep));
   const at::Tensor x_ext =
-      x_lo.unsqueeze(1) - step.unsqueeze(1) * at::arange(1, extra + 1, options);  // (B, J)
+      x_lo.unsqueeze(1) - kQuadratureStep * at::arange(1, extra + 1, options);  // (B, J)
   const at::Tensor t_ext = at::exp(2.0 * x_ext).unsqueeze(1);
   const at::Tensor scaled = n0 * t_ext;
   at::Tensor lower = (scaled / (scaled + null.unsqueeze(2)) * at::exp(x_ext).unsqueeze(1)).sum(-1);
   lower.add_((null == 0).to(at::kDouble) * at::exp(x_ext.narrow(1, extra - 1, 1)) * geometric);
 
-  const at::Tensor ci = (body + upper + lower) * ((2.0 / M_PI) * step.unsqueeze(1));
+  const at::Tensor ci = (body + upper + lower) * (2.0 / M_PI * kQuadratureStep);
   return at::where(any_kept.unsqueeze(1), ci, at::zeros_like(ci)).clamp_min_(0.0);
 }
 

@@ -7,17 +7,15 @@ their CPU and, when built with CUDA, CUDA kernels. Nothing here raises: callers 
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 
 
-@functools.lru_cache(maxsize=None)
 def _load():
-    """-> (module or None, reason or None)."""
+    """-> (module or None, reason or None, build info dict)."""
     if os.environ.get("PCCFAST_DISABLE_EXT", "") == "1":
-        return None, "disabled by PCCFAST_DISABLE_EXT=1"
+        return None, "disabled by PCCFAST_DISABLE_EXT=1", {}
     try:
         from .. import _C as module  # noqa: F401  (registers the operators)
     except ImportError as exc:
@@ -26,36 +24,39 @@ def _load():
             return None, (
                 "the compiled extension pccfast._C is not built "
                 "(pip install --no-build-isolation -e . builds it)"
-            )
-        return None, f"pccfast._C failed to load ({text}); rebuild it for this torch"
+            ), {}
+        return None, f"pccfast._C failed to load ({text}); rebuild it for this torch", {}
     except OSError as exc:
-        return None, f"pccfast._C failed to load ({exc}); rebuild it for this torch"
-    info = module.build_info()
+        return None, f"pccfast._C failed to load ({exc}); rebuild it for this torch", {}
+    info = dict(module.build_info())
     built_for = info.get("torch_version", "?")
     running = torch.__version__.split("+")[0]
     if built_for != running:
         return None, (
             f"pccfast._C was built for torch {built_for} but torch {running} is running; "
             "rebuild it (pip install --no-build-isolation -e .)"
-        )
-    return module, None
+        ), info
+    return module, None, info
+
+
+# Loaded once at import: the accessors below are plain lookups, which torch.compile traces freely.
+_MODULE, _REASON, _BUILD_INFO = _load()
 
 
 def extension():
     """The loaded extension module, or None."""
-    return _load()[0]
+    return _MODULE
 
 
 def unavailable_reason() -> str | None:
     """Why the extension cannot be used, or None when it can."""
-    return _load()[1]
+    return _REASON
 
 
 def build_info() -> dict:
     """The extension's build record (torch and CUDA versions, CUDA arch), or {} when absent."""
-    module = extension()
-    return dict(module.build_info()) if module is not None else {}
+    return dict(_BUILD_INFO) if _MODULE is not None else {}
 
 
 def has_cuda_kernels() -> bool:
-    return bool(build_info().get("with_cuda", False))
+    return _MODULE is not None and bool(_BUILD_INFO.get("with_cuda", False))

@@ -9,7 +9,6 @@ what is missing.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 
@@ -21,8 +20,8 @@ from . import _C
 BACKENDS = ("auto", "torch", "cpu", "triton", "cuda")
 
 
-@functools.lru_cache(maxsize=None)
-def _triton_import_reason() -> str | None:
+def _find_triton() -> str | None:
+    """None when triton imports, else why not."""
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
     try:
@@ -32,14 +31,17 @@ def _triton_import_reason() -> str | None:
     return None
 
 
+# Decided once at import, so that dispatch is plain lookups that torch.compile traces freely.
+_TRITON_MISSING = _find_triton()
+
+
 def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "") == "1"
 
 
 def triton_unavailable_reason(device: torch.device) -> str | None:
-    reason = _triton_import_reason()
-    if reason is not None:
-        return reason
+    if _TRITON_MISSING is not None:
+        return _TRITON_MISSING
     if device.type == "cuda" or (device.type == "cpu" and triton_interpreted()):
         return None
     return f"triton kernels need a CUDA tensor (or TRITON_INTERPRET=1 on the CPU), got {device}"

@@ -86,18 +86,22 @@ def ci_quadrature(lam: torch.Tensor, weights: torch.Tensor, null: torch.Tensor) 
     lam_min = torch.where(kept, lam, torch.full_like(lam, math.inf)).amin(-1)
     lam_min = torch.where(any_kept, lam_min, lam_max)
     x_lo = 0.5 * torch.log(lam_min) - QUADRATURE_MARGIN
-    x_hi = 0.5 * torch.log(lam_max) + QUADRATURE_MARGIN
-    nodes = int(math.ceil(float((x_hi - x_lo).max()) / QUADRATURE_STEP)) + 1
-    step = (x_hi - x_lo) / (nodes - 1)  # <= QUADRATURE_STEP for every image
-    x = x_lo[:, None] + step[:, None] * torch.arange(nodes, dtype=dtype, device=device)
+    # A fixed step and per-image node counts (the batch is padded to its longest, padding
+    # masked), so an image's score does not depend on the other images of its batch.
+    count = torch.ceil((0.5 * torch.log(lam_max) + QUADRATURE_MARGIN - x_lo) / QUADRATURE_STEP) + 1
+    nodes = int(count.max())
+    q = torch.arange(nodes, dtype=dtype, device=device)
+    x = x_lo[:, None] + QUADRATURE_STEP * q
+    valid = (q[None, :] < count[:, None]).to(dtype)  # (B, Q)
+    x_hi = x_lo + QUADRATURE_STEP * (count - 1)
     t = torch.exp(2.0 * x)  # (B, Q)
 
     resolvent = 1.0 / (lam[:, :, None] + t[:, None, :])  # R1[k, q] = 1 / (lam_k + t_q)
     h = weights @ resolvent + null[:, :, None] / t[:, None, :]
     numerator = (weights * lam[:, None, :]) @ resolvent.square()
-    body = (torch.exp(x)[:, None, :] * numerator / h).sum(-1)
+    body = (numerator / h * (torch.exp(x) * valid)[:, None, :]).sum(-1)
 
-    ratio = torch.exp(-step)[:, None]  # node-to-node factor of exp(-|x|)
+    ratio = math.exp(-QUADRATURE_STEP)  # node-to-node factor of exp(-|x|)
     geometric = ratio / (1.0 - ratio)  # sum_{j>=1} ratio^j
     gram_diagonal = (weights * lam[:, None, :]).sum(-1)
     upper = gram_diagonal * torch.exp(-x_hi)[:, None] * geometric
@@ -106,13 +110,13 @@ def ci_quadrature(lam: torch.Tensor, weights: torch.Tensor, null: torch.Tensor) 
     n0 = (weights / safe_lam[:, None, :]).sum(-1)  # N_c(0) = h_c(0) without the null part
     extra = int(math.ceil(LOWER_EXTENSION / QUADRATURE_STEP))
     j = torch.arange(1, extra + 1, dtype=dtype, device=device)
-    x_ext = x_lo[:, None] - step[:, None] * j  # (B, J)
+    x_ext = x_lo[:, None] - QUADRATURE_STEP * j  # (B, J)
     t_ext = torch.exp(2.0 * x_ext)[:, None, :]
     ratio_ext = n0[:, :, None] * t_ext / (n0[:, :, None] * t_ext + null[:, :, None])
     lower = (torch.exp(x_ext)[:, None, :] * ratio_ext).sum(-1)
     lower = lower + (null == 0) * torch.exp(x_ext[:, -1:]) * geometric
 
-    ci = (2.0 / math.pi) * step[:, None] * (body + upper + lower)
+    ci = (2.0 / math.pi) * QUADRATURE_STEP * (body + upper + lower)
     return torch.where(any_kept[:, None], ci, torch.zeros_like(ci))
 
 

@@ -1,0 +1,145 @@
+"""The awkward inputs, in one place, that every backend is run over (PyTorch OpInfo style).
+
+Each case is built fresh from its own seed (a new random tensor every test run would make
+failures unreproducible; a fixed seed per case keeps them reproducible while the cases cover
+many different draws).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+# (N, C, H, W): single rows, single pixels, P < C, C < P, odd sizes.
+PCC_SHAPES = [
+    (2, 3, 4, 5),
+    (1, 2, 1, 1),
+    (3, 5, 1, 3),
+    (1, 7, 2, 2),  # P < C
+    (2, 3, 6, 7),  # C < P
+    (2, 9, 3, 1),
+    (1, 1, 3, 3),  # C = 1: channel orientation needs include_diagonal
+    (4, 16, 3, 3),
+]
+
+PCC_OPTION_GRID = [
+    dict(orientation=o, group=g, penalty=p, include_diagonal=d)
+    for o, g, p, d in itertools.product(
+        ("channel", "pixel"), ("sample", "batch", "batch_mean"), ("abs", "square"), (False, True)
+    )
+    if not (o == "pixel" and g == "batch")
+]
+
+
+@dataclass
+class Case:
+    name: str
+    make: Callable[[torch.dtype], torch.Tensor]
+
+    def __call__(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.make(dtype)
+
+
+def _randn(shape, seed, dtype):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+
+
+def _content_variants(shape, seed):
+    """(name, fp64 tensor builder) for one shape: plain, post-ReLU, dead, constant, scales."""
+    n, c, h, w = shape
+
+    def plain():
+        return _randn(shape, seed, torch.float64)
+
+    def relu():
+        return plain().relu()
+
+    def dead_and_constant():
+        x = plain()
+        x[:, 0] = 0.0
+        if c > 1:
+            x[:, 1] = 2.5
+        return x
+
+    def duplicated():
+        x = plain()
+        if c > 1:
+            x[:, -1] = 3.0 * x[:, 0] - 1.0
+        return x
+
+    yield "plain", plain
+    yield "relu", relu
+    yield "dead+const", dead_and_constant
+    yield "duplicated", duplicated
+    yield "scale1e-3", lambda: plain() * 1e-3
+    yield "scale1e3", lambda: plain() * 1e3
+
+
+def _layouts(x: torch.Tensor):
+    yield "contiguous", x
+    yield "channels_last", x.contiguous(memory_format=torch.channels_last)
+    # A strided view: every other element of a wider tensor.
+    wide = torch.zeros(x.shape[0], x.shape[1], x.shape[2], 2 * x.shape[3], dtype=x.dtype)
+    wide[..., ::2] = x
+    yield "strided", wide[..., ::2]
+
+
+def pcc_cases(layouts: bool = True, contents: bool = True) -> Iterator[Case]:
+    """Every shape x content variant (x memory layout); built per dtype on demand."""
+    for si, shape in enumerate(PCC_SHAPES):
+        variants = list(_content_variants(shape, 1000 + si))
+        if not contents:
+            variants = variants[:1]
+        for name, build in variants:
+            layout_names = ("contiguous", "channels_last", "strided") if layouts else ("contiguous",)
+            for layout in layout_names:
+
+                def make(dtype, build=build, layout=layout):
+                    x = build().to(dtype)
+                    return dict(_layouts(x))[layout]
+
+                yield Case(f"{shape}-{name}-{layout}", make)
+
+
+def ci_maps(seed: int, n: int, c: int, p: int, kind: str = "relu") -> torch.Tensor:
+    """(n, c, p) float64 feature maps with the structures CI must get right.
+
+    kind: "relu" (post-ReLU noise), "dead" (a zero row), "tiny" (a row scaled by 1e-6),
+    "duplicated" (two equal rows), "combination" (a row that is a combination of two others),
+    "lowrank" (rank min(c, p) // 3), "mixed" (dead + tiny + duplicated at once).
+    """
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, c, p, generator=g, dtype=torch.float64)
+    if kind == "lowrank":
+        r = max(1, min(c, p) // 3)
+        a = torch.randn(n, c, r, generator=g, dtype=torch.float64) @ torch.randn(
+            n, r, p, generator=g, dtype=torch.float64
+        )
+        return a
+    a = a.relu()
+    if kind in ("dead", "mixed"):
+        a[:, 0] = 0.0
+    if kind in ("tiny", "mixed") and c > 1:
+        a[:, 1] *= 1e-6
+    if kind in ("duplicated", "mixed") and c > 3:
+        a[:, 3] = a[:, 2]
+    if kind == "combination" and c > 2:
+        a[:, 2] = 2.0 * a[:, 0] - 0.5 * a[:, 1]
+    return a
+
+
+CI_KINDS = ("relu", "dead", "tiny", "duplicated", "combination", "lowrank", "mixed")
+# (C, P): C <= P and P < C, squares, single rows and single pixels.
+CI_SHAPES = [(1, 9), (9, 1), (3, 3), (5, 12), (12, 5), (16, 64), (64, 16), (33, 31), (7, 40)]
+
+
+def cifar10_copy() -> str:
+    """Path of the real CIFAR-10 JPEG copy (PCCFAST_CIFAR10_NPZ, else ../shared/data beside the
+    checkout). Tests that use it skip with a message when it is absent."""
+    default = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cifar10_jpeg.npz")
+    return os.path.abspath(os.environ.get("PCCFAST_CIFAR10_NPZ", default))

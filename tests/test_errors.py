@@ -1,0 +1,105 @@
+"""Bad input gets a ValueError/TypeError that names the argument, on every public entry point."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import pccfast
+from pccfast.ops import _C
+
+BACKENDS = ["torch"] + (["cpu"] if _C.extension() is not None else [])
+GOOD = torch.randn(2, 3, 4, 4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "x, kwargs, error, match",
+    [
+        (GOOD.numpy(), {}, TypeError, "x must be a torch.Tensor"),
+        (GOOD.long(), {}, TypeError, "x must be float"),
+        (GOOD[0], {}, ValueError, r"x must have shape \(N, C, H, W\)"),
+        (torch.randn(2, 0, 4, 4), {}, ValueError, "empty dimension"),
+        (torch.randn(2, 1, 4, 4), {}, ValueError, "single channel"),
+        (torch.randn(2, 3, 1, 1), dict(orientation="pixel"), ValueError, "single pixel"),
+        (GOOD, dict(orientation="rows"), ValueError, "orientation must be one of"),
+        (GOOD, dict(group="image"), ValueError, "group must be one of"),
+        (GOOD, dict(penalty="l1"), ValueError, "penalty must be one of"),
+        (GOOD, dict(orientation="pixel", group="batch"), ValueError, 'group="batch" needs'),
+        (GOOD, dict(eps=0.0), ValueError, "eps must be a positive"),
+        (GOOD, dict(eps=float("nan")), ValueError, "eps must be a positive"),
+        (GOOD, dict(eps="small"), TypeError, "eps must be a float"),
+        (GOOD, dict(include_diagonal=1), TypeError, "include_diagonal must be a bool"),
+    ],
+)
+def test_pcc_bad_input(backend, x, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        pccfast.pcc(x, backend=backend, **kwargs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_pcc_nonfinite_input(backend, value):
+    x = torch.randn(2, 3, 4, 4)
+    x[1, 2, 3, 0] = value
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        pccfast.pcc(x, backend=backend)
+
+
+def test_single_row_allowed_with_diagonal():
+    s = pccfast.pcc(torch.randn(2, 1, 4, 4), include_diagonal=True)
+    assert torch.isfinite(s)
+
+
+def test_unknown_and_unavailable_backends():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        pccfast.pcc(GOOD, backend="gpu")
+    with pytest.raises(ValueError, match='backend "cuda" is not implemented for pcc'):
+        pccfast.pcc(GOOD, backend="cuda")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        with pytest.raises(ValueError, match='backend "triton" is unavailable for pcc: .*CUDA'):
+            pccfast.pcc(GOOD, backend="triton")
+    with pytest.raises(ValueError, match='backend "triton" is not implemented for ci'):
+        pccfast.channel_independence(GOOD, backend="triton")
+    with pytest.raises(ValueError, match='backend "cuda" is unavailable for ci'):
+        pccfast.channel_independence(GOOD, backend="cuda")
+
+
+@pytest.mark.parametrize(
+    "fmap, kwargs, error, match",
+    [
+        ([[1.0]], {}, TypeError, "fmap must be a torch.Tensor"),
+        (torch.ones(3, 4, 4, dtype=torch.int32), {}, TypeError, "fmap must be float"),
+        (torch.randn(3, 4), {}, ValueError, r"fmap must have shape \(C, H, W\) or \(N, C, H, W\)"),
+        (torch.randn(2, 3, 0, 4), {}, ValueError, "empty dimension"),
+        (GOOD, dict(method="svd"), ValueError, "method must be one of"),
+        (GOOD, dict(backend="tpu"), ValueError, "backend must be one of"),
+    ],
+)
+def test_ci_bad_input(fmap, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        pccfast.channel_independence(fmap, **kwargs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ci_nonfinite_input(backend):
+    x = torch.randn(2, 3, 4, 4)
+    x[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="fmap contains NaN or Inf"):
+        pccfast.channel_independence(x, backend=backend)
+
+
+def test_pcc_matrix_bad_input():
+    with pytest.raises(ValueError, match="x must have shape"):
+        pccfast.pcc_matrix(torch.randn(3, 4, 4))
+    with pytest.raises(TypeError, match="x must be float"):
+        pccfast.pcc_matrix(torch.ones(1, 2, 2, 2, dtype=torch.int64))
+
+
+def test_loss_module_checks_at_construction():
+    with pytest.raises(ValueError, match="penalty"):
+        pccfast.PCCLoss(penalty="huber")
+    with pytest.raises(ValueError, match="backend"):
+        pccfast.PCCLoss(backend="npu")

@@ -1,0 +1,223 @@
+"""PCC: the reference against the spec's formula, and every CPU-side backend against the reference."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import pccfast
+from pccfast.ops import _C
+from pccfast.ops.pcc_options import PCCOptions, pair_count, pcc_shape
+from pccfast.ops.pcc_reference import pcc_rows
+
+from cases import PCC_OPTION_GRID, pcc_cases
+
+needs_ext = pytest.mark.skipif(_C.extension() is None, reason=str(_C.unavailable_reason()))
+
+# Forward/gradient tolerances by compute dtype (inputs of fp16/bf16 are computed in fp32).
+TOL = {torch.float64: dict(rtol=1e-9, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-6)}
+
+
+def spec_formula(x: torch.Tensor, orientation, group, penalty, include_diagonal, eps=1e-5):
+    """SPEC section 1 written out with explicit loops over groups and pairs (fp64)."""
+    x = x.double()
+    if group == "batch_mean":
+        x = x.mean(0, keepdim=True)
+    n, c, h, w = x.shape
+    if orientation == "channel" and group == "batch":
+        groups = [x.transpose(0, 1).reshape(c, -1)]
+    elif orientation == "channel":
+        groups = [x[i].reshape(c, -1) for i in range(n)]
+    else:
+        groups = [x[i].reshape(c, -1).t() for i in range(n)]
+    total, count = 0.0, 0
+    for v in groups:
+        m, k = v.shape
+        mu = v.mean(1, keepdim=True)
+        var = ((v - mu) ** 2).mean(1, keepdim=True)
+        vhat = (v - mu) / torch.sqrt(var + eps)
+        for i, j in itertools.product(range(m), range(m)):
+            if i == j and not include_diagonal:
+                continue
+            r = float((vhat[i] * vhat[j]).sum()) / k
+            total += abs(r) if penalty == "abs" else r * r
+            count += 1
+    return total / count
+
+
+@pytest.mark.parametrize("options", PCC_OPTION_GRID, ids=lambda o: "-".join(map(str, o.values())))
+def test_reference_is_the_spec_formula(options):
+    x = torch.randn(2, 3, 2, 3, dtype=torch.float64)
+    x[:, 1] = 0.7  # a constant channel: vhat = 0, never NaN
+    got = pccfast.pcc(x, backend="torch", **options)
+    assert got.dtype == torch.float64 and got.dim() == 0
+    assert got.item() == pytest.approx(spec_formula(x, **options), rel=1e-12, abs=1e-15)
+
+
+def test_known_values():
+    base = torch.randn(3, 1, 5, 5)
+    # Two exact affine copies of one channel: |R_01| = var / (var + eps), just under 1.
+    x = torch.cat([base, -2.0 * base + 1.0], dim=1)
+    s = pccfast.pcc(x, backend="torch")
+    var = base.reshape(3, -1).var(1, unbiased=False)
+    expect = (var / (var + 1e-5)).mean()
+    assert s.item() == pytest.approx(expect.item(), rel=1e-5)
+    # Orthogonal +-1 patterns (Walsh functions) are exactly uncorrelated.
+    walsh = torch.tensor([[1.0, 1, -1, -1], [1, -1, 1, -1], [1, -1, -1, 1]]).reshape(1, 3, 2, 2)
+    assert pccfast.pcc(walsh, backend="torch").item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_mode_options_change_the_score():
+    x = torch.randn(2, 4, 3, 3)
+    a = pccfast.pcc(x, backend="torch")
+    assert pccfast.pcc(x, backend="torch", include_diagonal=True) > a
+    assert not torch.equal(pccfast.pcc(x, backend="torch", penalty="square"), a)
+
+
+@pytest.mark.parametrize("options", PCC_OPTION_GRID[:8], ids=lambda o: "-".join(map(str, o.values())))
+def test_reference_gradcheck(options):
+    x = torch.randn(2, 3, 2, 2, dtype=torch.float64).relu() + 0.1
+    x[:, 0, 0, 0] += 1.0
+    x.requires_grad_(True)
+    fn = lambda t: pccfast.pcc(t, backend="torch", **options)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x,), eps=1e-6, atol=1e-7)
+
+
+def _compare_backend(backend, x, options):
+    """Forward and input gradient of `backend` against the reference on the same input;
+    an invalid combination must be refused by both."""
+    xr = x.detach().clone().requires_grad_(True)
+    xb = x.detach().clone().requires_grad_(True)
+    try:
+        want = pccfast.pcc(xr, backend="torch", **options)
+    except ValueError:
+        with pytest.raises(ValueError):
+            pccfast.pcc(xb, backend=backend, **options)
+        return
+    got = pccfast.pcc(xb, backend=backend, **options)
+    assert got.dtype == want.dtype and got.shape == ()
+    tol = TOL[want.dtype]
+    torch.testing.assert_close(got, want, **tol)
+    (gw,) = torch.autograd.grad(want, xr)
+    (gg,) = torch.autograd.grad(got, xb)
+    assert gg.dtype == x.dtype and gg.shape == x.shape
+    atol = tol["rtol"] * gradient_term_scale(x, options)
+    rtol = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}.get(x.dtype, 0.0)  # dx rounded to x's dtype
+    torch.testing.assert_close(gg.to(gw.dtype), gw, rtol=rtol, atol=atol)
+
+
+def gradient_term_scale(x, options) -> float:
+    """Size of the terms that dS/dx is the sum of (rstd_i * a * sum_j |D_ij| |vhat_j|).
+
+    The gradient can be far smaller than its terms (a nearly constant score, such as the
+    diagonal-only score of a map with one varying channel), so rounding is measured against
+    the terms, not the result.
+    """
+    opts = PCCOptions(**options)
+    rows = pcc_rows(x.double(), opts)
+    centered = rows - rows.mean(-1, keepdim=True)
+    rstd = torch.rsqrt(centered.square().mean(-1) + opts.eps)
+    vhat = centered * rstd[..., None]
+    shape = pcc_shape(x.shape, opts)
+    a = 2.0 / (shape.groups * pair_count(shape.rows, opts.include_diagonal) * shape.features)
+    dmax = 2.0 if opts.penalty == "square" else 1.0
+    return float(a * shape.rows * dmax * vhat.abs().max() * rstd.max())
+
+
+@needs_ext
+@pytest.mark.parametrize("case", list(pcc_cases()), ids=lambda c: c.name)
+def test_cpu_backend_matches_reference_fp32(case):
+    x = case(torch.float32)
+    for options in PCC_OPTION_GRID:
+        _compare_backend("cpu", x, options)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", list(pcc_cases(layouts=False)), ids=lambda c: c.name)
+def test_cpu_backend_matches_reference_dtypes(case, dtype):
+    x = case(dtype)
+    for options in PCC_OPTION_GRID[::3]:
+        _compare_backend("cpu", x, options)
+
+
+@needs_ext
+def test_cpu_backend_larger_chunked_inputs():
+    """Inputs big enough that the CPU kernel processes several chunks."""
+    from pccfast.ops import pcc_cpu
+
+    x = torch.randn(9, 24, 40, 40).relu()
+    for options in (dict(), dict(orientation="pixel", penalty="square"), dict(group="batch")):
+        _compare_backend("cpu", x, options)
+    assert pcc_cpu.register()
+
+
+@needs_ext
+def test_cpu_backend_keeps_only_row_statistics():
+    """Autograd saves x itself and (G, M) statistics, nothing activation- or Gram-sized."""
+    x = torch.randn(4, 6, 5, 5, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        s = pccfast.pcc(x, backend="cpu")
+    s.backward()
+    assert any(t.data_ptr() == x.data_ptr() for t in saved)  # x itself, not a copy
+    for t in saved:
+        assert t.data_ptr() == x.data_ptr() or t.numel() <= 4 * 6, tuple(t.shape)
+    assert x.grad is not None
+
+
+def test_auto_backend_on_cpu():
+    x = torch.randn(2, 3, 4, 4)
+    want = pccfast.pcc(x, backend="torch")
+    torch.testing.assert_close(pccfast.pcc(x), want, **TOL[torch.float32])
+
+
+def test_pcc_matrix():
+    x = torch.randn(3, 4, 2, 5, dtype=torch.float64)
+    r = pccfast.pcc_matrix(x)
+    assert r.shape == (3, 4, 4)
+    torch.testing.assert_close(r, r.transpose(1, 2))
+    v = x.reshape(3, 4, -1)
+    vhat = (v - v.mean(-1, keepdim=True)) / torch.sqrt(v.var(-1, unbiased=False, keepdim=True) + 1e-5)
+    torch.testing.assert_close(r, vhat @ vhat.transpose(1, 2) / 10)
+    assert pccfast.pcc_matrix(x, orientation="pixel").shape == (3, 10, 10)
+    assert pccfast.pcc_matrix(x, group="batch").shape == (1, 4, 4)
+    assert pccfast.pcc_matrix(x, group="batch_mean").shape == (1, 4, 4)
+
+
+def test_pcc_loss_module():
+    loss = pccfast.PCCLoss(penalty="square", backend="torch")
+    x = torch.randn(2, 3, 4, 4, requires_grad=True)
+    out = loss(x)
+    out.backward()
+    assert out.item() == pytest.approx(pccfast.pcc(x, penalty="square").item(), rel=1e-6)
+    assert "square" in repr(loss)
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@needs_ext
+def test_torch_compile_of_a_model_using_pccloss():
+    """The custom ops trace under torch.compile (fake implementations + registered autograd)."""
+    torch._dynamo.reset()
+    conv = torch.nn.Conv2d(3, 6, 3, padding=1)
+    loss_fn = pccfast.PCCLoss(backend="cpu")
+
+    def step(x):
+        feats = torch.relu(conv(x))
+        return feats.mean() + loss_fn(feats)
+
+    x = torch.randn(2, 3, 8, 8)
+    eager = step(x)
+    (g_eager,) = torch.autograd.grad(eager, conv.weight)
+    compiled = torch.compile(step, fullgraph=True)
+    out = compiled(x)
+    (g_compiled,) = torch.autograd.grad(out, conv.weight)
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_compiled, g_eager, rtol=1e-4, atol=1e-6)

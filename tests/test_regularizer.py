@@ -1,0 +1,178 @@
+"""PCCRegularizer: which layers it hooks, what it computes, and that it leaves the model alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import pccfast
+from pccfast.sites import find_sites
+
+
+def small_cnn():
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 12, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(12, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 3),
+    )
+
+
+class FunctionalReLU(nn.Module):
+    """ReLU as a function call and a module reused after a residual add (torchvision style)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 5, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(5)
+        self.conv2 = nn.Conv2d(5, 5, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(5)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        a = F.relu(self.bn1(self.conv1(x)))
+        b = self.relu(self.bn2(self.conv2(a)))
+        return self.relu(b + a)  # follows an add: not a scored site
+
+
+def test_default_sites_are_relus_after_conv_or_bn():
+    sites = find_sites(small_cnn())
+    assert [s.name for s in sites] == ["2", "4", "8"]
+    assert [s.conv for s in sites] == ["0", "3", "6"]
+    assert [s.norm for s in sites] == ["1", "", "7"]
+
+
+def test_sites_of_functional_and_reused_relus():
+    sites = find_sites(FunctionalReLU())
+    assert [(s.name, s.module, s.call_index, s.apply_relu) for s in sites] == [
+        ("bn1", "bn1", 0, True),
+        ("relu:0", "relu", 0, False),
+    ]
+
+
+def test_torchvision_resnet_sites():
+    torchvision = pytest.importorskip("torchvision")
+    sites = find_sites(torchvision.models.resnet18())
+    names = [s.name for s in sites]
+    assert names[0] == "relu" and names[1] == "layer1.0.relu:0"
+    assert "layer1.0.relu:1" not in names  # the ReLU after the residual add
+    assert len(sites) == 1 + 8  # the stem and the first ReLU of each basic block
+
+
+def test_loss_is_signed_weighted_mean_of_layer_scores():
+    torch.manual_seed(0)
+    model = small_cnn()
+    x = torch.randn(4, 3, 8, 8)
+    with pccfast.PCCRegularizer(model, weight=0.1, backend="torch") as reg:
+        model(x)
+        loss = reg.loss()
+        scores = reg.scores
+    acts = {}
+    hooks = [model[i].register_forward_hook(lambda m, a, o, i=i: acts.__setitem__(i, o)) for i in (2, 4, 8)]
+    model(x)
+    for h in hooks:
+        h.remove()
+    expect = torch.stack([pccfast.pcc(acts[i], backend="torch") for i in (2, 4, 8)]).mean()
+    assert list(scores) == ["2", "4", "8"]
+    assert loss.item() == pytest.approx(-0.1 * expect.item(), rel=1e-6)
+    suppress = pccfast.PCCRegularizer(model, weight=0.1, mode="suppress", backend="torch")
+    model(x)
+    assert suppress.loss().item() == pytest.approx(0.1 * expect.item(), rel=1e-6)
+    suppress.remove()
+
+
+def test_gradients_flow_and_promote_raises_correlation():
+    torch.manual_seed(0)
+    model = small_cnn()
+    reg = pccfast.PCCRegularizer(model, weight=1.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    x = torch.randn(8, 3, 8, 8)
+    model(x)
+    first = sum(reg.scores.values()).item()
+    for _ in range(15):
+        opt.zero_grad()
+        model(x)
+        reg.loss().backward()
+        opt.step()
+    model(x)
+    assert sum(reg.scores.values()).item() > first + 0.01
+    reg.remove()
+
+
+def test_remove_restores_the_model_and_no_scores_without_grad():
+    model = small_cnn()
+    before = {n: len(m._forward_hooks) for n, m in model.named_modules()}
+    reg = pccfast.PCCRegularizer(model)
+    with torch.no_grad():
+        model(torch.randn(2, 3, 8, 8))
+    with pytest.raises(RuntimeError, match="forward pass"):
+        reg.loss()
+    reg.remove()
+    assert {n: len(m._forward_hooks) for n, m in model.named_modules()} == before
+    assert len(model._forward_pre_hooks) == 0
+
+
+def test_layer_selection_by_names_and_predicate():
+    model = small_cnn()
+    reg = pccfast.PCCRegularizer(model, layers=["4"])
+    model(torch.randn(2, 3, 8, 8))
+    assert list(reg.scores) == ["4"]
+    reg.remove()
+    reg = pccfast.PCCRegularizer(model, layers=lambda name, m: isinstance(m, nn.Conv2d))
+    model(torch.randn(2, 3, 8, 8))
+    assert list(reg.scores) == ["0", "3", "6"]  # conv outputs, scored as they are
+    reg.remove()
+    with pytest.raises(ValueError, match="layers"):
+        pccfast.PCCRegularizer(model, layers=["no.such.layer"])
+    with pytest.raises(TypeError, match="layers"):
+        pccfast.PCCRegularizer(model, layers=3)
+
+
+def test_reused_module_and_functional_relu_are_scored_per_call():
+    torch.manual_seed(0)
+    model = FunctionalReLU()
+    reg = pccfast.PCCRegularizer(model, backend="torch")
+    x = torch.randn(2, 3, 6, 6)
+    model(x)
+    a = F.relu(model.bn1(model.conv1(x)))
+    b = model.relu(model.bn2(model.conv2(a)))
+    assert reg.scores["bn1"].item() == pytest.approx(pccfast.pcc(a).item(), rel=1e-6)
+    assert reg.scores["relu:0"].item() == pytest.approx(pccfast.pcc(b).item(), rel=1e-6)
+    model(x)  # a second pass replaces, not accumulates
+    assert len(reg.scores) == 2
+    reg.remove()
+
+
+def test_nan_activation_is_reported_by_layer():
+    model = small_cnn()
+    reg = pccfast.PCCRegularizer(model)
+    x = torch.randn(2, 3, 8, 8)
+    x[0, 0, 0, 0] = float("nan")
+    model(x)
+    with pytest.raises(ValueError, match="NaN"):
+        reg.loss()
+    reg.remove()
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(weight=-1.0), ValueError, "weight"),
+        (dict(weight="big"), TypeError, "weight"),
+        (dict(mode="boost"), ValueError, "mode"),
+        (dict(orientation="row"), ValueError, "orientation"),
+        (dict(backend="gpu"), ValueError, "backend"),
+    ],
+)
+def test_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        pccfast.PCCRegularizer(small_cnn(), **kwargs)
+
+
+def test_model_without_scored_layers():
+    with pytest.raises(ValueError, match="no ReLU"):
+        pccfast.PCCRegularizer(nn.Sequential(nn.Linear(3, 3), nn.ReLU()))
+    with pytest.raises(TypeError, match="model"):
+        pccfast.PCCRegularizer("resnet")
