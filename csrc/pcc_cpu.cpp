@@ -7,6 +7,7 @@
 // chunk by chunk. The one-group "batch" mode streams its N*P-long rows over sample chunks and
 // keeps only C x C matrices.
 #include "pcc_cpu.h"
+#include "pcc_rows.h"
 
 #include <torch/library.h>
 
@@ -15,7 +16,7 @@
 namespace pccfast {
 namespace {
 
-constexpr int64_t kChunkElements = int64_t(1) << 24;  // ~64 MB of fp32 temporaries
+constexpr int64_t kChunkElements = int64_t(1) << 22;  // ~16 MB per fp32 temporary
 
 struct Sizes {
   int64_t groups, rows, features;
@@ -79,16 +80,6 @@ int64_t chunk_of(int64_t groups, int64_t per_group) {
   return std::clamp<int64_t>(kChunkElements / std::max<int64_t>(per_group, 1), 1, groups);
 }
 
-// Normalised rows: returns vhat and fills mean/rstd (count, M) with the row statistics.
-at::Tensor normalize(const at::Tensor& v, double eps, at::Tensor mean, at::Tensor rstd) {
-  const at::Tensor mu = v.mean(-1, /*keepdim=*/true);
-  at::Tensor centered = v - mu;
-  const at::Tensor r = (centered.square().mean(-1, /*keepdim=*/true) + eps).rsqrt();
-  mean.copy_(mu.squeeze(-1));
-  rstd.copy_(r.squeeze(-1));
-  return centered.mul_(r);
-}
-
 at::Tensor renormalize(const at::Tensor& v, const at::Tensor& mean, const at::Tensor& rstd) {
   return (v - mean.unsqueeze(-1)).mul_(rstd.unsqueeze(-1));
 }
@@ -118,30 +109,35 @@ at::Tensor phi_derivative(const at::Tensor& r, const PCCConfig& cfg, double fact
   return d;
 }
 
-// Layer-norm backward: dv = rstd * (dvhat - mean(dvhat) - vhat * mean(dvhat * vhat)).
-at::Tensor row_backward(const at::Tensor& dvhat, const at::Tensor& vhat, const at::Tensor& rstd) {
-  const at::Tensor mean_d = dvhat.mean(-1, /*keepdim=*/true);
-  const at::Tensor mean_dv = (dvhat * vhat).mean(-1, /*keepdim=*/true);
-  return (dvhat - mean_d - vhat * mean_dv).mul_(rstd.unsqueeze(-1));
-}
-
 // ---- per-sample groups ("sample", and "batch_mean" on the mean map) ----
+
+// The group source with a row layout the fused loops can address (a copy only for layouts whose
+// H and W cannot be flattened into one pixel index).
+std::pair<at::Tensor, RowLayout> addressable(const at::Tensor& src, bool pixel) {
+  RowLayout layout;
+  if (row_layout(src, pixel, &layout)) return {src, layout};
+  const at::Tensor dense = src.contiguous();
+  row_layout(dense, pixel, &layout);
+  return {dense, layout};
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_grouped(const at::Tensor& x,
                                                                const PCCConfig& cfg) {
   const at::ScalarType type = compute_type(x);
-  const at::Tensor src = group_source(x, cfg);
+  const auto [src, layout] = addressable(group_source(x, cfg), cfg.pixel);
   const Sizes s = sizes_of(src, cfg);
   at::Tensor mean = at::empty({s.groups, s.rows}, x.options().dtype(type));
   at::Tensor rstd = at::empty_like(mean);
   const int64_t side = cfg.square ? std::min(s.rows, s.features) : s.rows;
-  const int64_t chunk = chunk_of(s.groups, 3 * s.rows * s.features + 2 * side * side);
+  const int64_t chunk = chunk_of(s.groups, 2 * s.rows * s.features + 2 * side * side);
+  at::Tensor buffer = at::empty({chunk, s.rows, s.features}, x.options().dtype(type));
   double total = 0.0;
   for (int64_t g0 = 0; g0 < s.groups; g0 += chunk) {
     const int64_t count = std::min(chunk, s.groups - g0);
-    const at::Tensor v = sample_rows(src, g0, count, cfg.pixel, type);
-    const at::Tensor vhat =
-        normalize(v, cfg.eps, mean.narrow(0, g0, count), rstd.narrow(0, g0, count));
+    at::Tensor vhat = buffer.narrow(0, 0, count);
+    at::Tensor mean_chunk = mean.narrow(0, g0, count), rstd_chunk = rstd.narrow(0, g0, count);
+    normalize_rows(src, layout, g0, count, s.rows, s.features, cfg.eps, /*compute_stats=*/true,
+                   vhat, mean_chunk, rstd_chunk);
     total += phi_sum(vhat, cfg);
   }
   const double pairs = double(s.groups) * double(pair_count(s.rows, cfg.include_diagonal));
@@ -151,35 +147,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_grouped(const at::Tensor&
 at::Tensor backward_grouped(double scale, const at::Tensor& x, const at::Tensor& mean,
                             const at::Tensor& rstd, const PCCConfig& cfg) {
   const at::ScalarType type = compute_type(x);
-  const at::Tensor src = group_source(x, cfg);
+  const auto [src, layout] = addressable(group_source(x, cfg), cfg.pixel);
   const Sizes s = sizes_of(src, cfg);
   const double k = double(s.features);
   const double factor = 2.0 * scale / k;  // d R_ij / d vhat_i = vhat_j / K, R symmetric: twice
-  const int64_t chunk = chunk_of(s.groups, 5 * s.rows * s.features + 2 * s.rows * s.rows);
-  at::Tensor dsrc = at::empty(src.sizes(), src.options().dtype(type));
+  const bool small_side = cfg.square && s.features < s.rows;
+  const int64_t side = small_side ? s.features : s.rows;
+  const int64_t chunk = chunk_of(s.groups, 3 * s.rows * s.features + 2 * side * side);
+  at::Tensor buffer = at::empty({chunk, s.rows, s.features}, x.options().dtype(type));
+  // Sample groups write straight into dx; batch_mean produces the mean map's gradient first.
+  const bool mean_map = cfg.group == Group::BatchMean;
+  at::Tensor dx = at::empty_like(x);
+  at::Tensor dsrc = mean_map ? at::empty(src.sizes(), src.options().dtype(type)) : dx;
+  const auto [dst, dst_layout] = addressable(dsrc, cfg.pixel);
+  TORCH_INTERNAL_ASSERT(dst.is_same(dsrc), "gradient buffers are always addressable");
   for (int64_t g0 = 0; g0 < s.groups; g0 += chunk) {
     const int64_t count = std::min(chunk, s.groups - g0);
-    const at::Tensor r_stat = rstd.narrow(0, g0, count);
-    const at::Tensor vhat = renormalize(sample_rows(src, g0, count, cfg.pixel, type),
-                                        mean.narrow(0, g0, count), r_stat);
+    at::Tensor vhat = buffer.narrow(0, 0, count);
+    at::Tensor mean_chunk = mean.narrow(0, g0, count), rstd_chunk = rstd.narrow(0, g0, count);
+    normalize_rows(src, layout, g0, count, s.rows, s.features, cfg.eps, /*compute_stats=*/false,
+                   vhat, mean_chunk, rstd_chunk);
     at::Tensor dvhat;
-    if (cfg.square && s.features < s.rows) {
-      // R Vhat = Vhat (Vhat^T Vhat) / K, minus the diagonal part when it is excluded.
-      at::Tensor rv = at::bmm(vhat, at::bmm(vhat.transpose(1, 2), vhat)).div_(k);
-      if (!cfg.include_diagonal) rv.sub_(vhat * (vhat.square().sum(-1, true) / k));
-      dvhat = rv.mul_(2.0 * factor);
+    double row_scale = 1.0;
+    if (small_side) {
+      // R Vhat = Vhat (Vhat^T Vhat) / K; the row loop removes diag(R) Vhat = |vhat_i|^2 vhat_i / K.
+      dvhat = at::bmm(vhat, at::bmm(vhat.transpose(1, 2), vhat));
+      row_scale = 2.0 * factor / k;
     } else {
       const at::Tensor r = at::bmm(vhat, vhat.transpose(1, 2)).div_(k);
       dvhat = at::bmm(phi_derivative(r, cfg, factor), vhat);
     }
-    store_rows(dsrc, row_backward(dvhat, vhat, r_stat), g0, cfg.pixel);
+    row_backward(dvhat, vhat, rstd_chunk, row_scale,
+                 /*subtract_diagonal=*/small_side && !cfg.include_diagonal, dsrc, dst_layout, g0,
+                 count, s.rows, s.features);
   }
-  at::Tensor dx = at::empty_like(x);
-  if (cfg.group == Group::BatchMean) {
-    dx.copy_((dsrc / double(x.size(0))).expand_as(x));
-  } else {
-    dx.copy_(dsrc);
-  }
+  if (mean_map) dx.copy_((dsrc / double(x.size(0))).expand_as(x));
   return dx;
 }
 
