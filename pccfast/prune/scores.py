@@ -194,7 +194,7 @@ class CICollector:
         import torch.distributed as dist
 
         names = [s.name for s in self.sites]
-        missing = [n for n in names if n not in self._sums]
+        missing = [n for n in names if n not in self._sums] or ([] if names else ["any layer"])
         if missing:
             rank, world = _world()
             where = f"rank {rank} " if world > 1 else ""
