@@ -20,7 +20,7 @@ import tempfile
 import torch
 from torch import nn
 
-from .models._common import RECIPE_ATTRIBUTE
+from .models._common import RECIPE_ATTRIBUTE, unwrap_parallel
 
 MODEL_FORMAT = "pccfast.model"
 MODEL_VERSION = 1
@@ -64,21 +64,13 @@ def read_torch_file(path, what: str):
                          f"written by pccfast): {type(exc).__name__}: {exc}") from exc
 
 
-def _unwrap(model):
-    from torch.nn.parallel import DataParallel, DistributedDataParallel
-
-    while isinstance(model, (DataParallel, DistributedDataParallel)):
-        model = model.module
-    return model
-
-
 def save(model: nn.Module, path) -> None:
     """Writes ``model`` (architecture and weights) to ``path`` atomically.
 
     Zoo models, pruned or not, are stored as recipe + plans + state dict; other models as a
     pickled module (see the module docstring). A DDP/DataParallel wrapper is unwrapped.
     """
-    model = _unwrap(model)
+    model = unwrap_parallel(model)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     state = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}

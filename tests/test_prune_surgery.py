@@ -220,3 +220,16 @@ def test_torch_pruning_engine_agrees_with_pccfast_engine():
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(other.eval()(x), pruned.eval()(x))
+
+
+def test_per_layer_modes_survive_every_entry_point():
+    """A model training with a frozen (eval-mode) BN keeps exactly that after pccfast's calls."""
+    model = vgg16_cifar(width=0.125).train()
+    model.features.norm0.eval()
+    modes = {n: m.training for n, m in model.named_modules()}
+    graph = build_graph(model, CIFAR)
+    pccfast.count(model, CIFAR)
+    pccfast.prune(model, random_scores(graph), tau=0.5)
+    with pccfast.CICollector(model) as col:
+        col.update(torch.randn(2, 3, 32, 32))
+    assert {n: m.training for n, m in model.named_modules()} == modes

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 from torch import nn
@@ -22,3 +23,26 @@ def record_recipe(model: nn.Module, builder: str, **kwargs) -> nn.Module:
     """Remembers how to rebuild ``model`` (a zoo builder and its keywords) for pccfast.save."""
     setattr(model, RECIPE_ATTRIBUTE, {"builder": builder, "kwargs": dict(kwargs), "plans": []})
     return model
+
+
+def unwrap_parallel(model):
+    """The module inside DataParallel / DistributedDataParallel wrappers."""
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    while isinstance(model, (DataParallel, DistributedDataParallel)):
+        model = model.module
+    return model
+
+
+@contextlib.contextmanager
+def eval_mode(*models: nn.Module):
+    """Puts the models in eval mode, then restores every submodule's own mode (a model may
+    train with some layers, e.g. frozen BatchNorms, kept in eval)."""
+    saved = [(m, m.training) for model in models for m in model.modules()]
+    try:
+        for model in models:
+            model.eval()
+        yield
+    finally:
+        for m, training in saved:
+            m.training = training

@@ -18,8 +18,10 @@ import math
 import torch
 from torch import nn
 
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
-          nn.ConvTranspose3d)
+from ..models._common import eval_mode, unwrap_parallel
+
+_TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d) + _TRANSPOSED
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
@@ -45,16 +47,6 @@ def layer_params(model: nn.Module) -> int:
     return total
 
 
-def conv_macs(module: nn.Module, output: torch.Tensor) -> int:
-    """MACs of one conv/linear call: every output element costs fan-in multiply-adds."""
-    if isinstance(module, nn.Linear):
-        return output.numel() * module.in_features
-    if isinstance(module, _CONVS[3:]):  # transposed: every input element meets the kernel
-        raise NotImplementedError
-    fan_in = module.weight.shape[1] * math.prod(module.weight.shape[2:])
-    return output.numel() * fan_in
-
-
 def count(model: nn.Module, input_size=(1, 3, 32, 32), device=None) -> dict[str, int]:
     """Counts of ``model`` for one forward pass at ``input_size``.
 
@@ -64,6 +56,7 @@ def count(model: nn.Module, input_size=(1, 3, 32, 32), device=None) -> dict[str,
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    model = unwrap_parallel(model)
     input_size = check_input_size(input_size)
     if device is None:
         first = next(model.parameters(), None)
@@ -71,24 +64,21 @@ def count(model: nn.Module, input_size=(1, 3, 32, 32), device=None) -> dict[str,
     totals = {"flops": 0, "flops_bn": 0}
 
     def hook(module, args, output):
-        if isinstance(module, _CONVS[3:]):
-            x = args[0]
-            totals["flops"] += x.numel() * module.out_channels // module.groups * math.prod(
-                module.weight.shape[2:])
-        elif isinstance(module, _CONVS + (nn.Linear,)):
-            totals["flops"] += conv_macs(module, output)
+        if isinstance(module, nn.Linear):
+            totals["flops"] += output.numel() * module.in_features
+        elif isinstance(module, _TRANSPOSED):  # every input element meets out/groups kernels
+            totals["flops"] += args[0].numel() * math.prod(module.weight.shape[1:])
+        elif isinstance(module, _CONVS):  # every output element costs its fan-in
+            totals["flops"] += output.numel() * math.prod(module.weight.shape[1:])
         elif isinstance(module, _NORMS):
             totals["flops_bn"] += 2 * output.numel()
 
     handles = [m.register_forward_hook(hook) for m in model.modules()
                if isinstance(m, _CONVS + (nn.Linear,) + _NORMS)]
-    was_training = model.training
     try:
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(torch.randn(input_size, device=device))
     finally:
-        model.train(was_training)
         for h in handles:
             h.remove()
     params_all = sum(p.numel() for p in model.parameters())

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import operator
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from ..models._common import eval_mode
 from ..models.resnet_cifar import PadShortcut
 from ..sites import Site
 from .counting import check_input_size
@@ -63,7 +65,7 @@ class UnsupportedLayerError(ValueError):
     """The structural pruner met a layer it cannot prune through; ``layer`` names it."""
 
     def __init__(self, layer: str, what: str, why: str):
-        self.layer = layer
+        self.layer, self.what, self.why = layer, what, why
         super().__init__(
             f"cannot prune through {layer} ({what}): {why}. pccfast's own pruner handles "
             "Conv2d (groups=1), BatchNorm, activations, pooling, residual adds, flatten and "
@@ -255,18 +257,14 @@ def _trace(model: nn.Module, input_size) -> fx.GraphModule:
     gm = fx.GraphModule(model, graph)
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
-    was_training = model.training
-    gm.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(model, gm), torch.no_grad():
             ShapeProp(gm).propagate(torch.randn(input_size, device=device))
     except Exception as exc:
         raise ValueError(
             f"the model does not run on input_size {tuple(input_size)} "
             f"({type(exc).__name__}: {exc}); pass the input size it expects"
         ) from exc
-    finally:
-        model.train(was_training)
     return gm
 
 
@@ -301,11 +299,9 @@ def build_graph(model: nn.Module, input_size=(1, 3, 32, 32), residual: str = "st
 
         missing = torch_pruning_missing()
         if missing:
-            raise UnsupportedLayerError(exc.layer, "no fallback", f"{exc}; and {missing}") from exc
-        import warnings
-
-        warnings.warn(f"{exc.args[0].split(':')[0]}; using Torch-Pruning's DependencyGraph",
-                      stacklevel=2)
+            raise UnsupportedLayerError(exc.layer, exc.what, f"{exc.why}; and {missing}") from exc
+        warnings.warn(f"cannot prune through {exc.layer} ({exc.what}): {exc.why}; using "
+                      "Torch-Pruning's DependencyGraph", stacklevel=2)
         return build_tp_graph(model, input_size, residual, prune_classifier_input)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..models._common import unwrap_parallel
 from .graph import build_graph
 from .plan import Plan, make_plan
 from .surgery import apply_plan, max_masked_difference
@@ -19,7 +20,8 @@ def prune(model: nn.Module, scores: dict, *, rates=None, tau: float | None = Non
           verify: bool = True) -> tuple[nn.Module, Plan]:
     """Removes the least independent channels; returns ``(pruned_model, plan)``.
 
-    model: the trained network (left unchanged; the pruned one is a smaller copy).
+    model: the trained network (left unchanged; the pruned one is a smaller copy; a DDP
+      wrapper is unwrapped).
     scores: layer name -> per-channel mean CI (float64), from ``CICollector.scores()``.
     How much (one of):
       rates: a CHIP rate list, ``"[0.21]*7+[0.75]*5"`` (a string, a list, or one float for
@@ -38,6 +40,7 @@ def prune(model: nn.Module, scores: dict, *, rates=None, tau: float | None = Non
     The plan (:class:`~pccfast.prune.plan.Plan`) lists every prunable layer's width
     before/after and kept indices; ``plan.to_json()`` / ``plan.save(path)`` store it.
     """
+    model = unwrap_parallel(model)
     graph = build_graph(model, input_size, residual, prune_classifier_input, engine)
     plan = make_plan(graph, scores, rates=rates, tau=tau, target_flops=target_flops,
                      target_params=target_params)

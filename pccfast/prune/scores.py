@@ -24,20 +24,13 @@ from torch import nn
 
 from .._checks import check_choice, check_float_tensor
 from ..ci import channel_independence
+from ..models._common import eval_mode, unwrap_parallel
 from ..ops import backends
 from ..sites import Site, SiteHooks
 
 DEFAULT_IMAGES = 640  # CHIP: 5 batches of 128
 SCORES_FORMAT = "pccfast.scores"
 SCORES_VERSION = 1
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    from torch.nn.parallel import DataParallel, DistributedDataParallel
-
-    while isinstance(model, (DataParallel, DistributedDataParallel)):
-        model = model.module
-    return model
 
 
 def _world() -> tuple[int, int]:
@@ -73,7 +66,7 @@ class CICollector:
         if layers is not None and not (isinstance(layers, (list, tuple))
                                        and all(isinstance(n, str) for n in layers)):
             raise TypeError(f"layers must be None or a list of layer names, got {layers!r}")
-        self.model = _unwrap(model)
+        self.model = unwrap_parallel(model)
         self.backend = check_choice("backend", backend, backends.BACKENDS)
         self.max_images = max_images
         self.progress = progress
@@ -150,15 +143,12 @@ class CICollector:
             images = images[:take].to(param.device, non_blocking=True)
         else:
             images = images[:take]
-        was_training = self.model.training
         self._active = True
         try:
-            self.model.eval()
-            with torch.no_grad():
+            with eval_mode(self.model), torch.no_grad():
                 self.model(images)
         finally:
             self._active = False
-            self.model.train(was_training)
         self.images += take
         return take
 

@@ -14,7 +14,7 @@ import copy
 import torch
 from torch import nn
 
-from ..models._common import RECIPE_ATTRIBUTE
+from ..models._common import RECIPE_ATTRIBUTE, eval_mode
 from ..models.resnet_cifar import PadShortcut
 
 _PRODUCER_ROLES = ("conv_out", "bn", "shortcut_out", "linear_out")
@@ -174,17 +174,12 @@ def max_masked_difference(model: nn.Module, pruned: nn.Module, graph, plan, x=No
     device = param.device if param is not None else torch.device("cpu")
     if x is None:
         x = torch.randn(plan.input_size, device=device)
-    modes = (model.training, pruned.training)
     handles = mask_hooks(model, graph, kept)
     try:
-        model.eval()
-        pruned.eval()
-        with torch.no_grad():
+        with eval_mode(model, pruned), torch.no_grad():
             reference = model(x)
             out = pruned(x)
     finally:
         for h in handles:
             h.remove()
-        model.train(modes[0])
-        pruned.train(modes[1])
     return float((out - reference).abs().max()), float(reference.abs().max())

@@ -17,6 +17,7 @@ import importlib.util
 import torch
 from torch import fx, nn
 
+from ..models._common import eval_mode
 from .counting import count
 from .graph import ChannelGroup, Port, PruningGraph, _site_finder
 
@@ -45,13 +46,9 @@ def _dependency_graph(model: nn.Module, input_size):
     tp = _tp()
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         return tp.DependencyGraph().build_dependency(
             model, example_inputs=torch.randn(input_size, device=device), verbose=False)
-    finally:
-        model.train(was_training)
 
 
 def _sites_by_conv(model: nn.Module) -> dict:
