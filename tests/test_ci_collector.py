@@ -166,7 +166,6 @@ def _ddp_worker(rank, world, init_file, out_dir):
     dist.destroy_process_group()
 
 
-@pytest.mark.slow
 def test_ddp_sums_are_all_reduced(tmp_path):
     import torch.multiprocessing as mp
 

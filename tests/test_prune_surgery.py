@@ -233,3 +233,26 @@ def test_per_layer_modes_survive_every_entry_point():
     with pccfast.CICollector(model) as col:
         col.update(torch.randn(2, 3, 32, 32))
     assert {n: m.training for n, m in model.named_modules()} == modes
+
+
+class FunctionalNet(nn.Module):
+    """Functional ReLUs, a scalar scale, a strided slice, a reshape into the classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6 * 4 * 4, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x))) * 0.5
+        x = torch.nn.functional.relu(self.bn2(self.conv2(x)))[:, :, ::2, ::2]
+        return self.fc(x.reshape(x.size(0), -1))
+
+
+def test_functional_layers_and_reshape_flatten():
+    model = randomize_bn(FunctionalNet())
+    graph = build_graph(model, (1, 3, 8, 8), prune_classifier_input=True)
+    assert [g.name for g in graph.prunable] == ["conv1", "conv2"]
+    assert graph.group("conv1").sites[0].apply_relu  # hooked at bn1, ReLU applied in the hook
+    assert_matches_masked(model, (1, 3, 8, 8), tau=0.6, prune_classifier_input=True)

@@ -58,6 +58,8 @@ _PASS_METHODS = ("relu", "relu_", "contiguous", "clone", "float", "to", "detach"
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 _ADD_METHODS = ("add", "add_")
 _FLATTEN_METHODS = ("flatten", "view", "reshape")
+_SCALE_FUNCTIONS = (operator.mul, operator.truediv, torch.mul)
+_SCALE_METHODS = ("mul", "mul_", "div", "div_")
 _NORMS = (nn.BatchNorm2d, nn.BatchNorm1d)
 
 
@@ -319,8 +321,8 @@ def _build_fx_graph(model, input_size, residual, prune_classifier_input) -> Prun
     add_nodes: list[fx.Node] = []
     terms: list[tuple] = []  # (module, in group id, out group id, weight coef, mac coef, ...)
     norm_calls: list[tuple[int, int]] = []  # (group id, output elements per channel)
-    classifier_groups: set[int] = set()
-    output_groups: set[int] = set()
+    classifier_groups: set[int] = set()  # group ids read by a Linear layer
+    output_groups: set[int] = set()  # group ids of the model's outputs
 
     def grouped_inputs(node):
         found = []
@@ -344,9 +346,9 @@ def _build_fx_graph(model, input_size, residual, prune_classifier_input) -> Prun
         if node.op == "output":
             for a in node.all_input_nodes:
                 if a in chan:
-                    output_groups.add(groups.find(chan[a]))
+                    output_groups.add(chan[a])
                 elif a in flat:
-                    output_groups.add(groups.find(flat[a][0]))
+                    output_groups.add(flat[a][0])
             continue
         inputs = grouped_inputs(node)
         name, what = _describe(node, modules)
@@ -386,11 +388,11 @@ def _build_fx_graph(model, input_size, residual, prune_classifier_input) -> Prun
                 if x in flat:
                     g, factor = flat[x]
                     groups.get(g).consumers.append(Port(node.target, "linear_in", factor))
-                    classifier_groups.add(groups.find(g))
+                    classifier_groups.add(g)
                 elif x in chan and len(_tensor_meta(x).shape) == 2:
                     g, factor = chan[x], 1
                     groups.get(g).consumers.append(Port(node.target, "linear_in", 1))
-                    classifier_groups.add(groups.find(g))
+                    classifier_groups.add(g)
                 else:
                     raise UnsupportedLayerError(name, what, "its input is not (N, features)")
                 out = groups.new(module.out_features, "linear", pos)
@@ -447,6 +449,13 @@ def _build_fx_graph(model, input_size, residual, prune_classifier_input) -> Prun
             if len(tensors) == 1 and tensors[0] in chan:  # x + constant
                 chan[node] = chan[tensors[0]]
                 continue
+        if (not is_method and target in _SCALE_FUNCTIONS) or (is_method and target in _SCALE_METHODS):
+            tensors = [a for a in node.args[:2] if isinstance(a, fx.Node)]
+            others = [a for a in node.args[:2] if not isinstance(a, fx.Node)]
+            if len(tensors) == 1 and tensors[0] is x and x in chan and all(
+                    isinstance(a, (int, float)) for a in others):  # x * scalar
+                chan[node] = chan[x]
+                continue
         if (is_method and target in _FLATTEN_METHODS) or (not is_method and target is torch.flatten):
             if x in chan and len(meta.shape) == 2:
                 in_shape = _tensor_meta(x).shape
@@ -477,6 +486,8 @@ def _build_fx_graph(model, input_size, residual, prune_classifier_input) -> Prun
     id_to_name: dict[int, str] = {}
     final: list[ChannelGroup] = []
     relu_site = _site_finder(nodes, modules, call_index, calls)
+    classifier_roots = {groups.find(i) for i in classifier_groups}
+    output_roots = {groups.find(i) for i in output_groups}
     for root in roots:
         g = groups.data[root]
         members = [i for i in range(len(groups.parent)) if groups.find(i) == root]
@@ -503,7 +514,7 @@ def _build_fx_graph(model, input_size, residual, prune_classifier_input) -> Prun
         if g.kind == "conv" and g.convs:
             owners = [b for b in blocks if g.convs[0].startswith(b + ".")]
             g.block = max(owners, key=len) if owners else ""
-        g.prunable, g.reason = _prunable(g, root in output_groups, root in classifier_groups,
+        g.prunable, g.reason = _prunable(g, root in output_roots, root in classifier_roots,
                                          residual, prune_classifier_input)
         id_to_name[root] = g.name
         final.append(g)
