@@ -318,11 +318,10 @@ def _pcc_bwd_rows_kernel(
     mu_i, rs_i = _row_stats(mean_g, rstd_g, rows_i, M)
     cols = pid_c * BLOCK_KC + tl.arange(0, BLOCK_KC)
     a_raw = _tile(base, rows_i, cols, M, KP, s_m, s_k, mu_i, rs_i, False)
-    a_c = _normalize(a_raw, rows_i, cols, M, KP, mu_i, rs_i)
     if RAW:
-        a_dot = a_raw
+        a_dot = a_raw  # 16-bit; normalised only at the end, to spare registers in the sweep
     else:
-        a_dot = a_c
+        a_dot = _normalize(a_raw, rows_i, cols, M, KP, mu_i, rs_i)
     acc = tl.zeros((BLOCK_M, BLOCK_KC), tl.float32)
     dr = tl.zeros((BLOCK_M,), tl.float32)
     dm = tl.zeros((BLOCK_M,), tl.float32)
@@ -353,6 +352,7 @@ def _pcc_bwd_rows_kernel(
         dr += tl.sum(d * r, 1)
         dm += tl.sum(d * mbar[None, :], 1)
         acc = _mma(d, b_c, acc, DOT)
+    a_c = _normalize(a_raw, rows_i, cols, M, KP, mu_i, rs_i)
     dv = (acc - dm[:, None] - a_c * dr[:, None]) * (rs_i * a_scale)[:, None]
     mask = (rows_i[:, None] < M) & (cols[None, :] < KP)
     dx = dx_ptr + g.to(tl.int64) * d_g + rows_i[:, None] * d_m + cols[None, :] * d_k
@@ -640,7 +640,7 @@ def _stats(src: torch.Tensor, prob: _Problem, eps: float):
     """(mean, var, rstd): (G, M) fp32 each."""
     g, m = prob.groups, prob.rows
     block_k = _pow2(prob.kp, lo=16, hi=256)
-    block_m = _clamp(4096 // block_k, 1, _pow2(m, lo=1, hi=128))
+    block_m = _clamp(2048 // block_k, 1, _pow2(m, lo=1, hi=128))
     row_blocks = triton.cdiv(m, block_m)
     splits = 1
     if prob.nsub > 1:
@@ -675,8 +675,9 @@ def uses_raw_products(dtype: torch.dtype) -> bool:
     return dtype in (torch.float16, torch.bfloat16)
 
 
-def _launch_opts(kind: int) -> dict:
-    return {"num_warps": 4, "num_stages": 2 if kind == DOT_FP32 else 3}
+def _launch_opts(kind: int, elements: int = 0) -> dict:
+    """num_warps by the largest register tile (elements per program), pipelining by dot type."""
+    return {"num_warps": 8 if elements >= 4096 else 4, "num_stages": 2 if kind == DOT_FP32 else 3}
 
 
 def _forward_rows(src, prob, mean, rstd, opts, kind) -> torch.Tensor:
@@ -813,7 +814,7 @@ def _backward_impl(grad: torch.Tensor, x: torch.Tensor, mean, rstd, opts: PCCOpt
         block_kc = _pow2(kp, hi=t.rows_max_k)
         num_kc = triton.cdiv(kp, block_kc)
         block_m = _clamp(8192 // block_kc, 16, min(t.tile, _pow2(m)))
-        block_l = _pow2(kp, hi=t.reduce)
+        block_l = _clamp(4096 // block_kc, 16, min(t.reduce, _pow2(kp)))
         chunk = _clamp(t.scratch_floats // (kp * kp), 1, g)
         scratch = torch.empty((chunk, kp, kp), device=src.device, dtype=torch.float32)
         for g0 in range(0, g, chunk):
@@ -829,7 +830,7 @@ def _backward_impl(grad: torch.Tensor, x: torch.Tensor, mean, rstd, opts: PCCOpt
                 part, mean_c, rstd_c, scratch, dpart, grad, m, kp, prob.s_g, prob.s_m,
                 prob.s_k, dprob.s_g, dprob.s_m, dprob.s_k, 1.0 / k, coef,
                 INCLUDE_DIAGONAL=diag, DOT=kind, BLOCK_M=block_m, BLOCK_KC=block_kc,
-                BLOCK_L=block_l, NUM_KC=num_kc, **_launch_opts(kind),
+                BLOCK_L=block_l, NUM_KC=num_kc, **_launch_opts(kind, block_m * block_kc),
             )
     elif regime == "small_m":
         block_mp = _pow2(m)
@@ -839,20 +840,21 @@ def _backward_impl(grad: torch.Tensor, x: torch.Tensor, mean, rstd, opts: PCCOpt
             src, mean, rstd, dsrc, grad, m, kp, prob.s_g, prob.s_m, prob.s_k,
             dprob.s_g, dprob.s_m, dprob.s_k, 1.0 / k, coef,
             SQUARE=square, INCLUDE_DIAGONAL=diag, RAW=raw, DOT=kind,
-            BLOCK_M=block_m, BLOCK_MP=block_mp, BLOCK_K=block_k, **_launch_opts(kind),
+            BLOCK_M=block_m, BLOCK_MP=block_mp, BLOCK_K=block_k,
+            **_launch_opts(kind, block_m * block_mp),
         )
     else:
         block_kc = _pow2(kp, hi=t.rows_max_k)
         num_kc = triton.cdiv(kp, block_kc)
         block_m = _clamp(8192 // block_kc, 16, min(t.tile, _pow2(m)))
-        block_n = _clamp(16384 // block_kc, 16, min(t.tile, _pow2(m)))
+        block_n = block_m
         block_k = _pow2(kp, hi=t.reduce)
         wrap_triton(_pcc_bwd_rows_kernel)[(triton.cdiv(m, block_m), num_kc, g)](
             src, mean, rstd, dsrc, grad, m, kp, prob.s_g, prob.s_m, prob.s_k,
             dprob.s_g, dprob.s_m, dprob.s_k, 1.0 / k, coef,
             SQUARE=square, INCLUDE_DIAGONAL=diag, RAW=raw, DOT=kind,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_KC=block_kc,
-            SINGLE=num_kc == 1, **_launch_opts(kind),
+            SINGLE=num_kc == 1, **_launch_opts(kind, block_m * block_kc),
         )
     if batch_mean:
         dx = torch.empty_like(x)
