@@ -45,18 +45,35 @@ def run_python(args, interpret: bool, extra_env=None, timeout=900):
     return out.stdout
 
 
-def run_cases(interpret: bool, extra_env=None):
+# tests/triton_cases.py in two parts: the core (every option combination on every shape of
+# tests/cases.py, every kernel and tile edge with shrunken blocks, autograd plumbing) and the
+# extended sweep (content variants x layouts, fp16/bf16 grids, edges of the default blocks).
+EXTENDED = "test_cases_ or test_option_grid_half or test_tile_edges_default_blocks"
+
+
+def run_cases(interpret: bool, select: str | None = None, extra_env=None):
     args = ["-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", os.path.join(HERE, "triton_cases.py")]
+    if select:
+        args += ["-k", select]
     stdout = run_python(args, interpret, extra_env)
     assert " passed" in stdout and "skipped" not in stdout.splitlines()[-1], stdout[-2000:]
 
 
 @triton_missing
 def test_kernels_against_reference_interpreted():
-    """Every orientation x group x penalty x diagonal over the shapes of tests/cases.py, tile
-    edges of the default and of shrunken blocks (every kernel), layouts, fp32/fp16/bf16,
-    saved tensors, torch.compile: tests/triton_cases.py under TRITON_INTERPRET=1."""
-    run_cases(interpret=True)
+    """Every orientation x group x penalty x diagonal over the shapes of tests/cases.py, every
+    kernel and both sides of every tile edge (shrunken blocks), channels_last and strided
+    views, fp16, saved tensors, torch.compile, autocast: under TRITON_INTERPRET=1."""
+    run_cases(interpret=True, select=f"not ({EXTENDED})")
+
+
+@pytest.mark.slow
+@triton_missing
+def test_kernels_against_reference_interpreted_extended():
+    """The content variants of tests/cases.py (post-ReLU, dead, constant, duplicated, 1e-3 and
+    1e3 scales) x layouts in fp32 and fp16, the fp16/bf16 option grids, and the edges of the
+    default blocks (63/64/65 rows and features, 511/513 features), interpreted."""
+    run_cases(interpret=True, select=EXTENDED)
 
 
 @triton_missing
@@ -88,6 +105,54 @@ def test_gpu_benchmark_dry_run():
     for line in lines[1:]:
         cells = [c.strip() for c in line.split("|")[1:-1]]
         assert float(cells[2]) > 0 and float(cells[3]) > 0 and cells[5].endswith("x"), line
+
+
+@triton_missing
+def test_triton_op_decomposes_for_torch_compile():
+    """The host code of both ops traces under AOTAutograd's functional mode on fake CUDA
+    tensors (what torch.compile does on a GPU): every kernel becomes a
+    triton_kernel_wrapper_functional node. Needs no GPU; not under the interpreter, whose
+    kernels cannot be traced (the ops are opaque custom ops there)."""
+    import logging
+
+    from torch._functorch.aot_autograd import aot_function
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from pccfast.ops import pcc_triton
+    from pccfast.ops.pcc_options import PCCOptions
+
+    if pcc_triton.INTERPRET:
+        pytest.skip("kernels are interpreted in this process")
+    from cases import PCC_OPTION_GRID
+
+    mode = FakeTensorMode()
+    try:
+        with mode:
+            torch.empty(1, device="cuda")
+    except Exception as exc:  # a CPU-only torch build
+        pytest.skip(f"no fake CUDA tensors: {exc}")
+    wrap_log = logging.getLogger("torch._higher_order_ops.triton_kernel_wrap")
+    level = wrap_log.level
+    wrap_log.setLevel(logging.ERROR)  # without a driver the mutation analysis falls back loudly
+    try:
+        for options, dtype in zip(PCC_OPTION_GRID[::3], (torch.bfloat16, torch.float32) * 4):
+            o = PCCOptions(**options)
+            args = (o.orientation, o.group, o.penalty, o.include_diagonal, o.eps)
+
+            def both(x):
+                s, m, r = torch.ops.pccfast.pcc_triton_forward(x, *args)
+                return s, torch.ops.pccfast.pcc_triton_backward(s, x, m, r, *args)
+
+            graphs = []
+            fn = aot_function(both, fw_compiler=lambda gm, _: graphs.append(gm.code) or gm)
+            with mode:
+                x = torch.empty(3, 40, 7, 5, device="cuda", dtype=dtype)
+                s, dx = fn(x.contiguous(memory_format=torch.channels_last))
+            assert s.shape == () and dx.shape == x.shape and dx.dtype == dtype
+            assert graphs[0].count("triton_kernel_wrapper_functional") >= 3, (options, graphs[0])
+            assert "pccfast.pcc_triton" not in graphs[0]  # decomposed into its kernels
+    finally:
+        wrap_log.setLevel(level)
 
 
 @triton_missing

@@ -313,8 +313,36 @@ def test_torch_compile_through_the_op():
     torch.testing.assert_close(g_compiled, g_eager, rtol=1e-4, atol=1e-6)
 
 
+def test_autocast_region():
+    """Under autocast the conv output is 16-bit; the op takes it as it is and the score and
+    gradients match the reference on the same activations."""
+    conv = torch.nn.Conv2d(3, 5, 3, padding=1).to(DEVICE)
+    x = torch.randn(2, 3, 6, 7, device=DEVICE)
+    dtype = torch.bfloat16
+    with torch.autocast(device_type=DEVICE, dtype=dtype):
+        feats = torch.relu(conv(x))
+        assert feats.dtype == dtype
+        got = pccfast.pcc(feats, backend="triton")
+    assert got.dtype == torch.float32
+    (g_got,) = torch.autograd.grad(got, conv.weight)
+    with torch.autocast(device_type=DEVICE, dtype=dtype):
+        feats = torch.relu(conv(x))
+    want = pccfast.pcc(feats, backend="torch")  # outside: autocast would run it in bf16
+    (g_want,) = torch.autograd.grad(want, conv.weight)
+    torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-5)
+    torch.testing.assert_close(g_got, g_want, rtol=3e-2, atol=3e-2 * float(g_want.abs().max()))
+
+
 def test_bad_input():
     with pytest.raises(TypeError, match='"torch" and "cpu"'):
         pt.pcc_triton(torch.randn(1, 2, 3, 3, dtype=torch.float64, device=DEVICE), PCCOptions())
     with pytest.raises(ValueError, match="single"):
         pt.pcc_triton(torch.randn(2, 1, 3, 3, device=DEVICE), PCCOptions())
+    with pytest.raises(ValueError, match="single"):  # the op itself checks too
+        torch.ops.pccfast.pcc_triton_forward(torch.randn(2, 1, 3, 3, device=DEVICE), "channel",
+                                             "sample", "abs", False, 1e-5)
+    x = torch.randn(2, 3, 3, 3, device=DEVICE)
+    with pytest.raises(ValueError, match="mean and rstd must have shape"):
+        stats = torch.zeros(2, 4, device=DEVICE)
+        torch.ops.pccfast.pcc_triton_backward(torch.ones((), device=DEVICE), x, stats, stats,
+                                              "channel", "sample", "abs", False, 1e-5)

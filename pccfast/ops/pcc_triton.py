@@ -235,7 +235,7 @@ def _pcc_stats_kernel(
 @triton.jit
 def _pcc_tile_kernel(
     x_ptr, mean_ptr, rstd_ptr, out_ptr,
-    M, KP, s_g, s_m, s_k, inv_k,
+    M, KP, g0, s_g, s_m, s_k, inv_k,
     TRANSPOSED: tl.constexpr, SQUARE: tl.constexpr, INCLUDE_DIAGONAL: tl.constexpr,
     STORE_TILE: tl.constexpr, RAW: tl.constexpr, DOT: tl.constexpr,
     BLOCK: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -247,16 +247,16 @@ def _pcc_tile_kernel(
     (G, blocks, blocks).
     TRANSPOSED=True: the tile F[A, B] / K = sum over the M rows of vhat[:, A]^T vhat[:, B] / K
     (the feature side); sum of its squares to out[g, A, B] or, with STORE_TILE, the tile itself
-    to out (G, KP, KP), both triangles."""
+    to out (G, KP, KP), both triangles. Program g handles group g0 + g."""
     pid_i = tl.program_id(0)
     pid_j = tl.program_id(1)
     g = tl.program_id(2)
     if pid_j < pid_i:
         return
     n_blocks = tl.num_programs(0)
-    base = x_ptr + g.to(tl.int64) * s_g
-    mean_g = mean_ptr + g * M
-    rstd_g = rstd_ptr + g * M
+    base = x_ptr + (g0 + g).to(tl.int64) * s_g
+    mean_g = mean_ptr + (g0 + g) * M
+    rstd_g = rstd_ptr + (g0 + g) * M
     idx_i = pid_i * BLOCK + tl.arange(0, BLOCK)
     idx_j = pid_j * BLOCK + tl.arange(0, BLOCK)
     acc = tl.zeros((BLOCK, BLOCK), tl.float32)
@@ -422,20 +422,22 @@ def _features_product(base, f_g, rows_i, cols, mu_i, rs_i, M, KP, s_m, s_k, DOT:
 @triton.jit
 def _pcc_bwd_square_features_kernel(
     x_ptr, mean_ptr, rstd_ptr, f_ptr, dx_ptr, grad_ptr,
-    M, KP, s_g, s_m, s_k, d_g, d_m, d_k, inv_k, coef,
+    M, KP, g0, s_g, s_m, s_k, d_g, d_m, d_k, inv_k, coef,
     INCLUDE_DIAGONAL: tl.constexpr, DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_KC: tl.constexpr, BLOCK_L: tl.constexpr, NUM_KC: tl.constexpr,
 ):
     """Grid (row blocks, groups of this chunk). "square" through the feature side:
     dvhat_i = 2a (u_i - R_ii vhat_i) with u = vhat F / K = R vhat, and
     sum_j D_ij R_ij = 2 (u_i . vhat_i / K - R_ii^2) (R_ii terms only when the diagonal is
-    excluded). With several feature chunks a first sweep gathers the per-row sums."""
+    excluded). With several feature chunks a first sweep gathers the per-row sums. Program g
+    handles group g0 + g, whose F / K is f[g]."""
     pid_i = tl.program_id(0)
     g = tl.program_id(1)
+    f_g = f_ptr + g.to(tl.int64) * KP * KP
+    g = g0 + g
     base = x_ptr + g.to(tl.int64) * s_g
     mean_g = mean_ptr + g * M
     rstd_g = rstd_ptr + g * M
-    f_g = f_ptr + g.to(tl.int64) * KP * KP
     a_scale = tl.load(grad_ptr).to(tl.float32) * coef
     rows_i = pid_i * BLOCK_M + tl.arange(0, BLOCK_M)
     mu_i, rs_i = _row_stats(mean_g, rstd_g, rows_i, M)
@@ -688,7 +690,7 @@ def _forward_rows(src, prob, mean, rstd, opts, kind) -> torch.Tensor:
     nb = triton.cdiv(prob.rows, block)
     partial = torch.zeros((prob.groups, nb, nb), device=src.device, dtype=torch.float32)
     wrap_triton(_pcc_tile_kernel)[(nb, nb, prob.groups)](
-        src, mean, rstd, partial, prob.rows, prob.kp, prob.s_g, prob.s_m, prob.s_k,
+        src, mean, rstd, partial, prob.rows, prob.kp, 0, prob.s_g, prob.s_m, prob.s_k,
         1.0 / prob.features,
         TRANSPOSED=False, SQUARE=opts.penalty == "square",
         INCLUDE_DIAGONAL=opts.include_diagonal, STORE_TILE=False,
@@ -709,7 +711,7 @@ def _forward_square_features(src, prob, mean, var, rstd, opts, kind) -> torch.Te
     nb = triton.cdiv(prob.kp, block)
     partial = torch.zeros((prob.groups, nb, nb), device=src.device, dtype=torch.float32)
     wrap_triton(_pcc_tile_kernel)[(nb, nb, prob.groups)](
-        src, mean, rstd, partial, prob.rows, prob.kp, prob.s_g, prob.s_m, prob.s_k,
+        src, mean, rstd, partial, prob.rows, prob.kp, 0, prob.s_g, prob.s_m, prob.s_k,
         1.0 / prob.features,
         TRANSPOSED=True, SQUARE=True, INCLUDE_DIAGONAL=True, STORE_TILE=False, RAW=False,
         DOT=kind,
@@ -757,7 +759,17 @@ def _masked_phi(r: torch.Tensor, opts: PCCOptions) -> torch.Tensor:
     return phi
 
 
+def _check_dtype(x: torch.Tensor) -> None:
+    if x.dtype == torch.float64:
+        raise TypeError(
+            'backend "triton" computes in fp32 and does not take float64 input; '
+            'float64 runs on the "torch" and "cpu" backends'
+        )
+
+
 def _forward_impl(x: torch.Tensor, opts: PCCOptions):
+    check_pcc_input(x, opts)
+    _check_dtype(x)
     src = _source(x, opts)
     prob = _problem(src, opts)
     mean, var, rstd = _stats(src, prob, opts.eps)
@@ -775,8 +787,15 @@ def _forward_impl(x: torch.Tensor, opts: PCCOptions):
 
 
 def _backward_impl(grad: torch.Tensor, x: torch.Tensor, mean, rstd, opts: PCCOptions):
+    check_pcc_input(x, opts)
+    _check_dtype(x)
     src = _source(x, opts)
     prob = _problem(src, opts)
+    if mean.shape != (prob.groups, prob.rows) or rstd.shape != mean.shape:
+        raise ValueError(
+            f"mean and rstd must have shape {(prob.groups, prob.rows)}, got "
+            f"{tuple(mean.shape)} and {tuple(rstd.shape)}"
+        )
     g, m, kp, k = prob.groups, prob.rows, prob.kp, prob.features
     kind = dot_kind(src.dtype)
     raw = uses_raw_products(src.dtype)
@@ -819,15 +838,13 @@ def _backward_impl(grad: torch.Tensor, x: torch.Tensor, mean, rstd, opts: PCCOpt
         scratch = torch.empty((chunk, kp, kp), device=src.device, dtype=torch.float32)
         for g0 in range(0, g, chunk):
             count = min(chunk, g - g0)
-            part, dpart = src[g0:g0 + count], dsrc[g0:g0 + count]
-            mean_c, rstd_c = mean[g0:g0 + count], rstd[g0:g0 + count]
             wrap_triton(_pcc_tile_kernel)[(nb, nb, count)](
-                part, mean_c, rstd_c, scratch, m, kp, prob.s_g, prob.s_m, prob.s_k, 1.0 / k,
+                src, mean, rstd, scratch, m, kp, g0, prob.s_g, prob.s_m, prob.s_k, 1.0 / k,
                 TRANSPOSED=True, SQUARE=True, INCLUDE_DIAGONAL=True, STORE_TILE=True,
                 RAW=False, DOT=kind, BLOCK=block, BLOCK_R=block_r, **_launch_opts(kind),
             )
             wrap_triton(_pcc_bwd_square_features_kernel)[(triton.cdiv(m, block_m), count)](
-                part, mean_c, rstd_c, scratch, dpart, grad, m, kp, prob.s_g, prob.s_m,
+                src, mean, rstd, scratch, dsrc, grad, m, kp, g0, prob.s_g, prob.s_m,
                 prob.s_k, dprob.s_g, dprob.s_m, dprob.s_k, 1.0 / k, coef,
                 INCLUDE_DIAGONAL=diag, DOT=kind, BLOCK_M=block_m, BLOCK_KC=block_kc,
                 BLOCK_L=block_l, NUM_KC=num_kc, **_launch_opts(kind, block_m * block_kc),
@@ -935,11 +952,7 @@ pcc_triton_forward.register_autograd(_backward, setup_context=_setup_context)
 
 def check_triton_input(x: torch.Tensor, opts: PCCOptions) -> None:
     check_pcc_input(x, opts)
-    if x.dtype == torch.float64:
-        raise TypeError(
-            'backend "triton" computes in fp32 and does not take float64 input; '
-            'float64 runs on the "torch" and "cpu" backends'
-        )
+    _check_dtype(x)
     if x.device.type != "cuda" and not (INTERPRET and x.device.type == "cpu"):
         raise ValueError(
             f'backend "triton" needs a CUDA tensor (or TRITON_INTERPRET=1 before triton is '
