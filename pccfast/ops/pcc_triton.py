@@ -552,6 +552,12 @@ def _pcc_batch_apply_kernel(
 # ------------------------------------------------------------------------------------------------
 
 
+def _launcher(kernel):
+    """kernel[grid](...) as torch.compile can trace it; interpreted kernels are launched as they
+    are (they cannot be traced, and older torch versions refuse to wrap them)."""
+    return kernel if INTERPRET else wrap_triton(kernel)
+
+
 def _pow2(n: int, lo: int = 16, hi: int | None = None) -> int:
     p = max(lo, triton.next_power_of_2(max(int(n), 1)))
     return p if hi is None else max(lo, min(p, hi))
@@ -651,7 +657,7 @@ def _stats(src: torch.Tensor, prob: _Problem, eps: float):
     splits = triton.cdiv(prob.nsub, n_per)
     mean = torch.empty((splits, g, m), device=src.device, dtype=torch.float32)
     m2 = torch.empty_like(mean)
-    wrap_triton(_pcc_stats_kernel)[(row_blocks, g, splits)](
+    _launcher(_pcc_stats_kernel)[(row_blocks, g, splits)](
         src, mean, m2, m, prob.kp, prob.nsub, n_per, prob.s_g, prob.s_n, prob.s_m, prob.s_k,
         BLOCK_M=block_m, BLOCK_K=block_k, num_warps=4,
     )
@@ -689,7 +695,7 @@ def _forward_rows(src, prob, mean, rstd, opts, kind) -> torch.Tensor:
     block_r = _pow2(prob.kp, hi=t.reduce)
     nb = triton.cdiv(prob.rows, block)
     partial = torch.zeros((prob.groups, nb, nb), device=src.device, dtype=torch.float32)
-    wrap_triton(_pcc_tile_kernel)[(nb, nb, prob.groups)](
+    _launcher(_pcc_tile_kernel)[(nb, nb, prob.groups)](
         src, mean, rstd, partial, prob.rows, prob.kp, 0, prob.s_g, prob.s_m, prob.s_k,
         1.0 / prob.features,
         TRANSPOSED=False, SQUARE=opts.penalty == "square",
@@ -710,7 +716,7 @@ def _forward_square_features(src, prob, mean, var, rstd, opts, kind) -> torch.Te
     block, block_r = _feature_blocks(prob)
     nb = triton.cdiv(prob.kp, block)
     partial = torch.zeros((prob.groups, nb, nb), device=src.device, dtype=torch.float32)
-    wrap_triton(_pcc_tile_kernel)[(nb, nb, prob.groups)](
+    _launcher(_pcc_tile_kernel)[(nb, nb, prob.groups)](
         src, mean, rstd, partial, prob.rows, prob.kp, 0, prob.s_g, prob.s_m, prob.s_k,
         1.0 / prob.features,
         TRANSPOSED=True, SQUARE=True, INCLUDE_DIAGONAL=True, STORE_TILE=False, RAW=False,
@@ -739,7 +745,7 @@ def _batch_gram(src, prob, mean, rstd, kind):
     splits = triton.cdiv(prob.nsub, n_per)
     gram = torch.empty((splits, m, m), device=src.device, dtype=torch.float32)
     rowsum = torch.empty((splits, m), device=src.device, dtype=torch.float32)
-    wrap_triton(_pcc_batch_gram_kernel)[(nb, nb, splits)](
+    _launcher(_pcc_batch_gram_kernel)[(nb, nb, splits)](
         src, mean, rstd, gram, rowsum, m, prob.kp, prob.nsub, n_per, prob.s_n, prob.s_m,
         prob.s_k, RAW=raw, DOT=kind, BLOCK=block, BLOCK_R=block_r, **_launch_opts(kind),
     )
@@ -822,7 +828,7 @@ def _backward_impl(grad: torch.Tensor, x: torch.Tensor, mean, rstd, opts: PCCOpt
         block_m, block_n = _pow2(m, hi=t.tile), _pow2(m, hi=t.tile)
         block_k = _pow2(kp, hi=t.tile)
         grid = (triton.cdiv(m, block_m), triton.cdiv(kp, block_k), prob.nsub)
-        wrap_triton(_pcc_batch_apply_kernel)[grid](
+        _launcher(_pcc_batch_apply_kernel)[grid](
             src, mean, rstd, d.contiguous(), dr, dm, dsrc, grad,
             m, kp, prob.s_n, prob.s_m, prob.s_k, dprob.s_n, dprob.s_m, dprob.s_k, coef,
             DOT=kind, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **_launch_opts(kind),
@@ -838,12 +844,12 @@ def _backward_impl(grad: torch.Tensor, x: torch.Tensor, mean, rstd, opts: PCCOpt
         scratch = torch.empty((chunk, kp, kp), device=src.device, dtype=torch.float32)
         for g0 in range(0, g, chunk):
             count = min(chunk, g - g0)
-            wrap_triton(_pcc_tile_kernel)[(nb, nb, count)](
+            _launcher(_pcc_tile_kernel)[(nb, nb, count)](
                 src, mean, rstd, scratch, m, kp, g0, prob.s_g, prob.s_m, prob.s_k, 1.0 / k,
                 TRANSPOSED=True, SQUARE=True, INCLUDE_DIAGONAL=True, STORE_TILE=True,
                 RAW=False, DOT=kind, BLOCK=block, BLOCK_R=block_r, **_launch_opts(kind),
             )
-            wrap_triton(_pcc_bwd_square_features_kernel)[(triton.cdiv(m, block_m), count)](
+            _launcher(_pcc_bwd_square_features_kernel)[(triton.cdiv(m, block_m), count)](
                 src, mean, rstd, scratch, dsrc, grad, m, kp, g0, prob.s_g, prob.s_m,
                 prob.s_k, dprob.s_g, dprob.s_m, dprob.s_k, 1.0 / k, coef,
                 INCLUDE_DIAGONAL=diag, DOT=kind, BLOCK_M=block_m, BLOCK_KC=block_kc,
@@ -853,7 +859,7 @@ def _backward_impl(grad: torch.Tensor, x: torch.Tensor, mean, rstd, opts: PCCOpt
         block_mp = _pow2(m)
         block_m = _clamp(8192 // block_mp, 16, min(32, t.tile))
         block_k = _clamp(8192 // block_mp, 16, min(128, _pow2(kp)))
-        wrap_triton(_pcc_bwd_small_m_kernel)[(triton.cdiv(m, block_m), g)](
+        _launcher(_pcc_bwd_small_m_kernel)[(triton.cdiv(m, block_m), g)](
             src, mean, rstd, dsrc, grad, m, kp, prob.s_g, prob.s_m, prob.s_k,
             dprob.s_g, dprob.s_m, dprob.s_k, 1.0 / k, coef,
             SQUARE=square, INCLUDE_DIAGONAL=diag, RAW=raw, DOT=kind,
@@ -866,7 +872,7 @@ def _backward_impl(grad: torch.Tensor, x: torch.Tensor, mean, rstd, opts: PCCOpt
         block_m = _clamp(8192 // block_kc, 16, min(t.tile, _pow2(m)))
         block_n = block_m
         block_k = _pow2(kp, hi=t.reduce)
-        wrap_triton(_pcc_bwd_rows_kernel)[(triton.cdiv(m, block_m), num_kc, g)](
+        _launcher(_pcc_bwd_rows_kernel)[(triton.cdiv(m, block_m), num_kc, g)](
             src, mean, rstd, dsrc, grad, m, kp, prob.s_g, prob.s_m, prob.s_k,
             dprob.s_g, dprob.s_m, dprob.s_k, 1.0 / k, coef,
             SQUARE=square, INCLUDE_DIAGONAL=diag, RAW=raw, DOT=kind,
