@@ -38,11 +38,25 @@ finished without another reduction over ``K`` via ``mean_K(dvhat*vhat)_i = a sum
 the row means of ``vhat`` (zero up to rounding) are accumulated where the kernel streams the rows
 anyway and taken as zero in the "square" feature-Gram path.
 
-Precision: fp32 accumulation everywhere. ``tl.dot`` operands are the normalised rows in the
-input's precision: fp32 inputs use ``input_precision="ieee"`` (matches the reference to ~1e-6);
-fp16/bf16 inputs feed the tensor cores with ``vhat`` rounded to fp16/bf16 (relative error of the
-input's own order, ~1e-3 for bf16). group="batch_mean" works on the fp32 batch-mean map, so
-always in fp32. fp64 input is rejected (TypeError): it runs on the "torch" and "cpu" backends.
+Regime choice (``backward_regime``): group="batch" -> batch kernels; "square" with ``2K <= M``
+-> feature side; padded ``M <= small_m_max`` (512) and ``K > rows_max_k`` (512) -> small_m;
+otherwise rows. At ResNet-50 sizes ("abs"): channel rows of 28x28 and larger maps (K >= 784,
+C <= 512) are small_m; channel rows of 14x14 and 7x7 maps and pixel rows with C <= 512 are rows
+with one feature chunk; pixel rows with C = 1024, 2048 (14x14, 7x7) are small_m. "square" takes
+the feature side for channel rows with C >= 2P (e.g. 1024 x 14x14, 512 and 2048 x 7x7) and for
+pixel rows with P >= 2C (every 112x112 and 56x56 map, 128 x 28x28).
+
+Precision: fp32 accumulation everywhere. fp32 inputs: the rows are normalised before every
+``tl.dot``, in ``input_precision="ieee"`` (matches the reference to ~1e-6). fp16/bf16 inputs: the
+R products run on ``x`` itself on the tensor cores (products of 16-bit values are exact in the
+fp32 accumulator) and are centred and scaled per tile, ``R = rstd_i rstd_j (sum x_i x_j / K -
+mu_i mu_j)``; this is far more accurate than rounding ``vhat`` to 16 bits (~1e-5 against
+~1e-3 for bf16) as long as a row's ``|mean|`` stays below ~30 standard deviations (the error grows
+like ``eps_fp32 * (mean/std)^2``; post-ReLU/BN activations sit near 1). The ``D @ vhat`` products
+and the feature Gram use ``vhat`` rounded to the input's precision. A row that is exactly
+constant gets ``rstd = 0`` (its ``vhat`` is 0 either way). group="batch_mean" works on the fp32
+batch-mean map, so always in fp32. fp64 input is rejected (TypeError): it runs on the "torch"
+and "cpu" backends.
 
 Registered as ``torch.ops.pccfast.pcc_triton_forward`` (-> score, mean, rstd) and
 ``pccfast.pcc_triton_backward`` via ``torch.library.triton_op``, so ``torch.compile`` sees the
