@@ -309,8 +309,9 @@ def test_torch_compile_through_the_op():
     compiled = torch.compile(step, fullgraph=True, backend=backend)
     out = compiled(x)
     (g_compiled,) = torch.autograd.grad(out, conv.weight)
-    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(g_compiled, g_eager, rtol=1e-4, atol=1e-6)
+    tol = 1e-5 if DEVICE == "cpu" else 1e-4  # inductor may fuse the conv epilogue differently
+    torch.testing.assert_close(out, eager, rtol=tol, atol=tol * 0.1)
+    torch.testing.assert_close(g_compiled, g_eager, rtol=10 * tol, atol=tol * 0.1)
 
 
 def test_autocast_region():
