@@ -109,6 +109,19 @@ def test_option_grid_half(shape, dtype):
         compare(x, options)
 
 
+@pytest.mark.parametrize("content", ["scale1e-3", "scale1e3", "dead+const", "duplicated"])
+def test_scales_dead_and_duplicated_channels(content):
+    """A core sample of the content variants (the full sweep is test_cases_*), fp32 and fp16."""
+    names = (f"(2, 3, 6, 7)-{content}-contiguous", f"(4, 16, 3, 3)-{content}-strided")
+    chosen = [case for case in pcc_cases() if case.name in names]
+    assert len(chosen) == 2
+    for case in chosen:
+        for dtype, grid in ((torch.float32, PCC_OPTION_GRID[::2]),
+                            (torch.float16, PCC_OPTION_GRID[1::4])):
+            for options in grid:
+                compare(case(dtype), options)
+
+
 # ---- contents (post-ReLU, dead, constant, duplicated, 1e-3 / 1e3 scales) x layouts ----
 
 # Every shape x content variant, contiguous; channels_last and strided views of the post-ReLU
