@@ -28,7 +28,11 @@ PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(pccfast.__file__)
 triton_missing = pytest.mark.skipif(
     __import__("importlib").util.find_spec("triton") is None, reason="triton is not installed"
 )
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+_no_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def needs_cuda(fn):
+    return pytest.mark.gpu(_no_cuda(fn))
 
 
 def run_python(args, interpret: bool, extra_env=None, timeout=900):
