@@ -45,9 +45,9 @@ def pcc(
     """
     opts = PCCOptions(orientation, group, penalty, include_diagonal, eps)
     check_pcc_input(x, opts)
-    name = backends.resolve("pcc", backend, x.device)
+    name = backends.resolve("pcc", backend, x.device, x.dtype)
     score = _run_backend(name, x, opts)
-    if check_finite and not is_compiling() and not bool(torch.isfinite(score)):
+    if check_finite and not is_compiling() and not bool(torch.isfinite(score.detach())):
         raise ValueError("x contains NaN or Inf (the PCC score is not finite)")
     return score
 

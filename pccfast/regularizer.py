@@ -96,7 +96,7 @@ class PCCRegularizer:
             )
         values = list(self._latest.values())
         mean = torch.stack([v.to(values[0].dtype) for v in values]).mean()
-        if self.check_finite and not is_compiling() and not bool(torch.isfinite(mean)):
+        if self.check_finite and not is_compiling() and not bool(torch.isfinite(mean.detach())):
             bad = [n for n, v in self._latest.items() if not bool(torch.isfinite(v))]
             raise ValueError(f"the activations of {', '.join(bad)} contain NaN or Inf")
         return (self.sign * self.weight) * mean

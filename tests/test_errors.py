@@ -103,3 +103,13 @@ def test_loss_module_checks_at_construction():
         pccfast.PCCLoss(penalty="huber")
     with pytest.raises(ValueError, match="backend"):
         pccfast.PCCLoss(backend="npu")
+
+
+def test_auto_keeps_fp64_off_the_fp32_triton_kernels():
+    from pccfast.ops import backends
+
+    cuda = torch.device("cuda")
+    if backends.triton_unavailable_reason(cuda) is None:
+        assert backends.resolve("pcc", "auto", cuda, torch.float64) == "torch"
+        assert backends.resolve("pcc", "auto", cuda, torch.bfloat16) == "triton"
+    assert backends.resolve("pcc", "auto", torch.device("cpu"), torch.float64) in ("cpu", "torch")

@@ -89,12 +89,18 @@ _IMPLEMENTED = {
 }
 
 
-def resolve(op: str, backend, device: torch.device) -> str:
-    """The concrete backend for ``op`` ("pcc" or "ci") on ``device``; raises if it cannot run."""
+# Input dtypes a backend cannot take, which "auto" routes elsewhere (the Triton kernels
+# accumulate in fp32, so fp64 stays on the float64 backends).
+_DTYPES_REFUSED = {("pcc", "triton"): (torch.float64,)}
+
+
+def resolve(op: str, backend, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """The concrete backend for ``op`` ("pcc" or "ci") on ``device`` for inputs of ``dtype``;
+    raises if it cannot run."""
     check_choice("backend", backend, BACKENDS)
     if backend == "auto":
         for name in _AUTO.get((op, device.type), ("torch",)):
-            if _REASONS[name](device) is None:
+            if _REASONS[name](device) is None and dtype not in _DTYPES_REFUSED.get((op, name), ()):
                 return name
         return "torch"
     if backend not in _IMPLEMENTED[op]:
