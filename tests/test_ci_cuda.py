@@ -1,0 +1,382 @@
+"""The CUDA CI backend: the batched Jacobi eigensolver and ``channel_independence`` on CUDA.
+
+Two halves:
+
+* CPU (always run when the extension is built): ``jacobi_eigh_reference`` runs the CUDA
+  kernel's algorithm on the host (kernels/jacobi_eigh.cuh: same rotations, ordering and
+  convergence test), checked against ``torch.linalg.eigh`` on random, degenerate,
+  rank-deficient and badly scaled matrices of sizes 1..70, and inside the fast CI algorithm
+  against the brute force at the SPEC bar. Plus: a CUDA build registers its kernels.
+* GPU (skipped without a CUDA device and CUDA kernels): ``batched_eigh`` against
+  ``torch.linalg.eigh`` and against its host emulation, and the CUDA CI against the reference
+  and the brute force over dtypes, strides and both sides of C <= P.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pccfast.ops import _C, ci_cuda
+from pccfast.ops import ci_reference
+from pccfast.ops.ci_reference import ci_bruteforce, ci_fast
+
+EPS = torch.finfo(torch.float64).eps
+MAX_SWEEPS = 40  # jacobi::kMaxSweeps
+
+needs_extension = pytest.mark.skipif(
+    _C.extension() is None, reason=f"pccfast._C unavailable: {_C.unavailable_reason()}"
+)
+needs_gpu = pytest.mark.skipif(
+    not (torch.cuda.is_available() and ci_cuda.has_batched_eigh()),
+    reason="needs a CUDA device and pccfast._C built with CUDA kernels",
+)
+
+
+# ---- symmetric test matrices ----------------------------------------------------------------
+
+
+def _orthogonal(n: int, gen: torch.Generator) -> torch.Tensor:
+    q, r = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    return q * torch.sign(torch.diagonal(r))
+
+
+def symmetric_matrix(kind: str, n: int, seed: int) -> torch.Tensor:
+    """(n, n) float64 symmetric matrix of the named family."""
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "random":  # indefinite
+        m = torch.randn(n, n, generator=gen, dtype=torch.float64)
+        return (m + m.T) / 2
+    if kind == "gram":  # a Gram matrix of activations: positive semi-definite
+        x = torch.randn(n, n + 5, generator=gen, dtype=torch.float64)
+        return x @ x.T
+    if kind == "degenerate":  # eigenvalues repeated in clusters of up to 4
+        values = torch.tensor([float(1 + i // 4) for i in range(n)], dtype=torch.float64)
+        q = _orthogonal(n, gen)
+        return (q * values) @ q.T
+    if kind == "rank_deficient":  # rank about n / 3, the rest exactly 0 in exact arithmetic
+        x = torch.randn(n, max(1, n // 3), generator=gen, dtype=torch.float64)
+        return x @ x.T
+    if kind == "badly_scaled":  # rows and columns scaled over 16 orders of magnitude
+        x = torch.randn(n, n + 3, generator=gen, dtype=torch.float64)
+        d = 10.0 ** (16 * torch.rand(n, generator=gen, dtype=torch.float64) - 8)
+        return (d[:, None] * x) @ (d[:, None] * x).T
+    raise ValueError(kind)
+
+
+KINDS = ("random", "gram", "degenerate", "rank_deficient", "badly_scaled")
+
+
+def check_eigh(gram, values, vectors, sweeps=None, slack: float = 8.0) -> None:
+    """values/vectors are an accurate eigendecomposition of gram, as torch.linalg.eigh's."""
+    gram, values, vectors = gram.cpu(), values.cpu(), vectors.cpu()
+    n = gram.shape[-1]
+    norm = torch.linalg.matrix_norm(gram, ord=2).clamp_min(1e-300)[:, None]  # (B, 1)
+    tol = slack * max(n, 4) * EPS
+    if sweeps is not None:
+        assert bool(((sweeps >= 0) & (sweeps <= MAX_SWEEPS)).all()), sweeps
+    assert torch.all(values[:, 1:] >= values[:, :-1]), "eigenvalues not ascending"
+    expected = torch.linalg.eigvalsh(gram)
+    assert torch.all((values - expected).abs() <= tol * norm), (values - expected).abs().max()
+    eye = torch.eye(n, dtype=torch.float64)
+    assert (vectors.mT @ vectors - eye).abs().max() <= tol
+    residual = gram @ vectors - vectors * values[:, None, :]
+    assert torch.all(residual.abs().amax((1, 2)) <= tol * norm[:, 0])
+
+
+def check_projectors(gram, values, vectors, gap: float = 1e-6) -> None:
+    """Spectral projectors on clusters of (numerically) equal eigenvalues match eigh's."""
+    ref_values, ref_vectors = torch.linalg.eigh(gram)
+    for i in range(gram.shape[0]):
+        lam = ref_values[i]
+        scale = lam.abs().max().clamp_min(1e-300)
+        start = 0
+        for j in range(1, lam.numel() + 1):
+            if j == lam.numel() or lam[j] - lam[j - 1] > gap * scale:
+                u, v = ref_vectors[i, :, start:j], vectors[i, :, start:j].cpu()
+                diff = (u @ u.T - v @ v.T).abs().max()
+                assert diff <= 1e-9, (i, start, j, float(diff))
+                start = j
+
+
+# ---- CPU: the kernel's algorithm on the host ------------------------------------------------
+
+
+@needs_extension
+@pytest.mark.parametrize("kind", KINDS)
+def test_jacobi_reference_matches_eigh(kind):
+    for n in list(range(1, 18)) + [23, 31, 32, 33, 47, 64, 70]:
+        gram = torch.stack([symmetric_matrix(kind, n, seed) for seed in range(2)])
+        values, vectors, sweeps = ci_cuda.jacobi_eigh_reference(gram)
+        check_eigh(gram, values, vectors, sweeps)
+        if kind in ("degenerate", "gram"):
+            check_projectors(gram, values, vectors)
+
+
+@needs_extension
+def test_jacobi_reference_special_matrices():
+    zero = torch.zeros(1, 5, 5, dtype=torch.float64)
+    values, vectors, sweeps = ci_cuda.jacobi_eigh_reference(zero)
+    assert sweeps.tolist() == [0] and torch.equal(values, torch.zeros(1, 5, dtype=torch.float64))
+    assert torch.equal(vectors, torch.eye(5, dtype=torch.float64)[None])
+
+    diagonal = torch.diag(torch.tensor([3.0, -1.0, 2.0, 0.5], dtype=torch.float64))[None]
+    values, vectors, sweeps = ci_cuda.jacobi_eigh_reference(diagonal)
+    assert sweeps.tolist() == [0]
+    assert values.tolist() == [[-1.0, 0.5, 2.0, 3.0]]  # exact, sorted
+    assert torch.equal(vectors.abs(), torch.eye(4, dtype=torch.float64)[:, [1, 3, 2, 0]][None])
+
+    equal_diagonal = torch.tensor([[[2.0, 1.0], [1.0, 2.0]]], dtype=torch.float64)  # tau = 0
+    values, vectors, sweeps = ci_cuda.jacobi_eigh_reference(equal_diagonal)
+    assert sweeps.tolist() == [1]
+    torch.testing.assert_close(values, torch.tensor([[1.0, 3.0]], dtype=torch.float64))
+
+    # Entries near the overflow and underflow limits (the convergence test is scaled).
+    for scale in (1e-150, 1e150):
+        gram = symmetric_matrix("gram", 9, 3)[None] * scale
+        values, vectors, sweeps = ci_cuda.jacobi_eigh_reference(gram)
+        check_eigh(gram, values, vectors, sweeps)
+
+    # Only the lower triangle is read, as torch.linalg.eigh (UPLO="L").
+    gram = symmetric_matrix("random", 6, 4)[None]
+    upper_garbage = gram + torch.triu(torch.full_like(gram, 7.0), diagonal=1)
+    values, _, _ = ci_cuda.jacobi_eigh_reference(upper_garbage)
+    torch.testing.assert_close(values, torch.linalg.eigvalsh(gram), rtol=0, atol=1e-13)
+
+
+@needs_extension
+def test_jacobi_reference_reports_non_finite_input():
+    gram = symmetric_matrix("gram", 6, 5)[None].repeat(3, 1, 1)
+    gram[1, 3, 2] = math.nan
+    gram[2, 4, 4] = math.inf
+    _, _, sweeps = ci_cuda.jacobi_eigh_reference(gram)
+    assert sweeps[0] >= 0 and sweeps[1] == -1 and sweeps[2] == -1
+
+
+@needs_extension
+def test_jacobi_reference_rejects_bad_input():
+    with pytest.raises(TypeError, match="float64"):
+        ci_cuda.jacobi_eigh_reference(torch.eye(3)[None])
+    with pytest.raises(ValueError, match=r"\(B, n, n\)"):
+        ci_cuda.jacobi_eigh_reference(torch.zeros(2, 3, 4, dtype=torch.float64))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        ci_cuda.jacobi_eigh_reference([[1.0]])
+
+
+def _rows(kind: str, b: int, c: int, p: int, seed: int) -> torch.Tensor:
+    """(B, C, P) float64 feature maps with the awkward rows of SPEC section 2."""
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(b, c, p, generator=gen, dtype=torch.float64)
+    if kind == "low_rank":  # linearly dependent rows
+        r = max(1, min(c, p) // 2)
+        a = torch.randn(b, c, r, generator=gen, dtype=torch.float64) @ torch.randn(
+            b, r, p, generator=gen, dtype=torch.float64
+        )
+    a[:, 0] = 0.0  # dead channel
+    if c > 2:
+        a[:, 1] *= 1e-6  # tiny channel
+    if c > 3:
+        a[:, 3] = a[:, 2]  # duplicated channel
+    return a
+
+
+def _jacobi_eigh(gram):
+    values, vectors, sweeps = ci_cuda.jacobi_eigh_reference(gram)
+    assert bool((sweeps >= 0).all())
+    return values, vectors
+
+
+@needs_extension
+@pytest.mark.parametrize(
+    "b,c,p", [(2, 7, 30), (2, 16, 16), (3, 24, 9), (2, 40, 36), (1, 65, 20), (2, 5, 1)]
+)
+@pytest.mark.parametrize("kind", ["random", "low_rank"])
+def test_fast_ci_with_jacobi_meets_bar(monkeypatch, b, c, p, kind):
+    """The fast algorithm with the kernel's eigensolver (host run) meets the SPEC bar."""
+    a = _rows(kind, b, c, p, seed=c * 100 + p)
+    monkeypatch.setattr(ci_reference.torch.linalg, "eigh", _jacobi_eigh)
+    fast = ci_fast(a)
+    monkeypatch.undo()
+    brute = ci_bruteforce(a)
+    nuclear = torch.linalg.matrix_norm(a, ord="nuc")[:, None]
+    assert torch.all((fast - brute).abs() <= 1e-7 * nuclear), ((fast - brute).abs() / nuclear).max()
+    assert torch.all(fast[:, 0] == 0)  # the dead channel
+
+
+@needs_extension
+def test_cuda_build_registers_kernels():
+    """A CUDA build carries the CUDA kernels even where no GPU runs them (the build check)."""
+    if not _C.has_cuda_kernels():
+        pytest.skip("pccfast._C was built without CUDA kernels")
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    assert has("pccfast::channel_independence", "CUDA")
+    assert has("pccfast::batched_eigh", "CUDA")
+    assert ci_cuda.has_batched_eigh()
+    with pytest.raises(ValueError, match="CUDA tensor"):
+        ci_cuda.batched_eigh(torch.eye(3, dtype=torch.float64)[None])
+
+
+@needs_extension
+def test_gpu_benchmark_dry_run(capsys):
+    """benchmarks/gpu/bench_ci.py runs end to end on the CPU stand-ins (it cannot rot unseen)."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "gpu" / "bench_ci.py"
+    spec = importlib.util.spec_from_file_location("bench_ci", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--dry-run", "--skip", "resnet"]) == 0
+    out = capsys.readouterr().out
+    assert "| **all layers** |" in out and "Batched symmetric eigensolver" in out
+    errors = [float(row.split("|")[-3]) for row in out.splitlines() if row.startswith("| tiny")]
+    assert errors and max(errors) <= 1e-7
+
+
+# ---- GPU ------------------------------------------------------------------------------------
+
+
+@needs_gpu
+@pytest.mark.parametrize("kind", KINDS)
+def test_batched_eigh_matches_torch(kind):
+    for n in [1, 2, 3, 5, 16, 31, 32, 33, 64, 97, 128, 196, 237, 256, 300, 512]:
+        count = 3 if n <= 256 else 1
+        gram = torch.stack([symmetric_matrix(kind, n, seed) for seed in range(count)]).cuda()
+        values, vectors = ci_cuda.batched_eigh(gram)
+        assert values.is_cuda and vectors.is_cuda
+        check_eigh(gram, values, vectors)
+        if kind in ("degenerate", "gram"):
+            check_projectors(gram.cpu(), values, vectors)
+
+
+@needs_gpu
+@pytest.mark.parametrize("n", [1, 4, 17, 64, 100, 250])
+def test_batched_eigh_reproduces_host_emulation(n):
+    """Same float64 operations on every element: the GPU run equals the host run (up to the
+    order of the norm sums, which could only move the stopping sweep)."""
+    gram = torch.stack([symmetric_matrix(k, n, 7) for k in KINDS])
+    ref_values, ref_vectors, _ = ci_cuda.jacobi_eigh_reference(gram)
+    values, vectors = ci_cuda.batched_eigh(gram.cuda())
+    norm = gram.abs().amax((1, 2), keepdim=True)
+    torch.testing.assert_close(values.cpu(), ref_values, rtol=0, atol=1e-13 * float(norm.max()))
+    torch.testing.assert_close(vectors.cpu(), ref_vectors, rtol=0, atol=1e-12)
+
+
+@needs_gpu
+def test_batched_eigh_bitwise_equals_host_emulation():
+    """Every product-sum in kernels/jacobi_eigh.cuh is an explicit fma and CUDA's float64
+    division and square root are IEEE-rounded, so the kernel performs exactly the host's
+    operations: equal bits (the host side is checked for this under -O0 .. -O3 -march=native
+    -ffp-contract=fast)."""
+    gram = torch.stack([symmetric_matrix(k, 37, 9) for k in KINDS])
+    ref_values, ref_vectors, _ = ci_cuda.jacobi_eigh_reference(gram)
+    values, vectors = ci_cuda.batched_eigh(gram.cuda())
+    assert torch.equal(values.cpu(), ref_values)
+    assert torch.equal(vectors.cpu(), ref_vectors)
+
+
+@needs_gpu
+def test_batched_eigh_raises_on_non_finite():
+    gram = symmetric_matrix("gram", 8, 1)[None].repeat(2, 1, 1).cuda()
+    gram[1, 2, 1] = math.nan
+    with pytest.raises(ValueError, match="did not converge"):
+        ci_cuda.batched_eigh(gram)
+
+
+CUDA_SHAPES = [
+    (3, 7, 30),  # C <= P
+    (2, 64, 64),
+    (2, 33, 100),
+    (3, 40, 9),  # P < C
+    (2, 130, 50),
+    (1, 1, 5),
+    (2, 6, 1),
+]
+
+
+def _cuda_ci(rows):
+    return torch.ops.pccfast.channel_independence(rows)
+
+
+def _assert_bar(got, a64):
+    brute = ci_bruteforce(a64)
+    nuclear = torch.linalg.matrix_norm(a64, ord="nuc")[:, None]
+    err = (got.cpu() - brute.cpu()).abs()
+    assert torch.all(err <= 1e-7 * nuclear.cpu()), float((err / nuclear.cpu()).max())
+
+
+@needs_gpu
+@pytest.mark.parametrize("b,c,p", CUDA_SHAPES)
+@pytest.mark.parametrize("kind", ["random", "low_rank"])
+def test_cuda_ci_matches_reference_and_bruteforce(b, c, p, kind):
+    a = _rows(kind, b, c, p, seed=c + 7 * p).cuda()
+    got = _cuda_ci(a)
+    assert got.dtype == torch.float64 and got.shape == (b, c) and got.is_cuda
+    _assert_bar(got, a)
+    torch.testing.assert_close(got.cpu(), ci_fast(a.cpu()), rtol=0, atol=1e-9 * float(a.abs().max()))
+    assert torch.all(got[:, 0] == 0)
+    assert torch.all(got >= 0)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("b,c,p", [(2, 24, 50), (2, 50, 24)])
+def test_cuda_ci_low_precision_inputs(dtype, b, c, p):
+    """fp16/bf16/fp32 are read as they are: CI equals the float64 CI of the rounded values."""
+    a = _rows("random", b, c, p, seed=11).to(dtype).cuda()
+    got = _cuda_ci(a)
+    _assert_bar(got, a.double())
+
+
+@needs_gpu
+def test_cuda_ci_strided_inputs():
+    base = _rows("random", 3, 20, 40, seed=5).float().cuda()
+    views = {
+        "transposed storage": base.transpose(1, 2).contiguous().transpose(1, 2),
+        "every other channel": _rows("random", 3, 40, 40, seed=6).float().cuda()[:, ::2],
+        "channels_last": _rows("random", 3, 12, 36, seed=8)
+        .float()
+        .reshape(3, 12, 6, 6)
+        .cuda()
+        .contiguous(memory_format=torch.channels_last)
+        .reshape(3, 12, 36),
+        "batch stride 0": base[:1].expand(3, -1, -1),
+    }
+    for name, view in views.items():
+        got = _cuda_ci(view)
+        expected = _cuda_ci(view.contiguous())
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12, msg=name)
+        _assert_bar(got, view.double())
+
+
+@needs_gpu
+@pytest.mark.parametrize("choice", ["jacobi", "torch"])
+def test_cuda_ci_eigensolver_choice(monkeypatch, choice):
+    """Both eigensolvers give the same CI, also past the Jacobi size threshold (m = 280)."""
+    monkeypatch.setenv("PCCFAST_CI_EIGH", choice)
+    for b, c, p in [(2, 30, 45), (1, 300, 280)]:
+        a = _rows("random", b, c, p, seed=3).cuda()
+        _assert_bar(_cuda_ci(a), a)
+
+
+@needs_gpu
+def test_cuda_ci_bad_input(monkeypatch):
+    with pytest.raises(ValueError, match=r"\(B, C, P\)"):
+        _cuda_ci(torch.ones(3, 4, device="cuda"))
+    with pytest.raises(ValueError, match="empty"):
+        _cuda_ci(torch.ones(0, 4, 5, device="cuda"))
+    monkeypatch.setenv("PCCFAST_CI_EIGH", "magma")
+    with pytest.raises(ValueError, match="PCCFAST_CI_EIGH"):
+        _cuda_ci(torch.ones(1, 4, 5, device="cuda"))
+
+
+@needs_gpu
+def test_cuda_backend_through_public_api():
+    import pccfast
+
+    fmap = torch.randn(4, 16, 5, 7, device="cuda")
+    got = pccfast.channel_independence(fmap, backend="cuda")
+    expected = pccfast.channel_independence(fmap.cpu(), backend="torch")
+    torch.testing.assert_close(got.cpu(), expected, rtol=0, atol=1e-9 * float(fmap.abs().max()))
