@@ -13,7 +13,4 @@ namespace pccfast {
 // Asynchronous: nothing is checked on the device's results.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> jacobi_eigh_cuda(const at::Tensor& gram);
 
-// Raises ValueError if any entry of `sweeps` is -1 (one device-to-host sync).
-void check_jacobi_converged(const at::Tensor& sweeps, const char* what);
-
 }  // namespace pccfast

@@ -22,6 +22,7 @@
 #include <limits>
 
 #include "ci_cuda.h"
+#include "ci_cuda_flow.h"
 #include "jacobi_eigh.cuh"
 
 namespace pccfast {
@@ -239,14 +240,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jacobi_eigh_cuda(const at::Tensor
       values.data_ptr<double>(), vectors_t.data_ptr<double>(), sweeps.data_ptr<int>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {values, vectors_t.transpose(1, 2), sweeps};
-}
-
-void check_jacobi_converged(const at::Tensor& sweeps, const char* what) {
-  if (sweeps.numel() == 0) return;
-  const int64_t failed = (sweeps < 0).sum().item<int64_t>();
-  TORCH_CHECK_VALUE(failed == 0, what, ": the Jacobi eigensolver did not converge in ",
-                    jacobi::kMaxSweeps, " sweeps for ", failed, " of ", sweeps.numel(),
-                    " matrices (does the input hold NaN or Inf?)");
 }
 
 TORCH_LIBRARY_FRAGMENT(pccfast, m) {

@@ -1,7 +1,7 @@
 // The parallel-order Jacobi eigensolver for small symmetric float64 matrices, written once for
 // the CUDA kernel (kernels/jacobi_eigh.cu: one thread block per matrix) and for the host
 // (jacobi_eigh_host below: the same steps one after another, exposed on the CPU as
-// pccfast::jacobi_eigh_reference and run by tests/cpp/test_jacobi_eigh.cpp).
+// pccfast::jacobi_eigh_emulation and run by tests/cpp/test_jacobi_eigh.cpp).
 //
 // The algorithm, for G (n x n), n padded to even N2 = n + (n & 1) with a padding index that is
 // never rotated:

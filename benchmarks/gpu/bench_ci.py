@@ -181,8 +181,8 @@ def bench_eigh(args, device, jacobi_fn, baseline_fn, jacobi_label, baseline_labe
     return "\n".join(lines)
 
 
-def _jacobi_reference(gram):
-    values, vectors, _ = ci_cuda.jacobi_eigh_reference(gram)
+def _jacobi_emulation(gram):
+    values, vectors, _ = ci_cuda.jacobi_eigh_emulation(gram)
     return values, vectors
 
 
@@ -225,7 +225,7 @@ def main(argv=None) -> int:
     if args.dry_run:
         device = torch.device("cpu")
         fast_fn = torch.ops.pccfast.channel_independence
-        fast_label, jacobi_fn, jacobi_label = "CPU op", _jacobi_reference, "Jacobi (host emulation)"
+        fast_label, jacobi_fn, jacobi_label = "CPU op", _jacobi_emulation, "Jacobi (host emulation)"
         baseline_label = "torch eigh (CPU)"
         vgg, resnet = DRY_RUN_SHAPES, DRY_RUN_SHAPES[:2]
         header = "dry run: tiny sizes, CPU stand-ins for the CUDA kernels (timings meaningless)"
@@ -233,7 +233,7 @@ def main(argv=None) -> int:
         if not torch.cuda.is_available():
             print("no CUDA device (use --dry-run to check the script on the CPU)", file=sys.stderr)
             return 2
-        if not ci_cuda.has_batched_eigh():
+        if not ci_cuda.has_cuda_ops():
             print("pccfast._C was built without CUDA kernels (PCCFAST_CUDA=1)", file=sys.stderr)
             return 2
         device = torch.device("cuda")
