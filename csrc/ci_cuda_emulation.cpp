@@ -4,7 +4,7 @@
 // and channel_independence_emulation runs the CUDA operator's host flow
 // (kernels/ci_cuda_flow.h) on them. Built in every configuration; slow, not a fast path.
 //
-// pccfast::jacobi_eigh_emulation(gram) -> (eigenvalues, eigenvectors, sweeps)
+// pccfast::jacobi_eigh_emulation(gram, shared_bytes=232448) -> (eigenvalues, eigenvectors, sweeps)
 // pccfast::small_side_gram_emulation(fmaps) -> gram
 // pccfast::channel_independence_emulation(fmaps, chunk=0) -> CI
 #include <ATen/ATen.h>
@@ -27,7 +27,10 @@ void check_cpu(const at::Tensor& t, const char* name) {
 
 // gram: (B, n, n) float64 CPU, symmetric (lower triangle read) -> (values (B, n) ascending,
 // vectors (B, n, n) with eigenvectors as columns, sweeps (B,) int32: -1 = did not converge).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> jacobi_eigh_emulation(const at::Tensor& gram) {
+// shared_bytes: the emulated block's shared memory (default: an H100's); less spills more of
+// the storage to "global memory", which must not change a bit of the result.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> jacobi_eigh_emulation(const at::Tensor& gram,
+                                                                     int64_t shared_bytes) {
   TORCH_CHECK_VALUE(gram.dim() == 3 && gram.size(1) == gram.size(2),
                     "gram must have shape (B, n, n), got ", gram.sizes());
   TORCH_CHECK_TYPE(gram.scalar_type() == at::kDouble, "gram must be float64, got ",
@@ -35,8 +38,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jacobi_eigh_emulation(const at::T
   check_cpu(gram, "gram");
   TORCH_CHECK_VALUE(gram.size(1) <= jacobi::kMaxSize, "gram: n must be at most ",
                     jacobi::kMaxSize, ", got ", gram.size(1));
-  const int64_t b = gram.size(0);
   const int n = static_cast<int>(gram.size(1));
+  TORCH_CHECK_VALUE(shared_bytes <= (int64_t(1) << 30) &&
+                        jacobi::shared_capacity(n, static_cast<int>(shared_bytes)) >= 0,
+                    "shared_bytes must hold at least ", jacobi::fixed_shared_bytes(n),
+                    " bytes for n = ", n, ", got ", shared_bytes);
+  const int64_t b = gram.size(0);
   const at::Tensor g = gram.contiguous();
   at::Tensor values = at::empty({b, n}, g.options());
   at::Tensor vectors_t = at::empty({b, n, n}, g.options());
@@ -47,9 +54,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jacobi_eigh_emulation(const at::T
   int* sp = sweeps.data_ptr<int>();
   const int64_t nn = int64_t(n) * n;
   at::parallel_for(0, b, 1, [&](int64_t begin, int64_t end) {
-    std::vector<double> work(jacobi::jacobi_host_work_size(n));
     for (int64_t i = begin; i < end; ++i) {
-      sp[i] = jacobi::jacobi_eigh_host(gp + i * nn, n, vp + i * n, tp + i * nn, work.data());
+      sp[i] = jacobi::jacobi_eigh_host(gp + i * nn, n, vp + i * n, tp + i * nn,
+                                       static_cast<int>(shared_bytes));
     }
   });
   return {values, vectors_t.transpose(1, 2), sweeps};
@@ -118,7 +125,7 @@ at::Tensor project_emulation(const at::Tensor& a, const at::Tensor& v) {
 }
 
 std::tuple<at::Tensor, at::Tensor> jacobi_checked(const at::Tensor& gram) {
-  auto [values, vectors, sweeps] = jacobi_eigh_emulation(gram);
+  auto [values, vectors, sweeps] = jacobi_eigh_emulation(gram, jacobi::kHopperSharedBytes);
   check_jacobi_converged(sweeps, "channel_independence_emulation");
   return {values, vectors};
 }
@@ -138,8 +145,9 @@ at::Tensor channel_independence_emulation(const at::Tensor& fmaps, int64_t chunk
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(pccfast, m) {
-  // gram: (B, n, n) float64 -> (eigenvalues (B, n), eigenvectors (B, n, n), sweeps (B,) int32).
-  m.def("jacobi_eigh_emulation(Tensor gram) -> (Tensor, Tensor, Tensor)");
+  // gram: (B, n, n) float64 -> (eigenvalues (B, n), eigenvectors (B, n, n), sweeps (B,) int32);
+  // shared_bytes: the emulated block's shared memory (232448: an H100's or H200's).
+  m.def("jacobi_eigh_emulation(Tensor gram, int shared_bytes=232448) -> (Tensor, Tensor, Tensor)");
   // fmaps: (B, C, P) any float dtype -> (B, m, m) float64, the CUDA Gram kernel's result.
   m.def("small_side_gram_emulation(Tensor fmaps) -> Tensor");
   // fmaps: (B, C, P) any float dtype -> (B, C) float64, the CUDA operator's result; chunk:

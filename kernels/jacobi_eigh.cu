@@ -28,32 +28,11 @@
 namespace pccfast {
 namespace {
 
-constexpr int kMaxThreads = 512;
-constexpr int kWarp = 32;
+namespace J = jacobi;
+using J::kWarp;
 
-// The first `cap` doubles of a matrix's storage live in shared memory, the rest in `spill`.
-struct SplitStorage {
-  double* shared;
-  double* spill;
-  int cap;
-  __device__ __forceinline__ double& operator[](int i) const {
-    return i < cap ? shared[i] : spill[i - cap];
-  }
-};
-
-// Threads per block: enough for the ~n^2/8 blocks and n^2/2 vector entries of a round.
-int jacobi_threads(int n) { return n <= 16 ? 64 : n <= 32 ? 128 : n <= 64 ? 256 : kMaxThreads; }
-
-// Bytes of the fixed shared arrays: cos, sin (pairs doubles each), two reduction rows
-// (2 * kWarp doubles), then pair indices (2 * pairs ints) and ranks (n ints).
-__host__ __device__ __forceinline__ int fixed_shared_bytes(int n) {
-  const int pairs = jacobi::pair_count(n);
-  const int doubles = 2 * pairs + 2 * kWarp;
-  const int ints = 2 * pairs + n;
-  return doubles * int(sizeof(double)) + ((ints * int(sizeof(int)) + 15) / 16) * 16;
-}
-
-// Sums of (x, y) over the block, returned to every thread. `scratch` holds 2 * kWarp doubles.
+// Sums of (x, y) over the block, returned to every thread; the order that
+// jacobi::block_sum_host emulates. `scratch` holds 2 * kWarp doubles.
 __device__ void block_sum2(double* x, double* y, double* scratch) {
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   const int warps = (blockDim.x + kWarp - 1) / kWarp;
@@ -106,90 +85,42 @@ __device__ double block_max(double x, double* scratch) {
   return x;
 }
 
-// grid: one block per matrix. gram (B, n, n) contiguous; values (B, n); vectors_t (B, n, n)
-// with row k = eigenvector of values[k]; sweeps (B,).
-__global__ void __launch_bounds__(kMaxThreads)
+// grid: one block of threads_for(n) threads per matrix; dynamic shared memory:
+// fixed_shared_bytes(n) + cap doubles. gram (B, n, n) contiguous; values (B, n); vectors_t
+// (B, n, n) with row k = eigenvector of values[k]; sweeps (B,), -1 = did not converge.
+__global__ void __launch_bounds__(J::kMaxThreads)
     jacobi_eigh_kernel(const double* __restrict__ gram, int n, int cap, double* spill,
                        int64_t spill_stride, double* __restrict__ values,
                        double* __restrict__ vectors_t, int* __restrict__ sweeps_out) {
   extern __shared__ __align__(16) unsigned char shared_bytes[];
-  namespace J = jacobi;
   const int64_t b = blockIdx.x;
   const int tid = threadIdx.x, threads = blockDim.x;
-  const int lane = tid % kWarp, warp = tid / kWarp, warps = threads / kWarp;
-  const int pairs = J::pair_count(n), rounds = J::round_count(n), items = J::block_items(n);
+  const J::SharedLayout l = J::shared_layout(shared_bytes, n);
+  const J::SplitStorage a{l.storage, spill + b * spill_stride, cap};
+  const int64_t nn = int64_t(n) * n;
 
-  double* cosines = reinterpret_cast<double*>(shared_bytes);
-  double* sines = cosines + pairs;
-  double* scratch = sines + pairs;
-  int* firsts = reinterpret_cast<int*>(scratch + 2 * kWarp);
-  int* seconds = firsts + pairs;
-  int* ranks = seconds + pairs;
-  double* storage = reinterpret_cast<double*>(shared_bytes + fixed_shared_bytes(n));
-  const SplitStorage a{storage, spill + b * spill_stride, cap};
-
-  // Load the lower triangle; V^T = I.
-  const double* g = gram + b * int64_t(n) * n;
-  double largest = 0.0;
-  for (int e = tid; e < n * n; e += threads) {
-    const int i = e / n, j = e - i * n;
-    if (j <= i) {
-      const double x = g[e];
-      a[J::packed_index(i, j)] = x;
-      largest = fmax(largest, fabs(x));
-    }
-    a[J::vector_index(n, i, j)] = i == j ? 1.0 : 0.0;
-  }
-  const double scale = J::norm_scale(block_max(largest, scratch));  // syncs: A is loaded
-
+  const double largest = J::load_step(tid, threads, gram + b * nn, n, a);
+  const double scale = J::norm_scale(block_max(largest, l.scratch));  // barrier: A loaded
   int sweeps = -1;
   for (int sweep = 0;; ++sweep) {
-    double off2 = 0.0, diag2 = 0.0;
-    for (int e = tid; e < n * n; e += threads) {
-      const int i = e / n, j = e - i * n;
-      if (j <= i) J::add_norm_terms(a, i, j, scale, &off2, &diag2);
-    }
-    block_sum2(&off2, &diag2, scratch);
-    if (J::converged(off2, diag2)) {
+    double off2, diag2;
+    J::norm_step(tid, threads, a, n, scale, &off2, &diag2);
+    block_sum2(&off2, &diag2, l.scratch);
+    if (J::converged(off2, diag2)) {  // the same decision in every thread
       sweeps = sweep;
       break;
     }
     if (sweep == J::kMaxSweeps) break;
-    for (int round = 0; round < rounds; ++round) {
-      for (int k = tid; k < pairs; k += threads) {
-        int p, q;
-        J::round_pair(round, k, n, &p, &q);
-        firsts[k] = p;
-        seconds[k] = q;
-        J::rotate_pair(a, n, p, q, &cosines[k], &sines[k]);
-      }
+    for (int round = 0; round < J::round_count(n); ++round) {
+      J::rotation_step(tid, threads, a, n, round, l);
       __syncthreads();
-      for (int item = tid; item < items; item += threads) {
-        int k, l;
-        if (J::block_item(item, pairs, &k, &l)) {
-          J::rotate_block(a, n, firsts[k], seconds[k], cosines[k], sines[k], firsts[l],
-                          seconds[l], cosines[l], sines[l]);
-        }
-      }
-      for (int k = warp; k < pairs; k += warps) {  // a warp per pair: coalesced V^T rows
-        const int p = firsts[k], q = seconds[k];
-        if (q >= n) continue;
-        const double c = cosines[k], s = sines[k];
-        for (int j = lane; j < n; j += kWarp) J::rotate_vectors(a, n, p, q, c, s, j);
-      }
+      J::update_step(tid, threads, a, n, l);
       __syncthreads();
     }
   }
-
-  // Ascending order, ties by index.
-  for (int i = tid; i < n; i += threads) ranks[i] = J::sorted_rank(a, n, i);
+  J::rank_step(tid, threads, a, n, l.ranks);
   __syncthreads();
-  for (int i = tid; i < n; i += threads) values[b * n + ranks[i]] = a[J::packed_index(i, i)];
-  double* out = vectors_t + b * int64_t(n) * n;
-  for (int i = warp; i < n; i += warps) {
-    const int row = ranks[i];
-    for (int j = lane; j < n; j += kWarp) out[row * n + j] = a[J::vector_index(n, i, j)];
-  }
+  J::write_step(tid, threads, a, n, l.ranks, values + b * n, vectors_t + b * nn);
   if (tid == 0) sweeps_out[b] = sweeps;
 }
 
@@ -223,19 +154,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jacobi_eigh_cuda(const at::Tensor
   int device = 0, optin = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  const size_t fixed = size_t(fixed_shared_bytes(n));
-  TORCH_CHECK(size_t(optin) > fixed + 1024, "batched Jacobi: n = ", n,
-              " needs more shared memory than this device has");
-  const int total = jacobi::storage_size(n);
-  const int cap = static_cast<int>(std::min<size_t>(total, (size_t(optin) - fixed) / sizeof(double)));
-  const int64_t spill_stride = total - cap;
+  const int cap = J::shared_capacity(n, optin);
+  TORCH_CHECK(cap >= 0, "batched Jacobi: n = ", n, " needs more shared memory than this device's ",
+              optin, " bytes per block");
+  const int64_t spill_stride = J::storage_size(n) - cap;
   at::Tensor spill = at::empty({spill_stride > 0 ? b * spill_stride : 1}, g.options());
-  const size_t shared = fixed + size_t(cap) * sizeof(double);
+  const int shared = J::fixed_shared_bytes(n) + cap * int(sizeof(double));
   C10_CUDA_CHECK(cudaFuncSetAttribute(jacobi_eigh_kernel,
-                                      cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(shared)));
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  jacobi_eigh_kernel<<<static_cast<unsigned>(b), jacobi_threads(n), shared, stream>>>(
+                                      cudaFuncAttributeMaxDynamicSharedMemorySize, shared));
+  jacobi_eigh_kernel<<<static_cast<unsigned>(b), J::threads_for(n), shared,
+                       c10::cuda::getCurrentCUDAStream()>>>(
       g.data_ptr<double>(), n, cap, spill.data_ptr<double>(), spill_stride,
       values.data_ptr<double>(), vectors_t.data_ptr<double>(), sweeps.data_ptr<int>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -1,7 +1,7 @@
 // The parallel-order Jacobi eigensolver for small symmetric float64 matrices, written once for
 // the CUDA kernel (kernels/jacobi_eigh.cu: one thread block per matrix) and for the host
-// (jacobi_eigh_host below: the same steps one after another, exposed on the CPU as
-// pccfast::jacobi_eigh_emulation and run by tests/cpp/test_jacobi_eigh.cpp).
+// (jacobi_eigh_host below: the kernel's block with its threads run one after another, exposed
+// on the CPU as pccfast::jacobi_eigh_emulation and run by tests/cpp/test_jacobi_eigh.cpp).
 //
 // The algorithm, for G (n x n), n padded to even N2 = n + (n & 1) with a padding index that is
 // never rotated:
@@ -17,17 +17,21 @@
 //   kMaxSweeps sweeps, else the matrix is reported as not converged (NaN/Inf input);
 // * eigenvalues are the diagonal, sorted ascending (ties by index), like torch.linalg.eigh.
 //
-// Every product-sum is an explicit fma and CUDA's division and square root are IEEE-rounded
-// (no fast math), so host and device perform the same float64 operations on every element: the
-// host run reproduces the kernel's results (only the order of the norm sums differs).
+// Every product-sum is an explicit fma, CUDA's float64 division and square root are
+// IEEE-rounded (no fast math), and the host emulates the kernel's reduction order, so host and
+// device perform the same float64 operations: the host run reproduces the kernel's bits.
 //
 // Storage: A as the packed lower triangle (n(n+1)/2 doubles), followed by V^T (n*n doubles),
-// addressed through a `Store` (a double* on the host; shared memory plus a global-memory
-// spill area on the device).
+// addressed through a SplitStorage: as much as fits in shared memory, the rest in a
+// global-memory spill area.
 #pragma once
 
 #include <cmath>
 #include <cstdint>
+
+#if !defined(__CUDA_ARCH__)
+#include <vector>
+#endif
 
 #if defined(__CUDACC__)
 #define PCCFAST_HD __host__ __device__ __forceinline__
@@ -199,71 +203,213 @@ PCCFAST_HD int sorted_rank(const Store& a, int n, int i) {
   return rank;
 }
 
-#if !defined(__CUDA_ARCH__)
-// The whole solver for one matrix on the host, step for step the kernel's order.
-// gram: (n, n) row-major (lower triangle read) -> values (n) ascending, vectors_t (n, n) with
-// row k the eigenvector of values[k]; returns the sweeps used, or -1 if it did not converge.
-// `work` holds storage_size(n) + 4 * pair_count(n) doubles.
-inline int jacobi_eigh_host(const double* gram, int n, double* values, double* vectors_t,
-                            double* work) {
-  const int pairs = pair_count(n), rounds = round_count(n), items = block_items(n);
-  double* a = work;
-  double* cosines = work + storage_size(n);
-  double* sines = cosines + pairs;
-  int* firsts = reinterpret_cast<int*>(sines + pairs);
-  int* seconds = firsts + pairs;
+// ---- The kernel's block: layout and per-thread steps ----------------------------------------
+// One thread block per matrix. The steps below are what thread `tid` of `threads` does between
+// two block barriers; kernels/jacobi_eigh.cu calls them with __syncthreads() in between, and
+// jacobi_eigh_host below calls them for every tid in turn, so the host run is the kernel's run.
+
+constexpr int kWarp = 32;
+constexpr int kMaxThreads = 512;
+// The largest per-block shared memory of the H100/H200 (227 KB): the host emulation's default.
+constexpr int kHopperSharedBytes = 232448;
+
+// Threads per block: enough for the ~n^2/8 blocks and n^2/2 vector entries of a round.
+PCCFAST_HD int threads_for(int n) {
+  return n <= 16 ? 64 : n <= 32 ? 128 : n <= 64 ? 256 : kMaxThreads;
+}
+
+// Bytes of the fixed shared arrays: cos, sin (pairs doubles each), the reduction scratch
+// (2 * kWarp doubles), pair indices (2 * pairs ints) and ranks (n ints), padded to 16 bytes.
+PCCFAST_HD int fixed_shared_bytes(int n) {
+  const int pairs = pair_count(n);
+  const int doubles = 2 * pairs + 2 * kWarp;
+  const int ints = 2 * pairs + n;
+  return doubles * int(sizeof(double)) + ((ints * int(sizeof(int)) + 15) / 16) * 16;
+}
+
+// Doubles of a matrix's storage that live in shared memory, given the block's budget in bytes
+// (the rest spills to global memory); -1 if the budget does not even hold the fixed arrays.
+PCCFAST_HD int shared_capacity(int n, int shared_bytes) {
+  const int room = shared_bytes - fixed_shared_bytes(n);
+  if (room < 0) return -1;
+  const int cap = room / int(sizeof(double));
+  return cap < storage_size(n) ? cap : storage_size(n);
+}
+
+// A matrix's storage: the first `cap` doubles in shared memory, the rest in `spill`.
+struct SplitStorage {
+  double* shared;
+  double* spill;
+  int cap;
+  PCCFAST_HD double& operator[](int i) const { return i < cap ? shared[i] : spill[i - cap]; }
+};
+
+// The block's shared memory, carved out of `base` (fixed_shared_bytes(n) + cap doubles).
+struct SharedLayout {
+  double* cosines;
+  double* sines;
+  double* scratch;  // 2 * kWarp doubles for block reductions
+  int* firsts;
+  int* seconds;
+  int* ranks;
+  double* storage;  // the shared part of SplitStorage
+};
+
+PCCFAST_HD SharedLayout shared_layout(unsigned char* base, int n) {
+  const int pairs = pair_count(n);
+  SharedLayout l;
+  l.cosines = reinterpret_cast<double*>(base);
+  l.sines = l.cosines + pairs;
+  l.scratch = l.sines + pairs;
+  l.firsts = reinterpret_cast<int*>(l.scratch + 2 * kWarp);
+  l.seconds = l.firsts + pairs;
+  l.ranks = l.seconds + pairs;
+  l.storage = reinterpret_cast<double*>(base + fixed_shared_bytes(n));
+  return l;
+}
+
+// Load: the lower triangle of gram (n x n, row-major) into A, V^T = I. -> this thread's max |a_ij|.
+PCCFAST_HD double load_step(int tid, int threads, const double* g, int n, const SplitStorage& a) {
   double largest = 0.0;
-  for (int i = 0; i < n; ++i) {
-    for (int j = 0; j < n; ++j) {
-      if (j <= i) {
-        a[packed_index(i, j)] = gram[i * n + j];
-        largest = ::fmax(largest, ::fabs(gram[i * n + j]));
-      }
-      a[vector_index(n, i, j)] = i == j ? 1.0 : 0.0;
+  for (int e = tid; e < n * n; e += threads) {
+    const int i = e / n, j = e - i * n;
+    if (j <= i) {
+      const double x = g[e];
+      a[packed_index(i, j)] = x;
+      largest = ::fmax(largest, ::fabs(x));
     }
+    a[vector_index(n, i, j)] = i == j ? 1.0 : 0.0;
+  }
+  return largest;
+}
+
+// Convergence test terms: this thread's scaled sums of squares, off-diagonal and diagonal.
+PCCFAST_HD void norm_step(int tid, int threads, const SplitStorage& a, int n, double scale,
+                          double* off2, double* diag2) {
+  *off2 = 0.0;
+  *diag2 = 0.0;
+  for (int e = tid; e < n * n; e += threads) {
+    const int i = e / n, j = e - i * n;
+    if (j <= i) add_norm_terms(a, i, j, scale, off2, diag2);
+  }
+}
+
+// Round phase 1: the rotations of this thread's pairs, their diagonal blocks updated.
+PCCFAST_HD void rotation_step(int tid, int threads, const SplitStorage& a, int n, int round,
+                              const SharedLayout& l) {
+  for (int k = tid; k < pair_count(n); k += threads) {
+    int p, q;
+    round_pair(round, k, n, &p, &q);
+    l.firsts[k] = p;
+    l.seconds[k] = q;
+    rotate_pair(a, n, p, q, &l.cosines[k], &l.sines[k]);
+  }
+}
+
+// Round phase 2: this thread's off-diagonal blocks, then a warp per pair on the eigenvector
+// rows (coalesced along V^T's rows).
+PCCFAST_HD void update_step(int tid, int threads, const SplitStorage& a, int n,
+                            const SharedLayout& l) {
+  const int pairs = pair_count(n), items = block_items(n);
+  for (int item = tid; item < items; item += threads) {
+    int k, m;
+    if (block_item(item, pairs, &k, &m)) {
+      rotate_block(a, n, l.firsts[k], l.seconds[k], l.cosines[k], l.sines[k], l.firsts[m],
+                   l.seconds[m], l.cosines[m], l.sines[m]);
+    }
+  }
+  const int lane = tid % kWarp, warp = tid / kWarp, warps = threads / kWarp;
+  for (int k = warp; k < pairs; k += warps) {
+    const int p = l.firsts[k], q = l.seconds[k];
+    if (q >= n) continue;
+    const double c = l.cosines[k], s = l.sines[k];
+    for (int j = lane; j < n; j += kWarp) rotate_vectors(a, n, p, q, c, s, j);
+  }
+}
+
+PCCFAST_HD void rank_step(int tid, int threads, const SplitStorage& a, int n, int* ranks) {
+  for (int i = tid; i < n; i += threads) ranks[i] = sorted_rank(a, n, i);
+}
+
+// Output: eigenvalue i at its rank, its eigenvector as row `rank` of vectors_t.
+PCCFAST_HD void write_step(int tid, int threads, const SplitStorage& a, int n, const int* ranks,
+                           double* values, double* vectors_t) {
+  for (int i = tid; i < n; i += threads) values[ranks[i]] = a[packed_index(i, i)];
+  const int lane = tid % kWarp, warp = tid / kWarp, warps = threads / kWarp;
+  for (int i = warp; i < n; i += warps) {
+    const int row = ranks[i];
+    for (int j = lane; j < n; j += kWarp) vectors_t[row * n + j] = a[vector_index(n, i, j)];
+  }
+}
+
+#if !defined(__CUDA_ARCH__)
+// The kernel's block sum: a shuffle-down tree in each warp (lane += lane + offset, offsets
+// 16..1; lanes past the warp add their own value), then the same tree over the warp sums.
+inline double block_sum_host(const double* partial, int threads) {
+  auto warp_tree = [](double* v) {
+    for (int offset = kWarp / 2; offset > 0; offset /= 2) {
+      double next[kWarp];
+      for (int lane = 0; lane < kWarp; ++lane) {
+        next[lane] = v[lane] + (lane + offset < kWarp ? v[lane + offset] : v[lane]);
+      }
+      for (int lane = 0; lane < kWarp; ++lane) v[lane] = next[lane];
+    }
+    return v[0];
+  };
+  const int warps = (threads + kWarp - 1) / kWarp;
+  double sums[kWarp];
+  for (int w = 0; w < warps; ++w) {
+    double v[kWarp];
+    for (int lane = 0; lane < kWarp; ++lane) v[lane] = partial[w * kWarp + lane];
+    sums[w] = warp_tree(v);
+  }
+  double v[kWarp];
+  for (int lane = 0; lane < kWarp; ++lane) v[lane] = lane < warps ? sums[lane] : 0.0;
+  return warp_tree(v);
+}
+
+// The kernel's block for one matrix, run on the host: the same layout (shared_bytes of
+// "shared memory", the rest of the storage spilled), the same steps for every thread between
+// the same barriers, the same reduction order. gram: (n, n) row-major (lower triangle read)
+// -> values (n) ascending, vectors_t (n, n) with row k the eigenvector of values[k]; returns
+// the sweeps used, or -1 if it did not converge (non-finite input).
+inline int jacobi_eigh_host(const double* gram, int n, double* values, double* vectors_t,
+                            int shared_bytes = kHopperSharedBytes) {
+  const int threads = threads_for(n);
+  const int cap = shared_capacity(n, shared_bytes);
+  if (cap < 0) return -1;
+  std::vector<double> shared((fixed_shared_bytes(n) + 7) / 8 + cap);
+  std::vector<double> spill(storage_size(n) - cap);
+  const SharedLayout l = shared_layout(reinterpret_cast<unsigned char*>(shared.data()), n);
+  const SplitStorage a{l.storage, spill.data(), cap};
+  std::vector<double> off(threads), diag(threads);
+
+  double largest = 0.0;
+  for (int tid = 0; tid < threads; ++tid) {
+    largest = ::fmax(largest, load_step(tid, threads, gram, n, a));
   }
   const double scale = norm_scale(largest);
   int sweeps = -1;
   for (int sweep = 0;; ++sweep) {
-    double off2 = 0.0, diag2 = 0.0;
-    for (int i = 0; i < n; ++i) {
-      for (int j = 0; j <= i; ++j) add_norm_terms(a, i, j, scale, &off2, &diag2);
+    for (int tid = 0; tid < threads; ++tid) {
+      norm_step(tid, threads, a, n, scale, &off[tid], &diag[tid]);
     }
-    if (converged(off2, diag2)) {
+    if (converged(block_sum_host(off.data(), threads), block_sum_host(diag.data(), threads))) {
       sweeps = sweep;
       break;
     }
     if (sweep == kMaxSweeps) break;
-    for (int round = 0; round < rounds; ++round) {
-      for (int k = 0; k < pairs; ++k) {
-        round_pair(round, k, n, &firsts[k], &seconds[k]);
-        rotate_pair(a, n, firsts[k], seconds[k], &cosines[k], &sines[k]);
-      }
-      for (int item = 0; item < items; ++item) {
-        int k, l;
-        if (block_item(item, pairs, &k, &l)) {
-          rotate_block(a, n, firsts[k], seconds[k], cosines[k], sines[k], firsts[l], seconds[l],
-                       cosines[l], sines[l]);
-        }
-      }
-      for (int k = 0; k < pairs; ++k) {
-        if (seconds[k] >= n) continue;
-        for (int j = 0; j < n; ++j) {
-          rotate_vectors(a, n, firsts[k], seconds[k], cosines[k], sines[k], j);
-        }
-      }
+    for (int round = 0; round < round_count(n); ++round) {
+      for (int tid = 0; tid < threads; ++tid) rotation_step(tid, threads, a, n, round, l);
+      for (int tid = 0; tid < threads; ++tid) update_step(tid, threads, a, n, l);
     }
   }
-  for (int i = 0; i < n; ++i) {
-    const int rank = sorted_rank(a, n, i);
-    values[rank] = a[packed_index(i, i)];
-    for (int j = 0; j < n; ++j) vectors_t[rank * n + j] = a[vector_index(n, i, j)];
+  for (int tid = 0; tid < threads; ++tid) rank_step(tid, threads, a, n, l.ranks);
+  for (int tid = 0; tid < threads; ++tid) {
+    write_step(tid, threads, a, n, l.ranks, values, vectors_t);
   }
   return sweeps;
 }
-
-// Doubles of `work` that jacobi_eigh_host needs.
-inline int jacobi_host_work_size(int n) { return storage_size(n) + 4 * pair_count(n); }
 #endif
 
 }  // namespace jacobi

@@ -117,6 +117,22 @@ def test_jacobi_emulation_matches_eigh(kind):
 
 
 @needs_extension
+@pytest.mark.parametrize("n", [1, 2, 9, 40, 97, 130])
+def test_jacobi_emulation_spill_changes_no_bit(n):
+    """The kernel keeps what fits of A and V^T in shared memory and spills the rest (always
+    past n = 96 on an H100): every split gives the same bits."""
+    gram = torch.stack([symmetric_matrix(k, n, 3) for k in ("gram", "degenerate")])
+    full = ci_cuda.jacobi_eigh_emulation(gram)
+    fixed = 8 * (2 * ((n + 1) // 2) + 64) + 4 * (2 * ((n + 1) // 2) + n) + 16  # >= the fixed arrays
+    for shared_bytes in (fixed, fixed + 8 * n * (n + 1) // 4, fixed + 8 * n * n):
+        part = ci_cuda.jacobi_eigh_emulation(gram, shared_bytes)
+        for x, y in zip(full, part):
+            assert torch.equal(x, y), shared_bytes
+    with pytest.raises(ValueError, match="shared_bytes"):
+        ci_cuda.jacobi_eigh_emulation(gram, 64)
+
+
+@needs_extension
 def test_jacobi_emulation_special_matrices():
     zero = torch.zeros(1, 5, 5, dtype=torch.float64)
     values, vectors, sweeps = ci_cuda.jacobi_eigh_emulation(zero)

@@ -22,13 +22,15 @@ from . import _C
 
 _registered = False
 
+HOPPER_SHARED_BYTES = 232448  # per-block shared memory of an H100/H200
+
 
 def _fake_eigh(gram):
     b, n, _ = gram.shape
     return gram.new_empty((b, n)), gram.new_empty((b, n, n))
 
 
-def _fake_eigh_emulation(gram):
+def _fake_eigh_emulation(gram, shared_bytes=HOPPER_SHARED_BYTES):
     b, n, _ = gram.shape
     return gram.new_empty((b, n)), gram.new_empty((b, n, n)), gram.new_empty((b,), dtype=torch.int32)
 
@@ -111,12 +113,16 @@ def small_side_gram(fmaps: torch.Tensor) -> torch.Tensor:
     return torch.ops.pccfast.small_side_gram(fmaps)
 
 
-def jacobi_eigh_emulation(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def jacobi_eigh_emulation(
+    gram: torch.Tensor, shared_bytes: int = HOPPER_SHARED_BYTES
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """gram: (B, n, n) float64 CPU -> (eigenvalues (B, n), eigenvectors (B, n, n), sweeps (B,)
-    int32, -1 where it did not converge): the batched_eigh kernel run on the host."""
+    int32, -1 where it did not converge): the batched_eigh kernel's block run on the host.
+    ``shared_bytes`` is the emulated shared memory; less spills more of each matrix's storage
+    to global memory (the results must not change)."""
     _need_extension("jacobi_eigh_emulation", cuda=False)
     _check_gram(gram, "cpu")
-    return torch.ops.pccfast.jacobi_eigh_emulation(gram)
+    return torch.ops.pccfast.jacobi_eigh_emulation(gram, shared_bytes)
 
 
 def small_side_gram_emulation(fmaps: torch.Tensor) -> torch.Tensor:

@@ -85,9 +85,15 @@ std::vector<double> with_spectrum(const std::vector<double>& values, std::mt1993
 
 void check_solution(const std::vector<double>& g, int n, const char* kind,
                     const std::vector<double>* exact_values) {
-  std::vector<double> values(n), vectors_t(n * n), work(J::jacobi_host_work_size(n));
-  const int sweeps = J::jacobi_eigh_host(g.data(), n, values.data(), vectors_t.data(), work.data());
+  std::vector<double> values(n), vectors_t(n * n);
+  const int sweeps = J::jacobi_eigh_host(g.data(), n, values.data(), vectors_t.data());
   expect(sweeps >= 0 && sweeps <= J::kMaxSweeps, kind, n, sweeps);
+  // The same block with a fraction of its storage in shared memory: the same bits.
+  std::vector<double> values2(n), vectors_t2(n * n);
+  const int small = J::fixed_shared_bytes(n) + 8 * (J::storage_size(n) / 3);
+  const int sweeps2 = J::jacobi_eigh_host(g.data(), n, values2.data(), vectors_t2.data(), small);
+  expect(sweeps2 == sweeps && values2 == values && vectors_t2 == vectors_t, "spill changes bits",
+         n);
   double norm = 0.0;
   for (double x : g) norm = std::fmax(norm, std::fabs(x));
   norm = std::fmax(norm * n, 1e-300);  // >= the spectral norm
@@ -150,15 +156,32 @@ int main() {
 
   // A diagonal matrix is already converged: no sweep, exact sorted values.
   const std::vector<double> diagonal = {3.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 2.0};
-  std::vector<double> values(3), vectors_t(9), work(J::jacobi_host_work_size(3));
-  const int sweeps = J::jacobi_eigh_host(diagonal.data(), 3, values.data(), vectors_t.data(),
-                                         work.data());
+  std::vector<double> values(3), vectors_t(9);
+  const int sweeps = J::jacobi_eigh_host(diagonal.data(), 3, values.data(), vectors_t.data());
   expect(sweeps == 0 && values[0] == -1.0 && values[1] == 2.0 && values[2] == 3.0, "diagonal", 3);
 
   // NaN is reported as not converged instead of returned as an answer.
   std::vector<double> bad = {1.0, NAN, NAN, 1.0};
-  expect(J::jacobi_eigh_host(bad.data(), 2, values.data(), vectors_t.data(), work.data()) == -1,
+  expect(J::jacobi_eigh_host(bad.data(), 2, values.data(), vectors_t.data()) == -1,
          "NaN input not reported", 2);
+  std::vector<double> inf_diagonal = {1.0, 0.5, 0.5, INFINITY};
+  expect(J::jacobi_eigh_host(inf_diagonal.data(), 2, values.data(), vectors_t.data()) == -1,
+         "Inf input not reported", 2);
+
+  // The shared-memory layout: arrays in order, no overlap, storage 8-byte aligned after them.
+  for (int n = 1; n <= 600; n += 37) {
+    alignas(16) static unsigned char base[1 << 16];
+    const J::SharedLayout l = J::shared_layout(base, n);
+    const int pairs = J::pair_count(n);
+    const unsigned char* end_ints = reinterpret_cast<unsigned char*>(l.ranks + n);
+    expect(reinterpret_cast<unsigned char*>(l.firsts) ==
+               reinterpret_cast<unsigned char*>(l.cosines + 2 * pairs + 2 * J::kWarp),
+           "layout: ints after doubles", n);
+    expect(end_ints <= reinterpret_cast<unsigned char*>(l.storage), "layout: overlap", n);
+    expect(reinterpret_cast<unsigned char*>(l.storage) - base == J::fixed_shared_bytes(n) &&
+               J::fixed_shared_bytes(n) % 16 == 0,
+           "layout: storage offset", n);
+  }
 
   if (failures == 0) std::printf("jacobi_eigh host tests passed\n");
   return failures == 0 ? 0 : 1;
