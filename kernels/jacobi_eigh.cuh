@@ -17,9 +17,10 @@
 //   kMaxSweeps sweeps, else the matrix is reported as not converged (NaN/Inf input);
 // * eigenvalues are the diagonal, sorted ascending (ties by index), like torch.linalg.eigh.
 //
-// Every product-sum is an explicit fma, CUDA's float64 division and square root are
-// IEEE-rounded (no fast math), and the host emulates the kernel's reduction order, so host and
-// device perform the same float64 operations: the host run reproduces the kernel's bits.
+// Every product-sum is an explicit fma and every other product or sum an explicit rounded
+// operation (mul_rn/add_rn: never fused), CUDA's float64 division and square root are
+// IEEE-rounded, and the host emulates the kernel's reduction order, so host and device perform
+// the same float64 operations: the host run reproduces the kernel's bits.
 //
 // Storage: A as the packed lower triangle (n(n+1)/2 doubles), followed by V^T (n*n doubles),
 // addressed through a SplitStorage: as much as fits in shared memory, the rest in a
@@ -51,6 +52,31 @@ constexpr double kTolerance = 2.220446049250313e-16;  // float64 machine epsilon
 constexpr double kHugeTau = 1e150;
 // Largest n the solver accepts (storage indices are 32-bit).
 constexpr int kMaxSize = 8192;
+
+// A product or sum rounded on its own. On the device the intrinsics forbid the compiler (nvcc
+// or ptxas) to fuse it into an fma with a neighbouring operation; on the host there is no fma
+// to fuse with (every other product-sum is an explicit fma). Host and device agree bit for bit.
+PCCFAST_HD double mul_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+PCCFAST_HD double add_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+PCCFAST_HD double sub_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dsub_rn(a, b);
+#else
+  return a - b;
+#endif
+}
 
 PCCFAST_HD int padded_size(int n) { return n + (n & 1); }
 PCCFAST_HD int pair_count(int n) { return padded_size(n) / 2; }
@@ -101,15 +127,15 @@ struct Rotation {
 PCCFAST_HD Rotation schur_rotation(double app, double aqq, double apq) {
   Rotation r{1.0, 0.0, 0.0};
   if (apq == 0.0) return r;
-  const double tau = (aqq - app) / (2.0 * apq);
+  const double tau = sub_rn(aqq, app) / mul_rn(2.0, apq);
   double t;
   if (::fabs(tau) > kHugeTau) {
     t = 0.5 / tau;
   } else {
-    t = ::copysign(1.0, tau) / (::fabs(tau) + ::sqrt(::fma(tau, tau, 1.0)));
+    t = ::copysign(1.0, tau) / add_rn(::fabs(tau), ::sqrt(::fma(tau, tau, 1.0)));
   }
   r.c = 1.0 / ::sqrt(::fma(t, t, 1.0));
-  r.s = t * r.c;
+  r.s = mul_rn(t, r.c);
   r.t = t;
   return r;
 }
@@ -147,13 +173,13 @@ PCCFAST_HD void rotate_block(const Store& a, int n, int pk, int qk, double ck, d
   const double b10 = row_q ? a[i10] : 0.0;
   const double b11 = row_q && col_q ? a[i11] : 0.0;
   // Rows: (J^T B)_p. = c b_p. - s b_q. ; (J^T B)_q. = s b_p. + c b_q.
-  const double x00 = ::fma(ck, b00, -(sk * b10)), x01 = ::fma(ck, b01, -(sk * b11));
-  const double x10 = ::fma(sk, b00, ck * b10), x11 = ::fma(sk, b01, ck * b11);
+  const double x00 = ::fma(ck, b00, -mul_rn(sk, b10)), x01 = ::fma(ck, b01, -mul_rn(sk, b11));
+  const double x10 = ::fma(sk, b00, mul_rn(ck, b10)), x11 = ::fma(sk, b01, mul_rn(ck, b11));
   // Columns: (X J)_.p = c x_.p - s x_.q ; (X J)_.q = s x_.p + c x_.q
-  a[i00] = ::fma(cl, x00, -(sl * x01));
-  if (col_q) a[i01] = ::fma(sl, x00, cl * x01);
-  if (row_q) a[i10] = ::fma(cl, x10, -(sl * x11));
-  if (row_q && col_q) a[i11] = ::fma(sl, x10, cl * x11);
+  a[i00] = ::fma(cl, x00, -mul_rn(sl, x01));
+  if (col_q) a[i01] = ::fma(sl, x00, mul_rn(cl, x01));
+  if (row_q) a[i10] = ::fma(cl, x10, -mul_rn(sl, x11));
+  if (row_q && col_q) a[i11] = ::fma(sl, x10, mul_rn(cl, x11));
 }
 
 // Round phase 2, one column j of the eigenvector rows (p, q): V <- V J, stored as V^T.
@@ -161,8 +187,8 @@ template <class Store>
 PCCFAST_HD void rotate_vectors(const Store& a, int n, int p, int q, double c, double s, int j) {
   const int ip = vector_index(n, p, j), iq = vector_index(n, q, j);
   const double vp = a[ip], vq = a[iq];
-  a[ip] = ::fma(c, vp, -(s * vq));
-  a[iq] = ::fma(s, vp, c * vq);
+  a[ip] = ::fma(c, vp, -mul_rn(s, vq));
+  a[iq] = ::fma(s, vp, mul_rn(c, vq));
 }
 
 // A power of two that brings the largest |a_ij| into [1, 2) (1 for a zero or non-finite max).
@@ -176,19 +202,19 @@ PCCFAST_HD double norm_scale(double largest) {
 template <class Store>
 PCCFAST_HD void add_norm_terms(const Store& a, int i, int j, double scale, double* off2,
                                double* diag2) {
-  const double x = a[packed_index(i, j)] * scale;
+  const double x = mul_rn(a[packed_index(i, j)], scale);
   if (i == j) {
     *diag2 = ::fma(x, x, *diag2);
   } else {
-    *off2 = ::fma(2.0 * x, x, *off2);
+    *off2 = ::fma(mul_rn(2.0, x), x, *off2);
   }
 }
 
 // The scaled sums are at most 4 n^2, so an infinite or NaN sum means non-finite input: that
 // never converges (and is reported as such).
 PCCFAST_HD bool converged(double off2, double diag2) {
-  const double total = off2 + diag2;
-  return total < INFINITY && off2 <= (kTolerance * kTolerance) * total;
+  const double total = add_rn(off2, diag2);
+  return total < INFINITY && off2 <= mul_rn(kTolerance * kTolerance, total);
 }
 
 // Position of eigenvalue i in ascending order (ties by index).
