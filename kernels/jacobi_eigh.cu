@@ -85,21 +85,12 @@ __device__ double block_max(double x, double* scratch) {
   return x;
 }
 
-// grid: one block of threads_for(n) threads per matrix; dynamic shared memory:
-// fixed_shared_bytes(n) + cap doubles. gram (B, n, n) contiguous; values (B, n); vectors_t
-// (B, n, n) with row k = eigenvector of values[k]; sweeps (B,), -1 = did not converge.
-__global__ void __launch_bounds__(J::kMaxThreads)
-    jacobi_eigh_kernel(const double* __restrict__ gram, int n, int cap, double* spill,
-                       int64_t spill_stride, double* __restrict__ values,
-                       double* __restrict__ vectors_t, int* __restrict__ sweeps_out) {
-  extern __shared__ __align__(16) unsigned char shared_bytes[];
-  const int64_t b = blockIdx.x;
+// One matrix per block: the steps of kernels/jacobi_eigh.cuh between barriers.
+template <class Store>
+__device__ void jacobi_block(const Store& a, const J::SharedLayout& l, const double* gram, int n,
+                             double* values, double* vectors_t, int* sweeps_out) {
   const int tid = threadIdx.x, threads = blockDim.x;
-  const J::SharedLayout l = J::shared_layout(shared_bytes, n);
-  const J::SplitStorage a{l.storage, spill + b * spill_stride, cap};
-  const int64_t nn = int64_t(n) * n;
-
-  const double largest = J::load_step(tid, threads, gram + b * nn, n, a);
+  const double largest = J::load_step(tid, threads, gram, n, a);
   const double scale = J::norm_scale(block_max(largest, l.scratch));  // barrier: A loaded
   int sweeps = -1;
   for (int sweep = 0;; ++sweep) {
@@ -120,8 +111,29 @@ __global__ void __launch_bounds__(J::kMaxThreads)
   }
   J::rank_step(tid, threads, a, n, l.ranks);
   __syncthreads();
-  J::write_step(tid, threads, a, n, l.ranks, values + b * n, vectors_t + b * nn);
-  if (tid == 0) sweeps_out[b] = sweeps;
+  J::write_step(tid, threads, a, n, l.ranks, values, vectors_t);
+  if (tid == 0) *sweeps_out = sweeps;
+}
+
+// grid: one block of threads_for(n) threads per matrix; dynamic shared memory:
+// fixed_shared_bytes(n) + cap doubles, the rest of each matrix's storage in `spill` (kSpill).
+// gram (B, n, n) contiguous; values (B, n); vectors_t (B, n, n) with row k = eigenvector of
+// values[k]; sweeps (B,), -1 = did not converge.
+template <bool kSpill>
+__global__ void __launch_bounds__(J::kMaxThreads)
+    jacobi_eigh_kernel(const double* __restrict__ gram, int n, int cap, double* spill,
+                       int64_t spill_stride, double* __restrict__ values,
+                       double* __restrict__ vectors_t, int* __restrict__ sweeps) {
+  extern __shared__ __align__(16) unsigned char shared_bytes[];
+  const int64_t b = blockIdx.x, nn = int64_t(n) * n;
+  const J::SharedLayout l = J::shared_layout(shared_bytes, n);
+  if constexpr (kSpill) {
+    const J::SplitStorage a{l.storage, spill + b * spill_stride, cap};
+    jacobi_block(a, l, gram + b * nn, n, values + b * n, vectors_t + b * nn, sweeps + b);
+  } else {
+    const J::SharedStorage a{l.storage};
+    jacobi_block(a, l, gram + b * nn, n, values + b * n, vectors_t + b * nn, sweeps + b);
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor> batched_eigh_cuda(const at::Tensor& gram) {
@@ -160,10 +172,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jacobi_eigh_cuda(const at::Tensor
   const int64_t spill_stride = J::storage_size(n) - cap;
   at::Tensor spill = at::empty({spill_stride > 0 ? b * spill_stride : 1}, g.options());
   const int shared = J::fixed_shared_bytes(n) + cap * int(sizeof(double));
-  C10_CUDA_CHECK(cudaFuncSetAttribute(jacobi_eigh_kernel,
-                                      cudaFuncAttributeMaxDynamicSharedMemorySize, shared));
-  jacobi_eigh_kernel<<<static_cast<unsigned>(b), J::threads_for(n), shared,
-                       c10::cuda::getCurrentCUDAStream()>>>(
+  const auto kernel = spill_stride > 0 ? jacobi_eigh_kernel<true> : jacobi_eigh_kernel<false>;
+  C10_CUDA_CHECK(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared));
+  kernel<<<static_cast<unsigned>(b), J::threads_for(n), shared,
+           c10::cuda::getCurrentCUDAStream()>>>(
       g.data_ptr<double>(), n, cap, spill.data_ptr<double>(), spill_stride,
       values.data_ptr<double>(), vectors_t.data_ptr<double>(), sweeps.data_ptr<int>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();

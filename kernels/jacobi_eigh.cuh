@@ -270,6 +270,13 @@ struct SplitStorage {
   PCCFAST_HD double& operator[](int i) const { return i < cap ? shared[i] : spill[i - cap]; }
 };
 
+// A matrix's storage when all of it fits in shared memory (n <= 96 on an H100): plain shared
+// loads and stores instead of the generic ones a SplitStorage needs.
+struct SharedStorage {
+  double* shared;
+  PCCFAST_HD double& operator[](int i) const { return shared[i]; }
+};
+
 // The block's shared memory, carved out of `base` (fixed_shared_bytes(n) + cap doubles).
 struct SharedLayout {
   double* cosines;
@@ -295,7 +302,8 @@ PCCFAST_HD SharedLayout shared_layout(unsigned char* base, int n) {
 }
 
 // Load: the lower triangle of gram (n x n, row-major) into A, V^T = I. -> this thread's max |a_ij|.
-PCCFAST_HD double load_step(int tid, int threads, const double* g, int n, const SplitStorage& a) {
+template <class Store>
+PCCFAST_HD double load_step(int tid, int threads, const double* g, int n, const Store& a) {
   double largest = 0.0;
   for (int e = tid; e < n * n; e += threads) {
     const int i = e / n, j = e - i * n;
@@ -310,7 +318,8 @@ PCCFAST_HD double load_step(int tid, int threads, const double* g, int n, const 
 }
 
 // Convergence test terms: this thread's scaled sums of squares, off-diagonal and diagonal.
-PCCFAST_HD void norm_step(int tid, int threads, const SplitStorage& a, int n, double scale,
+template <class Store>
+PCCFAST_HD void norm_step(int tid, int threads, const Store& a, int n, double scale,
                           double* off2, double* diag2) {
   *off2 = 0.0;
   *diag2 = 0.0;
@@ -321,7 +330,8 @@ PCCFAST_HD void norm_step(int tid, int threads, const SplitStorage& a, int n, do
 }
 
 // Round phase 1: the rotations of this thread's pairs, their diagonal blocks updated.
-PCCFAST_HD void rotation_step(int tid, int threads, const SplitStorage& a, int n, int round,
+template <class Store>
+PCCFAST_HD void rotation_step(int tid, int threads, const Store& a, int n, int round,
                               const SharedLayout& l) {
   for (int k = tid; k < pair_count(n); k += threads) {
     int p, q;
@@ -334,7 +344,8 @@ PCCFAST_HD void rotation_step(int tid, int threads, const SplitStorage& a, int n
 
 // Round phase 2: this thread's off-diagonal blocks, then a warp per pair on the eigenvector
 // rows (coalesced along V^T's rows).
-PCCFAST_HD void update_step(int tid, int threads, const SplitStorage& a, int n,
+template <class Store>
+PCCFAST_HD void update_step(int tid, int threads, const Store& a, int n,
                             const SharedLayout& l) {
   const int pairs = pair_count(n), items = block_items(n);
   for (int item = tid; item < items; item += threads) {
@@ -353,12 +364,14 @@ PCCFAST_HD void update_step(int tid, int threads, const SplitStorage& a, int n,
   }
 }
 
-PCCFAST_HD void rank_step(int tid, int threads, const SplitStorage& a, int n, int* ranks) {
+template <class Store>
+PCCFAST_HD void rank_step(int tid, int threads, const Store& a, int n, int* ranks) {
   for (int i = tid; i < n; i += threads) ranks[i] = sorted_rank(a, n, i);
 }
 
 // Output: eigenvalue i at its rank, its eigenvector as row `rank` of vectors_t.
-PCCFAST_HD void write_step(int tid, int threads, const SplitStorage& a, int n, const int* ranks,
+template <class Store>
+PCCFAST_HD void write_step(int tid, int threads, const Store& a, int n, const int* ranks,
                            double* values, double* vectors_t) {
   for (int i = tid; i < n; i += threads) values[ranks[i]] = a[packed_index(i, i)];
   const int lane = tid % kWarp, warp = tid / kWarp, warps = threads / kWarp;
@@ -394,22 +407,11 @@ inline double block_sum_host(const double* partial, int threads) {
   return warp_tree(v);
 }
 
-// The kernel's block for one matrix, run on the host: the same layout (shared_bytes of
-// "shared memory", the rest of the storage spilled), the same steps for every thread between
-// the same barriers, the same reduction order. gram: (n, n) row-major (lower triangle read)
-// -> values (n) ascending, vectors_t (n, n) with row k the eigenvector of values[k]; returns
-// the sweeps used, or -1 if it did not converge (non-finite input).
-inline int jacobi_eigh_host(const double* gram, int n, double* values, double* vectors_t,
-                            int shared_bytes = kHopperSharedBytes) {
+template <class Store>
+int jacobi_block_host(const Store& a, const SharedLayout& l, const double* gram, int n,
+                      double* values, double* vectors_t) {
   const int threads = threads_for(n);
-  const int cap = shared_capacity(n, shared_bytes);
-  if (cap < 0) return -1;
-  std::vector<double> shared((fixed_shared_bytes(n) + 7) / 8 + cap);
-  std::vector<double> spill(storage_size(n) - cap);
-  const SharedLayout l = shared_layout(reinterpret_cast<unsigned char*>(shared.data()), n);
-  const SplitStorage a{l.storage, spill.data(), cap};
   std::vector<double> off(threads), diag(threads);
-
   double largest = 0.0;
   for (int tid = 0; tid < threads; ++tid) {
     largest = ::fmax(largest, load_step(tid, threads, gram, n, a));
@@ -435,6 +437,23 @@ inline int jacobi_eigh_host(const double* gram, int n, double* values, double* v
     write_step(tid, threads, a, n, l.ranks, values, vectors_t);
   }
   return sweeps;
+}
+
+// The kernel's block for one matrix, run on the host: the same layout (shared_bytes of
+// "shared memory", the rest of the storage spilled), the same steps for every thread between
+// the same barriers, the same reduction order. gram: (n, n) row-major (lower triangle read)
+// -> values (n) ascending, vectors_t (n, n) with row k the eigenvector of values[k]; returns
+// the sweeps used, or -1 if it did not converge (non-finite input).
+inline int jacobi_eigh_host(const double* gram, int n, double* values, double* vectors_t,
+                            int shared_bytes = kHopperSharedBytes) {
+  const int cap = shared_capacity(n, shared_bytes);
+  if (cap < 0) return -1;
+  std::vector<double> shared((fixed_shared_bytes(n) + 7) / 8 + cap);
+  std::vector<double> spill(storage_size(n) - cap);
+  const SharedLayout l = shared_layout(reinterpret_cast<unsigned char*>(shared.data()), n);
+  if (spill.empty()) return jacobi_block_host(SharedStorage{l.storage}, l, gram, n, values, vectors_t);
+  return jacobi_block_host(SplitStorage{l.storage, spill.data(), cap}, l, gram, n, values,
+                           vectors_t);
 }
 #endif
 
