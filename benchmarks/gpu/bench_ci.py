@@ -1,25 +1,28 @@
-"""CI on the GPU: the CUDA fast path against the CPU fast path and the brute force, and the
-batched Jacobi eigensolver against torch.linalg.eigh on CUDA. Prints markdown tables.
+"""CI on the GPU: the CUDA fast path against the CPU fast path and the brute force, where its
+time goes (Gram kernel, eigensolvers), and the batched Jacobi eigensolver against
+torch.linalg.eigh on CUDA. Prints markdown tables.
 
     python benchmarks/gpu/bench_ci.py                 # on a CUDA machine (H100: a few minutes)
     python benchmarks/gpu/bench_ci.py --dry-run       # anywhere: tiny sizes, CPU stand-ins
 
-Feature maps are ReLU'd Gaussians (non-negative, half zeros: the spectrum of real post-ReLU
-activations, one large mean direction) in --dtype, (images, C, H*W). Every time is the best of
---repeats runs after a warm-up on two images, with the device synchronised. The brute force
-(one nuclear norm per channel, CHIP style, float64) runs on --brute-images images only and is
-extrapolated to --images, as the tables say; the errors of both fast paths are measured against
-it on those images, relative to the image's nuclear norm (the SPEC bar is 1e-7).
+Feature maps are ReLU'd Gaussians (non-negative, half zeros: like post-ReLU activations, one
+large mean direction) in --dtype, (images, C, H*W). Every time is the best of --repeats runs
+after a warm-up on two images, with the device synchronised. The brute force (one nuclear norm
+per channel, CHIP style, float64) runs on --brute-images images only and is extrapolated to
+--images, as the tables say; the errors of both fast paths are measured against it on those
+images, relative to the image's nuclear norm (the SPEC bar is 1e-7).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import math
 import os
 import sys
 import time
+from typing import Callable
 
 import torch
 
@@ -49,6 +52,19 @@ EIGH_SIZES = (16, 32, 64, 128, 256, 512)
 DRY_RUN_SHAPES = [("tiny C<P", 6, 20), ("tiny C=P", 9, 9), ("tiny P<C", 12, 5)]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64}
+
+
+@dataclasses.dataclass
+class Kit:
+    """What runs the fast path (the CUDA kernels, or their CPU stand-ins for --dry-run)."""
+
+    device: torch.device
+    label: str  # of the fast path
+    ci: Callable  # (B, C, P) -> (B, C) float64
+    gram: Callable  # (B, C, P) -> (B, m, m) float64
+    jacobi: Callable  # (B, n, n) -> (values, vectors)
+    jacobi_label: str
+    eigh_label: str  # of torch.linalg.eigh on the device
 
 
 def synchronize(device: torch.device) -> None:
@@ -87,15 +103,31 @@ def bar_error(fast: torch.Tensor, brute: torch.Tensor, rows64: torch.Tensor) -> 
     return float(((fast.cpu() - brute.cpu()).abs() / nuclear.cpu().clamp_min(1e-300)).max())
 
 
-def bench_ci_layers(title, shapes, args, fast_device, fast_fn, fast_label):
-    """One table: per layer, the fast path on `fast_device`, the CPU fast path, brute force."""
+def _jacobi_pair(fn):
+    def run(gram):
+        values, vectors = fn(gram)[:2]
+        return values, vectors
+
+    return run
+
+
+def bench_ci_layers(title: str, shapes, args, kit: Kit) -> str:
+    """Two tables: per layer, the fast path against the CPU fast path and the brute force;
+    and the fast path's parts (Gram kernel, the two eigensolvers on the layer's Gram matrices)."""
     rows = []
+    cpu = torch.device("cpu")
     for index, (name, c, p) in enumerate(shapes):
-        x = feature_maps(args.images, c, p, args.dtype, fast_device, seed=index)
-        t_fast, ci_dev = best_time(lambda: fast_fn(x), fast_device, args.repeats,
-                                   warmup=lambda: fast_fn(x[:2]))
+        x = feature_maps(args.images, c, p, args.dtype, kit.device, seed=index)
+        t_fast, ci_fast = best_time(lambda: kit.ci(x), kit.device, args.repeats,
+                                    warmup=lambda: kit.ci(x[:2]))
+        t_gram, gram = best_time(lambda: kit.gram(x), kit.device, args.repeats,
+                                 warmup=lambda: kit.gram(x[:2]))
+        t_jacobi, _ = best_time(lambda: kit.jacobi(gram), kit.device, args.repeats,
+                                warmup=lambda: kit.jacobi(gram[:2]))
+        t_eigh, _ = best_time(lambda: torch.linalg.eigh(gram), kit.device, args.repeats,
+                              warmup=lambda: torch.linalg.eigh(gram[:2]))
+        del gram
         x_cpu = x[: args.cpu_images].cpu()
-        cpu = torch.device("cpu")
         t_cpu, ci_cpu = best_time(lambda: torch.ops.pccfast.channel_independence(x_cpu), cpu,
                                   args.repeats,
                                   warmup=lambda: torch.ops.pccfast.channel_independence(x_cpu[:2]))
@@ -109,13 +141,17 @@ def bench_ci_layers(title, shapes, args, fast_device, fast_fn, fast_label):
         rows.append({
             "layer": name, "C": c, "P": p, "m": min(c, p),
             "fast": t_fast, "cpu": t_cpu, "brute": t_brute,
-            "err_fast": bar_error(ci_dev[:k], brute, rows64),
+            "gram": t_gram, "jacobi": t_jacobi, "eigh": t_eigh,
+            "err_fast": bar_error(ci_fast[:k], brute, rows64),
             "err_cpu": bar_error(ci_cpu[:k], brute, rows64),
         })
         del x, x_cpu, rows64
-        if fast_device.type == "cuda":
+        if kit.device.type == "cuda":
             torch.cuda.empty_cache()
-    extrapolated = "" if args.cpu_images >= args.images else f", extrapolated from {args.cpu_images} images"
+
+    fast = kit.label
+    extrapolated = ("" if args.cpu_images >= args.images
+                    else f", extrapolated from {args.cpu_images} images")
     lines = [
         f"### {title}: {args.images} images, {str(args.dtype).replace('torch.', '')}",
         "",
@@ -124,9 +160,9 @@ def bench_ci_layers(title, shapes, args, fast_device, fast_fn, fast_label):
         f"{extrapolated}. Errors: max over channels and brute-forced images of "
         "|CI - CI_brute| / ||A||_* (bar 1e-7).",
         "",
-        f"| layer | C | H*W | m | {fast_label} (s) | CPU fast (s) "
-        f"| brute force {args.brute_device}, extrapolated (s) | CPU / {fast_label} "
-        f"| brute / {fast_label} | brute / CPU | err {fast_label} | err CPU |",
+        f"| layer | C | H*W | m | {fast} (s) | CPU fast (s) "
+        f"| brute force {args.brute_device}, extrapolated (s) | CPU / {fast} "
+        f"| brute / {fast} | brute / CPU | err {fast} | err CPU |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
@@ -135,7 +171,8 @@ def bench_ci_layers(title, shapes, args, fast_device, fast_fn, fast_label):
             f"| {r['brute']:.3g} | {_ratio(r['cpu'], r['fast'])} | {_ratio(r['brute'], r['fast'])} "
             f"| {_ratio(r['brute'], r['cpu'])} | {r['err_fast']:.1e} | {r['err_cpu']:.1e} |"
         )
-    total = {key: sum(r[key] for r in rows) for key in ("fast", "cpu", "brute")}
+    total = {key: sum(r[key] for r in rows) for key in ("fast", "cpu", "brute", "gram", "jacobi",
+                                                         "eigh")}
     worst = {key: max(r[key] for r in rows) for key in ("err_fast", "err_cpu")}
     lines.append(
         f"| **all layers** | | | | **{total['fast']:.3g}** | **{total['cpu']:.3g}** "
@@ -143,31 +180,52 @@ def bench_ci_layers(title, shapes, args, fast_device, fast_fn, fast_label):
         f"| **{_ratio(total['brute'], total['fast'])}** | **{_ratio(total['brute'], total['cpu'])}** "
         f"| {worst['err_fast']:.1e} | {worst['err_cpu']:.1e} |"
     )
+    lines += [
+        "",
+        f"Where the {fast} time goes: the Gram kernel, then either eigensolver on the layer's "
+        f"{args.images} Gram matrices (the operator uses the Jacobi kernel for m <= 256, "
+        "PCCFAST_CI_EIGH overrides); the rest of the operator is the quadrature.",
+        "",
+        f"| layer | m | {fast} total (s) | Gram (s) | {kit.jacobi_label} (s) "
+        f"| {kit.eigh_label} (s) | {kit.eigh_label} / {kit.jacobi_label} |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['layer']} | {r['m']} | {r['fast']:.3g} | {r['gram']:.3g} | {r['jacobi']:.3g} "
+            f"| {r['eigh']:.3g} | {_ratio(r['eigh'], r['jacobi'])} |"
+        )
+    lines.append(
+        f"| **all layers** | | **{total['fast']:.3g}** | **{total['gram']:.3g}** "
+        f"| **{total['jacobi']:.3g}** | **{total['eigh']:.3g}** "
+        f"| **{_ratio(total['eigh'], total['jacobi'])}** |"
+    )
     return "\n".join(lines)
 
 
-def bench_eigh(args, device, jacobi_fn, baseline_fn, jacobi_label, baseline_label, sizes):
+def bench_eigh(args, kit: Kit) -> str:
     lines = [
         f"### Batched symmetric eigensolver: {args.eigh_batch} Gram matrices per call, float64",
         "",
-        "Gram matrices of ReLU'd Gaussian rows (n x 2n). Error: max |lambda_jacobi - "
-        f"lambda_{baseline_label}| / ||G||_2.",
+        "Gram matrices of ReLU'd Gaussian rows (n x 2n). Errors against "
+        f"{kit.eigh_label}: max |lambda - lambda_ref| / ||G||_2, and max |V^T V - I|.",
         "",
-        f"| n | {jacobi_label} (ms) | {baseline_label} (ms) | {baseline_label} / {jacobi_label} "
-        "| eigenvalue error | orthogonality error |",
+        f"| n | {kit.jacobi_label} (ms) | {kit.eigh_label} (ms) "
+        f"| {kit.eigh_label} / {kit.jacobi_label} | eigenvalue error | orthogonality error |",
         "|---:|---:|---:|---:|---:|---:|",
     ]
     wins = []
-    for n in sizes:
-        x = feature_maps(args.eigh_batch, n, 2 * n, torch.float64, device, seed=n)
+    for n in args.eigh_sizes:
+        x = feature_maps(args.eigh_batch, n, 2 * n, torch.float64, kit.device, seed=n)
         gram = x @ x.mT
-        t_jacobi, (values, vectors) = best_time(lambda: jacobi_fn(gram), device, args.repeats,
-                                                warmup=lambda: jacobi_fn(gram[:2]))
-        t_base, (ref_values, _) = best_time(lambda: baseline_fn(gram), device, args.repeats,
-                                            warmup=lambda: baseline_fn(gram[:2]))
+        t_jacobi, (values, vectors) = best_time(lambda: kit.jacobi(gram), kit.device,
+                                                args.repeats, warmup=lambda: kit.jacobi(gram[:2]))
+        t_base, (ref_values, _) = best_time(lambda: torch.linalg.eigh(gram), kit.device,
+                                            args.repeats,
+                                            warmup=lambda: torch.linalg.eigh(gram[:2]))
         norm = ref_values.abs().amax(-1, keepdim=True).clamp_min(1e-300)
         err = float(((values - ref_values).abs() / norm).max())
-        eye = torch.eye(n, dtype=torch.float64, device=device)
+        eye = torch.eye(n, dtype=torch.float64, device=kit.device)
         orth = float((vectors.mT @ vectors - eye).abs().max())
         wins.append((n, t_base / t_jacobi))
         lines.append(
@@ -176,14 +234,9 @@ def bench_eigh(args, device, jacobi_fn, baseline_fn, jacobi_label, baseline_labe
         )
         del x, gram
     largest_win = max((n for n, ratio in wins if ratio > 1.0), default=None)
-    lines += ["", f"Largest n where the Jacobi kernel wins: {largest_win} "
-              "(kernels/ci_cuda.cu: kJacobiMaxSize, override with PCCFAST_CI_EIGH)."]
+    lines += ["", f"Largest n where {kit.jacobi_label} wins: {largest_win} "
+              "(kernels/ci_cuda.cu: kJacobiMaxSize = 256; PCCFAST_CI_EIGH overrides)."]
     return "\n".join(lines)
-
-
-def _jacobi_emulation(gram):
-    values, vectors, _ = ci_cuda.jacobi_eigh_emulation(gram)
-    return values, vectors
 
 
 def parse_args(argv=None):
@@ -198,13 +251,15 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
                         help="dtype of the feature maps (default float32)")
     parser.add_argument("--eigh-batch", type=int, default=640, help="matrices per eigh call")
-    parser.add_argument("--eigh-sizes", type=int, nargs="+", default=list(EIGH_SIZES))
+    parser.add_argument("--eigh-sizes", type=int, nargs="+", default=list(EIGH_SIZES),
+                        help="matrix sizes of the eigensolver table")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs, best kept")
     parser.add_argument("--skip", choices=["vgg", "resnet", "eigh"], nargs="*", default=[],
                         help="tables to leave out")
     parser.add_argument("--out", default=None, help="also write the tables to this file")
     parser.add_argument("--dry-run", action="store_true",
-                        help="tiny sizes on the CPU with CPU stand-ins for the CUDA kernels")
+                        help="tiny sizes on the CPU, with the CPU operator and the kernels' "
+                        "host emulations standing in for the CUDA kernels")
     args = parser.parse_args(argv)
     if args.dry_run:
         args.images, args.brute_images, args.eigh_batch, args.repeats = 4, 1, 6, 1
@@ -223,12 +278,11 @@ def main(argv=None) -> int:
         print(f"pccfast._C is unavailable: {reason}", file=sys.stderr)
         return 2
     if args.dry_run:
-        device = torch.device("cpu")
-        fast_fn = torch.ops.pccfast.channel_independence
-        fast_label, jacobi_fn, jacobi_label = "CPU op", _jacobi_emulation, "Jacobi (host emulation)"
-        baseline_label = "torch eigh (CPU)"
+        kit = Kit(torch.device("cpu"), "CPU op", torch.ops.pccfast.channel_independence,
+                  ci_cuda.small_side_gram_emulation, _jacobi_pair(ci_cuda.jacobi_eigh_emulation),
+                  "Jacobi (host emulation)", "torch eigh (CPU)")
         vgg, resnet = DRY_RUN_SHAPES, DRY_RUN_SHAPES[:2]
-        header = "dry run: tiny sizes, CPU stand-ins for the CUDA kernels (timings meaningless)"
+        header = "dry run: tiny sizes, CPU stand-ins for the CUDA kernels, timings meaningless"
     else:
         if not torch.cuda.is_available():
             print("no CUDA device (use --dry-run to check the script on the CPU)", file=sys.stderr)
@@ -236,27 +290,23 @@ def main(argv=None) -> int:
         if not ci_cuda.has_cuda_ops():
             print("pccfast._C was built without CUDA kernels (PCCFAST_CUDA=1)", file=sys.stderr)
             return 2
-        device = torch.device("cuda")
-        fast_fn = torch.ops.pccfast.channel_independence
-        fast_label, jacobi_fn, jacobi_label = "CUDA", ci_cuda.batched_eigh, "Jacobi kernel"
-        baseline_label = "torch eigh (CUDA)"
+        kit = Kit(torch.device("cuda"), "CUDA", torch.ops.pccfast.channel_independence,
+                  ci_cuda.small_side_gram, ci_cuda.batched_eigh, "Jacobi kernel",
+                  "torch eigh (CUDA)")
         vgg, resnet = VGG16_CIFAR, RESNET50
-        header = f"{torch.cuda.get_device_name(device)}"
-    args.brute_device = args.brute_device or device.type
+        header = torch.cuda.get_device_name(kit.device)
+    args.brute_device = args.brute_device or kit.device.type
     print(f"## CI benchmark ({header}), torch {torch.__version__}, "
           f"{datetime.date.today().isoformat()}\n", flush=True)
     sections = []
     if "vgg" not in args.skip:
-        sections.append(bench_ci_layers("VGG-16 on CIFAR-10, 12 scored layers", vgg, args,
-                                        device, fast_fn, fast_label))
+        sections.append(bench_ci_layers("VGG-16 on CIFAR-10, 12 scored layers", vgg, args, kit))
         print(sections[-1] + "\n", flush=True)
     if "resnet" not in args.skip:
-        sections.append(bench_ci_layers("ResNet-50 on ImageNet, scored layers", resnet, args,
-                                        device, fast_fn, fast_label))
+        sections.append(bench_ci_layers("ResNet-50 on ImageNet, scored layers", resnet, args, kit))
         print(sections[-1] + "\n", flush=True)
     if "eigh" not in args.skip:
-        sections.append(bench_eigh(args, device, jacobi_fn, torch.linalg.eigh, jacobi_label,
-                                   baseline_label, args.eigh_sizes))
+        sections.append(bench_eigh(args, kit))
         print(sections[-1] + "\n", flush=True)
     if args.out:
         tmp = args.out + ".tmp"
