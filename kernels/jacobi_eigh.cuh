@@ -451,7 +451,9 @@ inline int jacobi_eigh_host(const double* gram, int n, double* values, double* v
   std::vector<double> shared((fixed_shared_bytes(n) + 7) / 8 + cap);
   std::vector<double> spill(storage_size(n) - cap);
   const SharedLayout l = shared_layout(reinterpret_cast<unsigned char*>(shared.data()), n);
-  if (spill.empty()) return jacobi_block_host(SharedStorage{l.storage}, l, gram, n, values, vectors_t);
+  if (spill.empty()) {
+    return jacobi_block_host(SharedStorage{l.storage}, l, gram, n, values, vectors_t);
+  }
   return jacobi_block_host(SplitStorage{l.storage, spill.data(), cap}, l, gram, n, values,
                            vectors_t);
 }

@@ -177,7 +177,8 @@ def bench_ci_layers(title: str, shapes, args, kit: Kit) -> str:
     lines.append(
         f"| **all layers** | | | | **{total['fast']:.3g}** | **{total['cpu']:.3g}** "
         f"| **{total['brute']:.3g}** | **{_ratio(total['cpu'], total['fast'])}** "
-        f"| **{_ratio(total['brute'], total['fast'])}** | **{_ratio(total['brute'], total['cpu'])}** "
+        f"| **{_ratio(total['brute'], total['fast'])}** "
+        f"| **{_ratio(total['brute'], total['cpu'])}** "
         f"| {worst['err_fast']:.1e} | {worst['err_cpu']:.1e} |"
     )
     lines += [

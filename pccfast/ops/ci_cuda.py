@@ -32,7 +32,8 @@ def _fake_eigh(gram):
 
 def _fake_eigh_emulation(gram, shared_bytes=HOPPER_SHARED_BYTES):
     b, n, _ = gram.shape
-    return gram.new_empty((b, n)), gram.new_empty((b, n, n)), gram.new_empty((b,), dtype=torch.int32)
+    sweeps = gram.new_empty((b,), dtype=torch.int32)
+    return gram.new_empty((b, n)), gram.new_empty((b, n, n)), sweeps
 
 
 def _fake_gram(fmaps):
