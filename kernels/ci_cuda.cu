@@ -32,7 +32,7 @@ namespace {
 // Eigensolver for the Gram matrices: the Jacobi kernel up to this size, cuSOLVER
 // (torch.linalg.eigh: one matrix at a time above n = 32) beyond. An estimate from operation
 // and traffic counts, not yet a measurement: the kernel's storage spills out of shared memory
-// above n ~ 96 (V^T) and n ~ 236 (A), and past L2 near n = 512 with one matrix per SM.
+// above n = 138 (V^T) and n = 238 (A), and past L2 near n = 512 with one matrix per SM.
 // benchmarks/gpu/bench_ci.py measures both; PCCFAST_CI_EIGH=jacobi|torch|auto overrides.
 constexpr int64_t kJacobiMaxSize = 256;
 

@@ -8,7 +8,7 @@
 //
 // Memory: each block keeps its matrix's working storage (packed lower triangle of A, then V^T:
 // n(n+1)/2 + n^2 doubles) in shared memory as far as the device's per-block limit allows
-// (227 KB on H100/H200: everything up to n = 96, all of A up to n = 236) and the rest in a
+// (227 KB on H100/H200: everything up to n = 138, all of A up to n = 238) and the rest in a
 // global-memory spill area (L2-resident at these sizes) -- one code path for every n up to
 // jacobi::kMaxSize. A round is two phases separated by __syncthreads: the rotations of the
 // N/2 disjoint pairs (phase 1), then every off-diagonal 2x2 block and the eigenvector rows

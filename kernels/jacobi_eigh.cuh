@@ -270,7 +270,7 @@ struct SplitStorage {
   PCCFAST_HD double& operator[](int i) const { return i < cap ? shared[i] : spill[i - cap]; }
 };
 
-// A matrix's storage when all of it fits in shared memory (n <= 96 on an H100): plain shared
+// A matrix's storage when all of it fits in shared memory (n <= 138 on an H100): plain shared
 // loads and stores instead of the generic ones a SplitStorage needs.
 struct SharedStorage {
   double* shared;
