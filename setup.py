@@ -8,6 +8,7 @@ builds no extension at all: the package then runs on the pure-PyTorch reference 
 
 import glob
 import os
+import shutil
 import sys
 
 from setuptools import setup
@@ -30,9 +31,27 @@ def _want_cuda(torch, cuda_home):
     return have
 
 
+def _point_cuda_home_at_toolkit():
+    """torch takes CUDA_HOME to be nvcc's grandparent folder; when nvcc is a wrapper script
+    (e.g. /usr/local/bin/nvcc exec-ing /usr/local/cuda-13.0/bin/nvcc) that folder holds no
+    toolkit and linking fails (-lcudart). Use /usr/local/cuda then, unless CUDA_HOME is set."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return
+    guess = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    if os.path.exists(os.path.join(guess, "include", "cuda_runtime.h")):
+        return
+    fallback = "/usr/local/cuda"
+    if os.path.exists(os.path.join(fallback, "include", "cuda_runtime.h")):
+        os.environ["CUDA_HOME"] = fallback
+
+
 def _extensions():
     if os.environ.get("PCCFAST_NO_EXT", "") == "1":
         return [], {}
+    _point_cuda_home_at_toolkit()
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
