@@ -39,7 +39,7 @@ bench: install
 
 cpp-test: install
 	TORCH_CUDA_ARCH_LIST=$${TORCH_CUDA_ARCH_LIST:-9.0} cmake -S . -B build/cmake $$($(PY) tests/cpp/cmake_args.py) >/dev/null
-	cmake --build build/cmake -j2 --target test_kernels
+	cmake --build build/cmake -j2 --target test_kernels test_jacobi_eigh
 	cd build/cmake && ctest --output-on-failure
 
 info: install

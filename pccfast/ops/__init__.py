@@ -9,6 +9,8 @@ PCC (pixel-level cross-correlation, SPEC section 1):
 CI (channel independence, SPEC section 2):
     ci_reference     the definition (brute force) and the fast algorithm in PyTorch ("torch")
     ci_compiled      compiled kernels: csrc/ci_cpu.cpp ("cpu"), kernels/ci_cuda.cu ("cuda")
+    ci_cuda          the CUDA solver's parts as ops (batched_eigh, small_side_gram) and their
+                     CPU emulations (the kernels' own steps, so the numerics test without a GPU)
 
 Plumbing:
     _C               loads the compiled extension and remembers why it is missing
