@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The GPU check: one device call of at most 8 minutes on one H100/H200.
+#
+#   builds the extension with its CUDA kernels (sm_90), runs the GPU tests, then prints the
+#   performance table of SPEC section 6:
+#     - PCC forward+backward, bf16, batch 256, ResNet-50 shapes (channel/sample, pixel/sample,
+#       abs and square): fused Triton vs eager naive vs torch.compile of naive, with time, peak
+#       extra memory and the roofline floor measured on the card;
+#     - a full ResNet-50 training step with and without the regulariser on all scored layers;
+#     - CI for the VGG-16-CIFAR and ResNet-50 scored shapes: CUDA fast path vs CPU vs brute force,
+#       and the batched Jacobi eigensolver vs torch.linalg.eigh.
+#
+#   usage (from the repository root):  bash benchmarks/gpu/check.sh [--dry-run]
+#   Tables and logs go to $OUT when it is set (the device tool's output folder), else to
+#   benchmarks/gpu/out/. Copy the printed tables into benchmarks/RESULTS.md with device and date.
+#   --dry-run runs every step on the CPU at toy sizes (no build of the CUDA kernels), to check
+#   the script itself before spending device time.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+PY=${PYTHON:-python3}
+OUTDIR=${OUT:-benchmarks/gpu/out}
+mkdir -p "$OUTDIR"
+DRY=0
+[[ "${1:-}" == "--dry-run" ]] && DRY=1
+status=0
+
+step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep going on failure
+  local name=$1 limit=$2
+  shift 2
+  echo "=== $name (limit ${limit}s)"
+  local start=$SECONDS
+  timeout --signal=INT "$limit" "$@" 2>&1 | tee "$OUTDIR/$name.log"
+  local rc=${PIPESTATUS[0]}
+  echo "=== $name: exit $rc after $((SECONDS - start))s"
+  [[ $rc -ne 0 ]] && status=1
+  return 0
+}
+
+if [[ $DRY -eq 1 ]]; then
+  step info 60 "$PY" -m pccfast info
+  step bench_pcc 300 env TRITON_INTERPRET=1 "$PY" benchmarks/gpu/bench_pcc.py --dry-run
+  step bench_ci 300 "$PY" benchmarks/gpu/bench_ci.py --dry-run
+  step bench_train_step 300 "$PY" benchmarks/gpu/bench_train_step.py --dry-run
+  exit $status
+fi
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUTDIR/device.txt"
+step build 120 env PCCFAST_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS="$(nproc)" \
+  "$PY" setup.py build_ext --inplace -q
+step info 60 "$PY" -m pccfast info
+step gpu_tests 100 "$PY" -m pytest -q -x -m gpu -p no:cacheprovider tests/test_ci_cuda.py tests/test_pcc_triton.py tests/test_ci_collector.py
+step bench_pcc 120 "$PY" benchmarks/gpu/bench_pcc.py --reps 5
+step bench_train_step 60 "$PY" benchmarks/gpu/bench_train_step.py --steps 8 --rounds 2
+step bench_ci 60 "$PY" benchmarks/gpu/bench_ci.py --repeats 2 --brute-images 1 --out "$OUTDIR/ci_gpu.md"
+echo "=== done: exit $status (tables above; logs in $OUTDIR)"
+exit $status
