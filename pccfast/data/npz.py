@@ -36,7 +36,8 @@ def _decode_jpegs(name: str, blob: np.ndarray, offsets: np.ndarray, indices: np.
             warnings.simplefilter("ignore", DeprecationWarning)
             from torchvision.io import decode_jpeg
 
-                    [torch.from_numpy(np.ascontiguousarray(c)) for c in chunks], mode=_rgb_mode())
+            decoded = decode_jpeg(
+                [torch.from_numpy(np.ascontiguousarray(c)) for c in chunks], mode=_rgb_mode())
         images = torch.stack(decoded).permute(0, 2, 3, 1).numpy()
     except ImportError:
         images = _decode_with_pillow(chunks)
