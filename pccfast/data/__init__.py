@@ -73,12 +73,15 @@ class ArraySplits:
                            device=device, rank=rank, world_size=world_size,
                            channels_last=channels_last)
 
-    def calibration_loader(self, images, batch_size, *, seed=0, device="cpu", channels_last=False,
-                           workers=0):
-        """``images`` seeded-random training images without augmentation, in a fixed order."""
+    def calibration_loader(self, images, batch_size, *, seed=0, device="cpu", rank=0,
+                           world_size=1, channels_last=False, workers=0):
+        """``images`` seeded-random training images without augmentation, in a fixed order
+        (each DDP rank takes a contiguous shard of them)."""
         subset = random_subset(self.train, images, seed)
-        return ArrayLoader(subset, min(batch_size, len(subset)), train=False, mean=self.mean,
-                           std=self.std, device=device, channels_last=channels_last)
+        per_rank = min(batch_size, max(1, len(subset) // world_size))
+        return ArrayLoader(subset, per_rank * world_size, train=False, mean=self.mean,
+                           std=self.std, device=device, rank=rank, world_size=world_size,
+                           channels_last=channels_last)
 
     def describe(self) -> str:
         c, h, w = self.train.images.shape[1:]
@@ -112,16 +115,17 @@ class FolderSplits:
         return FolderLoader(self.test, batch_size, train=False, device=device, rank=rank,
                             world_size=world_size, channels_last=channels_last, workers=workers)
 
-    def calibration_loader(self, images, batch_size, *, seed=0, device="cpu", channels_last=False,
-                           workers=4):
+    def calibration_loader(self, images, batch_size, *, seed=0, device="cpu", rank=0,
+                           world_size=1, channels_last=False, workers=4):
         import torch
         from torch.utils.data import Subset
 
         g = torch.Generator().manual_seed(seed)
         keep = torch.randperm(len(self.train_plain), generator=g)[:images].sort().values.tolist()
         subset = Subset(self.train_plain, keep)
-        return FolderLoader(subset, min(batch_size, len(subset)), train=False, device=device,
-                            channels_last=channels_last, workers=workers)
+        per_rank = min(batch_size, max(1, len(subset) // world_size))
+        return FolderLoader(subset, per_rank * world_size, train=False, device=device, rank=rank,
+                            world_size=world_size, channels_last=channels_last, workers=workers)
 
     def describe(self) -> str:
         return (f"{self.name}: {len(self.train)} train / {len(self.test)} val images, crop "

@@ -164,6 +164,8 @@ def fit(model: nn.Module, data, cfg: TrainConfig, *, env: DistEnv | None = None,
     finally:
         if reg is not None:
             reg.remove()
+        if cfg.sync_bn and env.distributed:
+            _revert_sync_bn(model)
     result.seconds = time.perf_counter() - started
     last = [h["test_acc"] for h in history if h.get("test_acc") is not None]
     if last and cfg.epochs > 0:
@@ -171,6 +173,17 @@ def fit(model: nn.Module, data, cfg: TrainConfig, *, env: DistEnv | None = None,
     else:
         result.test_acc = evaluate(model, test_loader, device=env.device, amp=cfg.amp)["acc"]
     return result
+
+
+def _revert_sync_bn(model: nn.Module) -> None:
+    """SyncBatchNorm layers back to BatchNorm2d (same state) so the model saves and prunes."""
+    for parent in model.modules():
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.SyncBatchNorm):
+                bn = nn.BatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
+                                    child.track_running_stats).to(child.weight.device)
+                bn.load_state_dict(child.state_dict())
+                setattr(parent, name, bn)
 
 
 def _exists(path) -> bool:
