@@ -3,18 +3,31 @@
     s = pccfast.pcc(x)                           # (N, C, H, W) -> differentiable score
     reg = pccfast.PCCRegularizer(model)          # hooks; loss = task_loss + reg.loss()
     ci = pccfast.channel_independence(fmap)      # (N, C, H, W) -> (N, C) float64
+    col = pccfast.CICollector(model)             # col.update(images); scores = col.scores()
+    pruned, plan = pccfast.prune(model, scores, rates="[0.21]*7+[0.75]*5")
+    pccfast.count(pruned, (1, 3, 32, 32))        # params, params_all, flops, flops_bn
+    pccfast.save(pruned, "m.pt"); model = pccfast.load("m.pt")
 """
 
+from . import models
 from .ci import channel_independence
+from .io import load, save
 from .pcc import PCCLoss, pcc, pcc_matrix
+from .prune import CICollector, count
 from .regularizer import PCCRegularizer
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CICollector",
     "PCCLoss",
     "PCCRegularizer",
     "channel_independence",
+    "count",
+    "load",
+    "models",
     "pcc",
     "pcc_matrix",
+    "prune",
+    "save",
 ]

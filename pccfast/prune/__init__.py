@@ -1,0 +1,51 @@
+"""Structured pruning by channel independence, in the four parts Torch-Pruning keeps apart:
+
+- :mod:`~pccfast.prune.graph`: which channels move together (convs, BN, residual streams);
+- :mod:`~pccfast.prune.scores`: :class:`CICollector`, CI over calibration data;
+- :mod:`~pccfast.prune.plan`: how many and which channels (rate lists, tau, budgets);
+- :mod:`~pccfast.prune.surgery`: the physical removal;
+plus :mod:`~pccfast.prune.counting` (params/FLOPs) and :mod:`~pccfast.prune.tp_engine`
+(Torch-Pruning for models outside the zoo).
+
+This package is also callable: ``pccfast.prune(model, scores, rates=...)`` is
+:func:`pccfast.prune.pruner.prune`, so ``pccfast.prune.Plan`` and ``pccfast.prune(...)`` both work.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+
+from .counting import count
+from .graph import ChannelGroup, PruningGraph, UnsupportedLayerError, build_graph
+from .plan import Plan, make_plan, parse_rates, rate_layout
+from .pruner import prune
+from .scores import CICollector, load_scores, save_scores
+from .surgery import apply_plan
+
+__all__ = [
+    "CICollector",
+    "ChannelGroup",
+    "Plan",
+    "PruningGraph",
+    "UnsupportedLayerError",
+    "apply_plan",
+    "build_graph",
+    "count",
+    "load_scores",
+    "make_plan",
+    "parse_rates",
+    "prune",
+    "rate_layout",
+    "save_scores",
+]
+
+
+class _CallablePackage(types.ModuleType):
+    """Lets ``pccfast.prune(...)`` call :func:`prune` while ``pccfast.prune.*`` stays a package."""
+
+    def __call__(self, *args, **kwargs):
+        return prune(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallablePackage

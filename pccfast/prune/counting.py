@@ -1,0 +1,85 @@
+"""Parameter and FLOP counts in the convention of the CHIP/HRank tables (SPEC section 3).
+
+- ``params``: weights and biases of every Conv and Linear layer (BatchNorm excluded);
+- ``params_all``: every parameter of the model (BN included; torchvision's 25.56M for ResNet-50);
+- ``flops``: multiply-accumulates (MACs) of Conv and Linear layers, biases not counted;
+- ``flops_bn``: the BatchNorm layers' own operations, counted as thop does (2 per element of the
+  output in eval mode: subtract the mean, divide by the standard deviation; the affine part
+  folds into them), reported apart so ``flops + flops_bn`` is the thop-style total.
+
+Counts are for the given input size as a whole: pass a batch of one, ``(1, 3, 32, 32)``, for the
+per-image figures of the papers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..models._common import eval_mode, unwrap_parallel
+
+_TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d) + _TRANSPOSED
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def check_input_size(input_size) -> tuple[int, ...]:
+    if isinstance(input_size, torch.Size):
+        input_size = tuple(input_size)
+    if (not isinstance(input_size, (tuple, list)) or len(input_size) < 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in input_size)):
+        raise TypeError(
+            f"input_size must be a tuple of ints such as (1, 3, 32, 32), got {input_size!r}"
+        )
+    if min(input_size) < 1:
+        raise ValueError(f"input_size must be positive, got {tuple(input_size)}")
+    return tuple(input_size)
+
+
+def layer_params(model: nn.Module) -> int:
+    """Weights and biases of the Conv and Linear layers."""
+    total = 0
+    for module in model.modules():
+        if isinstance(module, _CONVS + (nn.Linear,)):
+            total += sum(p.numel() for p in module.parameters(recurse=False))
+    return total
+
+
+def count(model: nn.Module, input_size=(1, 3, 32, 32), device=None) -> dict[str, int]:
+    """Counts of ``model`` for one forward pass at ``input_size``.
+
+    Returns ``{"params", "params_all", "flops", "flops_bn"}`` (ints; see the module docstring
+    for the conventions). The model runs once, in eval mode and without gradients, on random
+    input on ``device`` (default: the model's); its mode is restored afterwards.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    model = unwrap_parallel(model)
+    input_size = check_input_size(input_size)
+    if device is None:
+        first = next(model.parameters(), None)
+        device = first.device if first is not None else torch.device("cpu")
+    totals = {"flops": 0, "flops_bn": 0}
+
+    def hook(module, args, output):
+        if isinstance(module, nn.Linear):
+            totals["flops"] += output.numel() * module.in_features
+        elif isinstance(module, _TRANSPOSED):  # every input element meets out/groups kernels
+            totals["flops"] += args[0].numel() * math.prod(module.weight.shape[1:])
+        elif isinstance(module, _CONVS):  # every output element costs its fan-in
+            totals["flops"] += output.numel() * math.prod(module.weight.shape[1:])
+        elif isinstance(module, _NORMS):
+            totals["flops_bn"] += 2 * output.numel()
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if isinstance(m, _CONVS + (nn.Linear,) + _NORMS)]
+    try:
+        with eval_mode(model), torch.no_grad():
+            model(torch.randn(input_size, device=device))
+    finally:
+        for h in handles:
+            h.remove()
+    params_all = sum(p.numel() for p in model.parameters())
+    return {"params": layer_params(model), "params_all": params_all, **totals}

@@ -1,0 +1,457 @@
+"""How many channels each layer keeps, and which (the policy part of pruning; SPEC section 3).
+
+Keep counts come from one of:
+
+- a CHIP-style rate list, ``"[0.21]*7+[0.75]*5"`` (parsed by :func:`parse_rates`, never
+  ``eval``): the fraction of channels removed per layer, ``keep = int(width * (1 - rate))`` as
+  CHIP computes it;
+- an adaptive threshold ``tau`` (CCM-LRR): per layer, the fewest highest-CI channels whose CI
+  sum reaches ``tau`` times the layer's total;
+- a budget, ``target_flops`` or ``target_params`` (the fraction removed), met to within
+  :data:`BUDGET_TOLERANCE` by searching ``tau``, or a global scale of a given rate list.
+
+Which channels: the ``k`` highest mean CI, ties to the lower index, kept in original order.
+
+Rate lists follow CHIP's layout. Plain chains (VGG): one entry per prunable conv in order
+(VGG-16: 12, the last conv feeds the classifier and stays). Residual networks: one entry for
+the stem, one per prunable stage stream, one per residual block (shared by the block's inner
+convs), e.g. ResNet-56 ``[0.]+[0.15]*2+[0.4]*27`` (30), ResNet-50 ``[0.]+[0.1]*3+[0.35]*16`` (20).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+BUDGET_TOLERANCE = 0.005  # budgets are met to within half a percentage point
+PLAN_FORMAT = "pccfast.plan"
+PLAN_VERSION = 1
+
+_TOKEN = re.compile(r"\s*(?:(?P<number>\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?|(?P<op>[\[\],*+]))")
+
+
+# ----------------------------------------------------------------------------- rate lists
+def parse_rates(text: str) -> list[float]:
+    """A CHIP rate list ``"[0.21]*7+[0.75]*5"`` -> ``[0.21, ..., 0.75, ...]`` (12 floats).
+
+    Grammar (whitespace allowed): ``list ('*' int)? ('+' list ('*' int)?)*`` with
+    ``list = '[' number (',' number)* ']'``. Nothing is evaluated; anything else is a
+    ValueError that points at the offending character.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"rates must be a string such as '[0.21]*7+[0.75]*5', got {type(text).__name__}")
+    tokens: list[tuple[str, str, int]] = []
+    pos = 0
+    stripped = text.rstrip()
+    while pos < len(stripped):
+        m = _TOKEN.match(stripped, pos)
+        if m is None or m.end() == pos:
+            raise ValueError(f"rates {text!r}: unexpected character {stripped[pos:].lstrip()[:1]!r} "
+                             f"at position {pos}; expected a form like '[0.21]*7+[0.75]*5'")
+        kind = "number" if m.group("number") is not None else m.group("op")
+        tokens.append((kind, m.group(0).strip(), m.start()))
+        pos = m.end()
+    if not tokens:
+        raise ValueError("rates is empty; expected a form like '[0.21]*7+[0.75]*5'")
+    out: list[float] = []
+    i = 0
+
+    def expect(kind):
+        nonlocal i
+        if i >= len(tokens):
+            raise ValueError(f"rates {text!r}: ended early, expected {kind!r}")
+        if tokens[i][0] != kind:
+            raise ValueError(f"rates {text!r}: expected {kind!r} at position {tokens[i][2]}, "
+                             f"got {tokens[i][1]!r}")
+        i += 1
+        return tokens[i - 1][1]
+
+    while True:
+        expect("[")
+        values = [float(expect("number"))]
+        while i < len(tokens) and tokens[i][0] == ",":
+            i += 1
+            values.append(float(expect("number")))
+        expect("]")
+        repeat = 1
+        if i < len(tokens) and tokens[i][0] == "*":
+            i += 1
+            count = expect("number")
+            if not count.isdigit():
+                raise ValueError(f"rates {text!r}: a repeat count must be an integer, got {count!r}")
+            repeat = int(count)
+        out += values * repeat
+        if i == len(tokens):
+            return out
+        expect("+")
+
+
+@dataclass(frozen=True)
+class RateSlot:
+    """One entry of a rate list: the groups it sets, or a placeholder that must stay 0."""
+
+    label: str
+    groups: tuple[str, ...]
+    zero_reason: str = ""  # nonempty: the entry must be 0 (or equal entry ``same_as``)
+    same_as: int = -1
+
+
+def rate_layout(graph) -> list[RateSlot]:
+    """The entries of a rate list for this model, in CHIP's order (see the module docstring)."""
+    groups = graph.groups
+    streams = [g for g in groups if g.kind == "stream"]
+    if not streams or not graph.blocks:
+        return [RateSlot(g.name, (g.name,)) for g in graph.prunable]
+    slots: list[RateSlot] = []
+    first_block = next((i for i, g in enumerate(groups) if g.block or g.kind == "stream"), len(groups))
+    stem = [g for g in groups[:first_block] if g.kind == "conv" and g.prunable]
+    stream_slots = []
+    for g in streams:
+        if g.prunable:
+            stream_slots.append(RateSlot(g.name, (g.name,)))
+        elif "residual='inner'" in g.reason:
+            stream_slots.append(RateSlot(g.name, (), f"{g.name} is a residual stream and "
+                                         "residual='inner' keeps streams whole"))
+    if stem:
+        slots += [RateSlot(g.name, (g.name,)) for g in stem]
+    else:  # the stem conv writes the first stage's stream (CIFAR ResNets)
+        stem_conv = next((g for g in groups if g.convs), None)
+        host = stem_conv.name if stem_conv is not None else "?"
+        same = 1 if stream_slots and stream_slots[0].label == host and stream_slots[0].groups else -1
+        slots.append(RateSlot(f"stem (in {host})", (), f"the stem's output is the residual stream "
+                              f"{host}, set by the next entry", same))
+    slots += stream_slots
+    for block in graph.blocks:
+        inner = tuple(g.name for g in groups if g.block == block and g.kind == "conv" and g.prunable)
+        if inner:
+            slots.append(RateSlot(block, inner))
+    covered = {n for s in slots for n in s.groups}
+    slots += [RateSlot(g.name, (g.name,)) for g in graph.prunable if g.name not in covered]
+    return slots
+
+
+def _check_rates(rates, slots: list[RateSlot], model_name: str) -> list[float]:
+    if isinstance(rates, str):
+        values = parse_rates(rates)
+    elif isinstance(rates, (int, float)) and not isinstance(rates, bool):
+        values = [float(rates)] * len(slots)
+    elif isinstance(rates, (list, tuple)):
+        values = list(rates)
+    else:
+        raise TypeError(f"rates must be a string like '[0.21]*7+[0.75]*5', a list of floats or "
+                        f"one float, got {type(rates).__name__}")
+    if len(values) != len(slots):
+        labels = [s.label for s in slots]
+        shown = ", ".join(labels) if len(labels) <= 8 else ", ".join(labels[:4] + ["..."] + labels[-2:])
+        raise ValueError(f"rates has {len(values)} entries but {model_name} expects {len(slots)} "
+                         f"(one per prunable layer, CHIP's order: {shown})")
+    out = []
+    for i, v in enumerate(values):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ValueError(f"rates[{i}] must be a finite number, got {v!r}")
+        if not 0.0 <= v < 1.0:
+            raise ValueError(f"rates[{i}] ({slots[i].label}) must be in [0, 1), got {v}")
+        out.append(float(v))
+    for i, slot in enumerate(slots):
+        if slot.zero_reason and out[i] != 0.0 and not (slot.same_as >= 0 and out[i] == out[slot.same_as]):
+            raise ValueError(f"rates[{i}] ({slot.label}) must be 0: {slot.zero_reason}, got {out[i]}")
+    return out
+
+
+def keep_from_rate(width: int, rate: float) -> int:
+    """CHIP's count: ``int(width * (1 - rate))``, at least 1."""
+    return max(1, min(width, int(width * (1 - rate))))
+
+
+def keep_from_rates(graph, rates) -> tuple[dict[str, int], list[float]]:
+    slots = rate_layout(graph)
+    values = _check_rates(rates, slots, type(graph.model).__name__)
+    keep = {}
+    for slot, rate in zip(slots, values):
+        for name in slot.groups:
+            keep[name] = keep_from_rate(graph.group(name).width, rate)
+    return keep, values
+
+
+# ----------------------------------------------------------------------------- scores
+def ranked(score: torch.Tensor) -> torch.Tensor:
+    """Channel indices by decreasing score, ties to the lower index."""
+    return torch.argsort(-score, stable=True)
+
+
+def kept_indices(score: torch.Tensor, k: int) -> list[int]:
+    """The k highest-scoring channels (ties: lower index), in original order."""
+    return sorted(ranked(score)[:k].tolist())
+
+
+def keep_from_tau(score: torch.Tensor, tau: float) -> int:
+    """Fewest highest-CI channels whose CI sum reaches tau times the total (at least 1)."""
+    return keep_from_tau_cumulative(torch.cumsum(score[ranked(score)], 0), tau)
+
+
+def check_scores(graph, scores, needed: list[str]) -> dict[str, torch.Tensor]:
+    """Scores as CPU float64 tensors; every group in ``needed`` present with its width."""
+    if not isinstance(scores, dict):
+        raise TypeError(f"scores must be a dict layer name -> CI tensor (CICollector.scores()), "
+                        f"got {type(scores).__name__}")
+    names = {g.name for g in graph.groups}
+    unknown = [k for k in scores if k not in names]
+    if unknown:
+        raise ValueError(f"scores names layers that {type(graph.model).__name__} lacks: "
+                         f"{unknown[:5]}; its prunable layers are {[g.name for g in graph.prunable][:5]}...")
+    out = {}
+    for name in needed:
+        if name not in scores:
+            raise ValueError(f"scores lack layer {name!r} (collect CI with CICollector on this model)")
+        value = torch.as_tensor(scores[name]).detach().to("cpu", torch.float64).flatten()
+        width = graph.group(name).width
+        if value.numel() != width:
+            raise ValueError(f"scores[{name!r}] has {value.numel()} values, layer has {width} channels")
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(f"scores[{name!r}] contains NaN or Inf")
+        out[name] = value
+    return out
+
+
+# ----------------------------------------------------------------------------- budgets
+def _removed(graph, keep: dict[str, int], before: dict[str, int], metric: str) -> float:
+    return 1.0 - graph.cost(keep)[metric] / before[metric]
+
+
+def _bisect(evaluate, lo: float, hi: float, target: float, increasing: bool, steps: int = 60):
+    """Searches x in [lo, hi] for evaluate(x) -> (removed, keep) closest to target."""
+    best = None
+    for x in (lo, hi):
+        removed, keep = evaluate(x)
+        if best is None or abs(removed - target) < abs(best[0] - target):
+            best = (removed, keep, x)
+    for _ in range(steps):
+        mid = 0.5 * (lo + hi)
+        removed, keep = evaluate(mid)
+        if abs(removed - target) < abs(best[0] - target):
+            best = (removed, keep, mid)
+        if (removed < target) == increasing:
+            lo = mid
+        else:
+            hi = mid
+    return best
+
+
+def keep_for_budget(graph, scores, metric: str, target: float, rates=None):
+    """Keep counts removing ``target`` of ``metric`` ("params" or "flops") within the tolerance.
+
+    Without rates: searches tau. With rates: scales them by a global factor (each scaled rate
+    capped so that a layer keeps at least one channel). Returns
+    ``(keep, setting)`` where setting records the tau or scale found.
+    """
+    before = graph.cost({})
+    prunable = [g.name for g in graph.prunable]
+    if rates is None:
+        cumulative = {n: torch.cumsum(scores[n][ranked(scores[n])], 0) for n in prunable}
+
+        def evaluate(tau):
+            keep = {n: keep_from_tau_cumulative(cumulative[n], tau) for n in prunable}
+            return _removed(graph, keep, before, metric), keep
+
+        removed, keep, tau = _bisect(evaluate, 0.0, 1.0, target, increasing=False)
+        setting = {"tau": tau}
+    else:
+        slots = rate_layout(graph)
+        base = _check_rates(rates, slots, type(graph.model).__name__)
+        positive = [r for r in base if r > 0]
+        if not positive:
+            raise ValueError("a budget with rates scales them, but every rate is 0")
+        limit = (1.0 - 1e-9) / min(positive)  # every scaled rate capped below 1 (one channel)
+
+        def evaluate(scale):
+            keep = {}
+            for slot, rate in zip(slots, base):
+                for name in slot.groups:
+                    keep[name] = keep_from_rate(graph.group(name).width, min(rate * scale, 1 - 1e-9))
+            return _removed(graph, keep, before, metric), keep
+
+        removed, keep, scale = _bisect(evaluate, 0.0, limit, target, increasing=True)
+        setting = {"rate_scale": scale}
+    if abs(removed - target) > BUDGET_TOLERANCE:
+        lo = evaluate(1.0 if rates is None else 0.0)[0]
+        hi = evaluate(0.0 if rates is None else limit)[0]
+        raise ValueError(
+            f"target_{metric}={target} cannot be met within {BUDGET_TOLERANCE * 100:.1f} points: "
+            f"this model's prunable layers allow removing {lo:.4f} to {hi:.4f} of its {metric} "
+            f"(closest: {removed:.4f})"
+        )
+    return keep, setting
+
+
+def keep_from_tau_cumulative(cumulative: torch.Tensor, tau: float) -> int:
+    total = float(cumulative[-1])
+    if total <= 0.0:
+        return 1
+    k = int(torch.searchsorted(cumulative, torch.tensor([tau * total], dtype=cumulative.dtype))[0]) + 1
+    return max(1, min(cumulative.numel(), k))
+
+
+# ----------------------------------------------------------------------------- the plan
+@dataclass
+class LayerPlan:
+    """One channel group: its width before/after and the kept channel indices."""
+
+    name: str
+    kind: str
+    width_before: int
+    width_after: int
+    kept_indices: list[int]
+    convs: list[str] = field(default_factory=list)
+    sites: list[str] = field(default_factory=list)
+    rate: float | None = None
+
+
+@dataclass
+class Plan:
+    """What :func:`pccfast.prune` removed: JSON-serialisable, replayable on the same model.
+
+    layers: every prunable group (width before/after, kept indices in original order).
+    method / setting: how the counts were chosen (``rates``, ``tau``, ``target_flops``,
+    ``target_params``; setting holds the rate list, tau, or the tau/scale a budget search found).
+    before / after: :func:`pccfast.count` of the original and pruned model; removed: fractions.
+    """
+
+    layers: list[LayerPlan]
+    method: str
+    setting: dict
+    input_size: tuple[int, ...]
+    residual: str = "stream"
+    prune_classifier_input: bool = False
+    engine: str = "pccfast"
+    model: str = ""
+    before: dict = field(default_factory=dict)
+    after: dict = field(default_factory=dict)
+
+    @property
+    def kept(self) -> dict[str, list[int]]:
+        return {layer.name: layer.kept_indices for layer in self.layers}
+
+    @property
+    def widths(self) -> dict[str, int]:
+        return {layer.name: layer.width_after for layer in self.layers}
+
+    @property
+    def removed(self) -> dict[str, float]:
+        out = {}
+        for key in ("params", "params_all", "flops"):
+            if self.before.get(key):
+                out[key] = 1.0 - self.after.get(key, 0) / self.before[key]
+        return out
+
+    def to_dict(self) -> dict:
+        return {
+            "format": PLAN_FORMAT, "version": PLAN_VERSION, "model": self.model,
+            "engine": self.engine, "residual": self.residual,
+            "prune_classifier_input": self.prune_classifier_input,
+            "input_size": list(self.input_size), "method": self.method, "setting": self.setting,
+            "before": self.before, "after": self.after, "removed": self.removed,
+            "layers": [vars(layer).copy() for layer in self.layers],
+        }
+
+    def to_json(self, indent: int | None = 1) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Plan":
+        if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
+            raise ValueError("not a pccfast plan (no 'format': 'pccfast.plan' entry)")
+        if data.get("version") != PLAN_VERSION:
+            raise ValueError(f"plan version {data.get('version')} is not supported "
+                             f"(this pccfast reads version {PLAN_VERSION})")
+        try:
+            layers = [LayerPlan(**layer) for layer in data["layers"]]
+            return cls(layers, data["method"], data["setting"], tuple(data["input_size"]),
+                       data["residual"], data["prune_classifier_input"], data["engine"],
+                       data.get("model", ""), data.get("before", {}), data.get("after", {}))
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"malformed pccfast plan: {exc}") from exc
+
+    @classmethod
+    def from_json(cls, text: str) -> "Plan":
+        return cls.from_dict(json.loads(text))
+
+    def save(self, path) -> None:
+        from ..io import atomic_write_bytes
+
+        atomic_write_bytes(path, self.to_json().encode())
+
+    @classmethod
+    def load(cls, path) -> "Plan":
+        with open(path, encoding="utf-8") as f:
+            try:
+                return cls.from_json(f.read())
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path} is not a pccfast plan (invalid JSON: {exc})") from exc
+
+    def summary(self) -> str:
+        """A text table: layer, width before -> after, for the layers that changed."""
+        lines = [f"{'layer':<28} {'before':>7} {'after':>7}"]
+        for layer in self.layers:
+            if layer.width_after != layer.width_before:
+                lines.append(f"{layer.name:<28} {layer.width_before:>7} {layer.width_after:>7}")
+        for key, value in self.removed.items():
+            lines.append(f"{key} removed: {100 * value:.2f}%")
+        return "\n".join(lines)
+
+
+def make_plan(graph, scores, *, rates=None, tau=None, target_flops=None, target_params=None) -> Plan:
+    """Chooses the kept channels of every prunable group of ``graph`` (see the module docstring).
+
+    Exactly one of rates / tau / target_flops / target_params, or rates with one target (the
+    rates are then scaled by a global factor to meet it).
+    """
+    targets = {k: v for k, v in (("flops", target_flops), ("params", target_params)) if v is not None}
+    if len(targets) > 1:
+        raise ValueError("give one of target_flops and target_params, not both")
+    if tau is not None and (rates is not None or targets):
+        raise ValueError("tau sets the keep counts by itself; do not combine it with rates or a target")
+    if rates is None and tau is None and not targets:
+        raise ValueError("say how much to prune: rates='[0.21]*7+[0.75]*5', tau=0.6, "
+                         "target_flops=0.846 or target_params=0.9275")
+    prunable = [g.name for g in graph.prunable]
+    for metric, value in targets.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+            raise ValueError(f"target_{metric} is the fraction to remove, in (0, 1), got {value!r}")
+    if tau is not None and (isinstance(tau, bool) or not isinstance(tau, (int, float))
+                            or not 0 < tau <= 1):
+        raise ValueError(f"tau must be in (0, 1], got {tau!r}")
+
+    slot_rate: dict[str, float] = {}
+    if targets:
+        metric, target = next(iter(targets.items()))
+        checked = check_scores(graph, scores, prunable)
+        keep, found = keep_for_budget(graph, checked, metric, float(target), rates)
+        method, setting = f"target_{metric}", {f"target_{metric}": float(target), **found}
+        if rates is not None:
+            setting["rates"] = rates if isinstance(rates, str) else list(rates)
+    elif tau is not None:
+        checked = check_scores(graph, scores, prunable)
+        keep = {n: keep_from_tau(checked[n], float(tau)) for n in prunable}
+        method, setting = "tau", {"tau": float(tau)}
+    else:
+        keep, values = keep_from_rates(graph, rates)
+        for slot, rate in zip(rate_layout(graph), values):
+            for name in slot.groups:
+                slot_rate[name] = rate
+        needed = [n for n in prunable if keep.get(n, graph.group(n).width) < graph.group(n).width]
+        checked = check_scores(graph, scores, needed)
+        method, setting = "rates", {"rates": rates if isinstance(rates, str) else values}
+
+    layers = []
+    for g in graph.prunable:
+        k = keep.get(g.name, g.width)
+        indices = list(range(g.width)) if k >= g.width else kept_indices(checked[g.name], k)
+        layers.append(LayerPlan(g.name, g.kind, g.width, len(indices), indices, g.convs,
+                                [s.name for s in g.sites], slot_rate.get(g.name)))
+    return Plan(layers, method, setting, graph.input_size, graph.residual,
+                getattr(graph, "prune_classifier_input", False), graph.engine,
+                type(graph.model).__name__)

@@ -1,0 +1,196 @@
+"""Models outside pccfast's own structural pruner: Torch-Pruning's DependencyGraph finds the
+coupled layers (concatenations, depthwise and grouped convs, ...) and performs the removal, while
+the channel choice stays ours (CI scores, the same plans).
+
+Groups are Torch-Pruning's pruning groups rooted at each Conv2d, named after their first conv;
+a group with several convs (a residual stream) has kind ``stream``. Scored sites are found on the
+fx graph when the model traces (the same rule as :mod:`pccfast.prune.graph`), else by
+:func:`pccfast.sites.find_sites`. Budgets are searched on counts of actually pruned copies
+(slower than the closed form of the pccfast engine).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+
+import torch
+from torch import fx, nn
+
+from ..models._common import eval_mode
+from .counting import count
+from .graph import ChannelGroup, Port, PruningGraph, _site_finder
+
+
+def torch_pruning_missing() -> str:
+    if importlib.util.find_spec("torch_pruning") is None:
+        return "Torch-Pruning is not installed (pip install torch-pruning, or pccfast[prune])"
+    return ""
+
+
+def _tp():
+    missing = torch_pruning_missing()
+    if missing:
+        raise ImportError(missing)
+    import torch_pruning
+
+    return torch_pruning
+
+
+def _final_linear(model: nn.Module):
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return linears[-1:] if linears else []
+
+
+def _dependency_graph(model: nn.Module, input_size):
+    tp = _tp()
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    with eval_mode(model):
+        return tp.DependencyGraph().build_dependency(
+            model, example_inputs=torch.randn(input_size, device=device), verbose=False)
+
+
+def _sites_by_conv(model: nn.Module) -> dict:
+    """conv name -> its CHIP site, from the fx graph when the model traces."""
+    try:
+        graph = fx.symbolic_trace(model).graph
+    except Exception:
+        from ..sites import find_sites
+
+        return {s.conv: s for s in find_sites(model) if s.conv}
+    modules = dict(model.named_modules())
+    nodes = list(graph.nodes)
+    calls: dict[str, int] = {}
+    call_index = {}
+    for node in nodes:
+        if node.op == "call_module":
+            call_index[node] = calls.get(node.target, 0)
+            calls[node.target] = call_index[node] + 1
+    finder = _site_finder(nodes, modules, call_index, calls)
+    out = {}
+    for node in nodes:
+        if node.op == "call_module" and isinstance(modules[node.target], nn.Conv2d):
+            site = finder(node)
+            if site is not None:
+                out[node.target] = site
+    return out
+
+
+class TPGraph(PruningGraph):
+    """A :class:`PruningGraph` whose structure comes from Torch-Pruning."""
+
+    engine = "torch_pruning"
+
+    def __init__(self, model, groups, input_size, residual, prune_classifier_input, roots):
+        super().__init__(model, groups, [], tuple(input_size), residual, [], prune_classifier_input)
+        self.roots = roots  # group name -> root conv name
+        self._costs: dict[tuple, dict] = {}
+
+    def cost(self, widths: dict[str, int]) -> dict[str, int]:
+        """Counts of a copy pruned to these widths (cached)."""
+        key = tuple(sorted((k, v) for k, v in widths.items() if v < self.group(k).width))
+        if key not in self._costs:
+            kept = {k: torch.arange(v) for k, v in key}
+            pruned = apply_tp_plan(self.model, self, kept) if kept else self.model
+            counts = count(pruned, self.input_size)
+            self._costs[key] = {"params": counts["params"], "flops": counts["flops"],
+                                "flops_bn": counts["flops_bn"]}
+        return dict(self._costs[key])
+
+
+def build_tp_graph(model: nn.Module, input_size, residual: str = "stream",
+                   prune_classifier_input: bool = False) -> TPGraph:
+    tp = _tp()
+    dg = _dependency_graph(model, input_size)
+    names = {m: n for n, m in model.named_modules()}
+    output_layers = _final_linear(model)
+    sites = _sites_by_conv(model)
+    groups, roots, assigned = [], {}, set()
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    for conv in convs:
+        if conv in assigned:
+            continue
+        group = dg.get_pruning_group(conv, tp.prune_conv_out_channels,
+                                     idxs=list(range(conv.out_channels)))
+        producers, consumers, members = [], [], []
+        for item in group:
+            module, handler = item.dep.target.module, item.dep.handler
+            if not isinstance(module, nn.Module) or module not in names:
+                continue
+            name = names[module]
+            if dg.is_out_channel_pruning_fn(handler):
+                role = "conv_out" if isinstance(module, nn.Conv2d) else (
+                    "bn" if isinstance(module, nn.modules.batchnorm._BatchNorm) else "out")
+                producers.append(Port(name, role))
+                if isinstance(module, nn.Conv2d):
+                    members.append(module)
+            else:
+                role = "linear_in" if isinstance(module, nn.Linear) else "in"
+                consumers.append(Port(name, role))
+        assigned.update(members)
+        conv_names = [names[m] for m in members]
+        kind = "stream" if len(conv_names) > 1 else "conv"
+        g = ChannelGroup(names[conv], conv.out_channels, kind, list(dict.fromkeys(producers)),
+                         list(dict.fromkeys(consumers)),
+                         [sites[c] for c in conv_names if c in sites])
+        reads_linear = any(p.role == "linear_in" for p in g.consumers)
+        touches_output = any(names.get(m) == p.module for m in output_layers
+                             for p in g.producers)
+        if touches_output:
+            g.prunable, g.reason = False, "the model's output"
+        elif reads_linear and not prune_classifier_input:
+            g.prunable, g.reason = False, ("read by the classifier (CHIP keeps it; "
+                                           "prune_classifier_input=True prunes it)")
+        elif kind == "stream" and residual == "inner":
+            g.prunable, g.reason = False, "a residual stream (residual='inner')"
+        elif not g.sites:
+            g.prunable, g.reason = False, "no scored activation (no ReLU module after its conv/BN)"
+        groups.append(g)
+        roots[g.name] = names[conv]
+    return TPGraph(model, groups, input_size, residual, prune_classifier_input, roots)
+
+
+def apply_tp_plan(model: nn.Module, graph: TPGraph, kept: dict[str, torch.Tensor]) -> nn.Module:
+    """A copy of ``model`` with Torch-Pruning's group.prune() removing the unkept channels."""
+    tp = _tp()
+    pruned = copy.deepcopy(model)
+    dg = _dependency_graph(pruned, graph.input_size)
+    modules = dict(pruned.named_modules())
+    for name, index in kept.items():
+        root = modules[graph.roots[name]]
+        removed = sorted(set(range(graph.group(name).width)) - set(index.tolist()))
+        if not removed:
+            continue
+        group = dg.get_pruning_group(root, tp.prune_conv_out_channels, idxs=removed)
+        if not dg.check_pruning_group(group):
+            raise ValueError(f"Torch-Pruning refuses to prune {name} to {index.numel()} channels")
+        group.prune()
+    return pruned
+
+
+def tp_mask_hooks(model: nn.Module, graph: TPGraph, kept: dict[str, torch.Tensor]) -> list:
+    """Hooks zeroing the removed channels at every output Torch-Pruning would shrink."""
+    from .surgery import _zeroing
+
+    tp = _tp()
+    dg = _dependency_graph(model, graph.input_size)
+    modules = dict(model.named_modules())
+    handles = []
+    for name, index in kept.items():
+        removed_idx = sorted(set(range(graph.group(name).width)) - set(index.tolist()))
+        group = dg.get_pruning_group(modules[graph.roots[name]], tp.prune_conv_out_channels,
+                                     idxs=removed_idx)
+        for item in group:
+            module, handler = item.dep.target.module, item.dep.handler
+            if not isinstance(module, nn.Module) or not dg.is_out_channel_pruning_fn(handler):
+                continue
+            width = (module.out_channels if isinstance(module, nn.Conv2d) else
+                     module.num_features if hasattr(module, "num_features") else
+                     getattr(module, "out_features", None))
+            if width is None:
+                continue
+            removed = torch.zeros(width, dtype=torch.bool)
+            removed[list(item.idxs)] = True
+            handles.append(module.register_forward_hook(_zeroing(removed)))
+    return handles

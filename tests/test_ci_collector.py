@@ -1,0 +1,201 @@
+"""CICollector: the scored sites (CHIP's), streamed CI equal to a direct computation, the image
+cap, residual-stream scores, DDP reduction, progress loop and the scores file."""
+
+import os
+
+import pytest
+import torch
+
+import pccfast
+from pccfast.models import resnet50, resnet56_cifar, vgg16_cifar
+
+CHIP_VGG_SITES = ["features.relu0", "features.pool2", "features.relu3", "features.pool5",
+                  "features.relu6", "features.relu7", "features.pool9", "features.relu10",
+                  "features.relu11", "features.pool13", "features.relu14", "features.relu15"]
+
+
+def direct_site_ci(model, module_names, images, backend="torch"):
+    """Mean CI per channel at each named module's output, computed outside the collector."""
+    acts, handles = {}, []
+    modules = dict(model.named_modules())
+    for name in module_names:
+        handles.append(modules[name].register_forward_hook(
+            lambda m, a, out, name=name: acts.__setitem__(name, out.detach().clone())))
+    with torch.no_grad():
+        model.eval()(images)
+    for h in handles:
+        h.remove()
+    return {n: pccfast.channel_independence(a, backend=backend).mean(0) for n, a in acts.items()}
+
+
+@pytest.fixture(scope="module")
+def vgg_and_images():
+    torch.manual_seed(0)
+    return vgg16_cifar(width=0.125), torch.randn(10, 3, 32, 32)
+
+
+def test_vgg_sites_are_chips(vgg_and_images):
+    model, images = vgg_and_images
+    col = pccfast.CICollector(model, input_size=(1, 3, 32, 32))
+    prunable = pccfast.prune.build_graph(model, (1, 3, 32, 32)).prunable
+    assert [col.groups[g.name] for g in prunable] == [[s] for s in CHIP_VGG_SITES]
+    assert col.groups["features.conv16"] == ["features.relu16"]  # scored too (classifier input)
+    col.remove()
+
+
+def test_scores_equal_direct_ci(vgg_and_images):
+    model, images = vgg_and_images
+    col = pccfast.CICollector(model)
+    assert col.update(images[:6]) == 6 and col.update(images[6:]) == 4
+    scores = col.scores()
+    expected = direct_site_ci(model, CHIP_VGG_SITES + ["features.relu16"], images)
+    assert set(scores) == {f"features.conv{i}" for i in (0, 1, 3, 4, 6, 7, 8, 10, 11, 12, 14, 15, 16)}
+    for layer, sites in col.groups.items():
+        assert scores[layer].dtype == torch.float64 and scores[layer].device.type == "cpu"
+        torch.testing.assert_close(scores[layer], expected[sites[0]], rtol=1e-6, atol=1e-9)
+    assert all(float(s.max()) > 0 for s in scores.values())
+    col.remove()
+
+
+def test_image_cap_and_same_images_for_every_layer(vgg_and_images):
+    model, images = vgg_and_images
+    col = pccfast.CICollector(model, max_images=7)
+    assert [col.update(images[:4]), col.update(images[4:]), col.update(images)] == [4, 3, 0]
+    assert col.images == 7 and set(col._seen.values()) == {7}
+    first7 = direct_site_ci(model, ["features.relu0", "features.relu15"], images[:7])
+    site = col.site_scores()
+    torch.testing.assert_close(site["features.relu0"], first7["features.relu0"], rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(site["features.relu15"], first7["features.relu15"], rtol=1e-6, atol=1e-9)
+    col.remove()
+
+
+def test_collector_ignores_other_forwards_and_restores_the_mode(vgg_and_images):
+    model, images = vgg_and_images
+    model.train()
+    with pccfast.CICollector(model) as col:
+        with pytest.raises(RuntimeError, match="no CI yet"):
+            col.scores()
+        col.update(images[:2])
+        assert model.training
+        model(images)  # the user's own forward: not collected
+        assert col.images == 2 and set(col._seen.values()) == {2}
+    assert not model._forward_hooks and not any(m._forward_hooks for m in model.modules())
+    model.eval()
+
+
+def test_stream_score_is_the_mean_over_its_sites():
+    torch.manual_seed(1)
+    model = resnet56_cifar(width=0.25)
+    images = torch.randn(4, 3, 32, 32)
+    col = pccfast.CICollector(model)
+    col.update(images)
+    groups = col.groups
+    assert groups["layer1"] == ["relu"] + [f"layer1.{i}.relu2" for i in range(9)]
+    assert groups["layer2.3.conv1"] == ["layer2.3.relu1"]
+    direct = direct_site_ci(model, groups["layer1"], images)
+    expected = torch.stack([direct[s] for s in groups["layer1"]]).mean(0)
+    torch.testing.assert_close(col.scores()["layer1"], expected, rtol=1e-6, atol=1e-9)
+    col.remove()
+
+
+def test_resnet50_sites_reuse_the_relu_module():
+    model = resnet50(width=0.125)
+    col = pccfast.CICollector(model, input_size=(1, 3, 64, 64))
+    assert col.groups["conv1"] == ["maxpool"]  # CHIP scores the stem after the max-pool
+    assert col.groups["layer1.0.conv1"] == ["layer1.0.relu:0"]
+    assert col.groups["layer1.0.conv2"] == ["layer1.0.relu:1"]
+    assert col.groups["layer1"] == [f"layer1.{i}.relu:2" for i in range(3)]
+    col.update(torch.randn(2, 3, 64, 64))
+    assert all(v.numel() == model.get_submodule(k).out_channels if k.endswith(("conv1", "conv2"))
+               else True for k, v in col.scores().items())
+    col.remove()
+
+
+def test_layers_subset_and_bad_arguments(vgg_and_images):
+    model, images = vgg_and_images
+    col = pccfast.CICollector(model, layers=["features.conv3", "features.conv0"])
+    col.update(images[:2])
+    assert list(col.scores()) == ["features.conv3", "features.conv0"]
+    col.remove()
+    with pytest.raises(ValueError, match="does not score"):
+        pccfast.CICollector(model, layers=["features.norm0"], input_size=(1, 3, 32, 32))
+    with pytest.raises(ValueError, match="max_images"):
+        pccfast.CICollector(model, max_images=0)
+    with pytest.raises(ValueError, match="backend"):
+        pccfast.CICollector(model, backend="gpu")
+    col = pccfast.CICollector(model)
+    with pytest.raises(ValueError, match="images"):
+        col.update(torch.randn(3, 32, 32))
+    col.remove()
+
+
+def test_run_over_a_loader_and_the_scores_file(vgg_and_images, tmp_path):
+    model, images = vgg_and_images
+    labels = torch.zeros(len(images), dtype=torch.long)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=3)
+    col = pccfast.CICollector(model, max_images=8, progress=False).run(loader)
+    assert col.images == 8
+    scores = col.scores()
+    col.save(tmp_path / "ci.pt")
+    loaded = pccfast.CICollector.load_scores(tmp_path / "ci.pt")
+    assert loaded.keys() == scores.keys()
+    for k in scores:
+        assert torch.equal(loaded[k], scores[k])
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+    col.remove()
+    torch.save({"features.conv0": torch.zeros(3)}, tmp_path / "foreign.pt")
+    with pytest.raises(ValueError, match="not a pccfast scores file"):
+        pccfast.CICollector.load_scores(tmp_path / "foreign.pt")
+    data = (tmp_path / "ci.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated"):
+        pccfast.CICollector.load_scores(tmp_path / "cut.pt")
+
+
+def _ddp_worker(rank, world, init_file, out_dir):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = vgg16_cifar(width=0.125)
+    images = torch.randn(12, 3, 32, 32)
+    col = pccfast.CICollector(model, max_images=8)  # 4 per rank
+    col.update(images[rank * 6: rank * 6 + 6])  # each rank takes its first 4
+    torch.save(col.scores(), os.path.join(out_dir, f"rank{rank}.pt"))
+    col.save(os.path.join(out_dir, "ci.pt"))
+    dist.destroy_process_group()
+
+
+def test_ddp_sums_are_all_reduced(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    torch.manual_seed(0)
+    model = vgg16_cifar(width=0.125)
+    images = torch.randn(12, 3, 32, 32)
+    col = pccfast.CICollector(model)
+    col.update(torch.cat([images[0:4], images[6:10]]))
+    expected = col.scores()
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        for k in expected:
+            torch.testing.assert_close(got[k], expected[k], rtol=1e-9, atol=1e-12)
+    saved = pccfast.CICollector.load_scores(tmp_path / "ci.pt")
+    torch.testing.assert_close(saved["features.conv0"], expected["features.conv0"])
+
+
+@pytest.mark.gpu
+def test_cuda_collection_matches_cpu(vgg_and_images):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    model, images = vgg_and_images
+    cpu = pccfast.CICollector(model)
+    cpu.update(images)
+    expected = cpu.scores()
+    cpu.remove()
+    gpu_model = vgg16_cifar(width=0.125).cuda()
+    gpu_model.load_state_dict(model.state_dict())
+    col = pccfast.CICollector(gpu_model)
+    col.update(images.cuda())
+    for k, v in col.scores().items():
+        torch.testing.assert_close(v, expected[k], rtol=1e-4, atol=1e-6)

@@ -1,0 +1,82 @@
+"""Real data: calibrate and prune a VGG-16-CIFAR (width 0.25) on CIFAR-10 images, and check the
+kept channels are the top-CI ones by the brute-force definition (one nuclear norm per channel)."""
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import pccfast
+from pccfast.models import vgg16_cifar
+
+ROOT = Path(__file__).resolve().parents[1]
+NAME = Path("shared") / "data" / "cifar10_jpeg.npz"
+CANDIDATES = [ROOT.parent / NAME, ROOT.parent.parent / NAME, Path("/work") / NAME]
+MEAN = torch.tensor([125.3, 123.0, 113.9]).view(1, 3, 1, 1) / 255
+STD = torch.tensor([63.0, 62.1, 66.7]).view(1, 3, 1, 1) / 255
+IMAGES = 40
+
+
+def cifar_images(count: int) -> torch.Tensor:
+    path = next((p for p in CANDIDATES if p.is_file()), None)
+    if path is None:
+        pytest.skip(f"CIFAR-10 JPEG copy not found at {CANDIDATES[-1]}")
+    Image = pytest.importorskip("PIL.Image")
+    data = np.load(path)
+    jpeg, offsets = data["test_jpeg"], data["test_offsets"]
+    picks = np.linspace(0, len(offsets) - 2, count).astype(int)  # labels are sorted: every class
+    pixels = [np.asarray(Image.open(io.BytesIO(jpeg[offsets[i]:offsets[i + 1]].tobytes())).convert("RGB"))
+              for i in picks]
+    x = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float() / 255
+    return (x - MEAN) / STD
+
+
+def bruteforce_scores(model, groups, images):
+    """layer -> mean brute-force CI at its site, from hooks of this test's own."""
+    acts, handles = {}, []
+    modules = dict(model.named_modules())
+    for layer, (site,) in groups.items():
+        handles.append(modules[site].register_forward_hook(
+            lambda m, a, out, layer=layer: acts.__setitem__(layer, out.detach().clone())))
+    with torch.no_grad():
+        model.eval()(images)
+    for h in handles:
+        h.remove()
+    return {layer: pccfast.channel_independence(a, method="bruteforce").mean(0)
+            for layer, a in acts.items()}
+
+
+def test_kept_channels_are_the_top_ci_ones_by_brute_force():
+    images = cifar_images(IMAGES)
+    assert images.shape == (IMAGES, 3, 32, 32)
+    torch.manual_seed(0)
+    model = vgg16_cifar(width=0.25)
+    col = pccfast.CICollector(model, max_images=IMAGES, progress=False)
+    col.run(torch.utils.data.DataLoader(images, batch_size=16))
+    assert col.images == IMAGES
+    scores = col.scores()
+    col.remove()
+    reference = bruteforce_scores(model, col.groups, images)
+
+    exact = 0
+    for kwargs in ({"rates": "[0.21]*7+[0.75]*5"}, {"tau": 0.6}):
+        pruned, plan = pccfast.prune(model, scores, **kwargs)
+        assert len(plan.layers) == 12
+        for layer in plan.layers:
+            bf = reference[layer.name]
+            torch.testing.assert_close(scores[layer.name], bf, rtol=1e-6,
+                                       atol=1e-7 * float(bf.max()))
+            kept = torch.tensor(layer.kept_indices)
+            removed = torch.tensor(sorted(set(range(layer.width_before)) - set(layer.kept_indices)))
+            if removed.numel():
+                gap = float(bf[kept].min() - bf[removed].max())
+                assert gap >= -1e-9 * float(bf.max()), layer.name  # no removed channel beats a kept one
+                if gap > 1e-9 * float(bf.max()):  # no near-tie: exactly the brute-force top-k
+                    top = torch.argsort(bf, descending=True, stable=True)[: layer.width_after]
+                    assert layer.kept_indices == sorted(top.tolist())
+                    exact += 1
+        with torch.no_grad():
+            assert pruned.eval()(images[:4]).shape == (4, 10)
+    assert exact >= 20  # of 24 layer choices, nearly all have no near-tie at the boundary

@@ -1,0 +1,258 @@
+"""Surgery: the pruned model is physically smaller and equals the original with the removed
+channels zeroed, for every zoo model, torchvision's resnet50/vgg16_bn, and through
+Torch-Pruning for models outside pccfast's own graph."""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import pccfast
+from pccfast.models import resnet50, resnet56_cifar, vgg16_cifar
+from pccfast.prune.graph import UnsupportedLayerError, build_graph
+from pccfast.prune.surgery import mask_hooks
+
+CIFAR = (1, 3, 32, 32)
+
+
+def random_scores(graph, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {x.name: torch.rand(x.width, generator=g, dtype=torch.float64) for x in graph.groups
+            if x.prunable}
+
+
+def masked_reference(model, graph, plan, x):
+    """The original forward with every removed channel zeroed where it is written."""
+    kept = {layer.name: torch.tensor(layer.kept_indices) for layer in plan.layers
+            if layer.width_after < layer.width_before}
+    handles = mask_hooks(model, graph, kept)
+    try:
+        with torch.no_grad():
+            return model.eval()(x)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def assert_matches_masked(model, size, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    graph = build_graph(model, size, kwargs.get("residual", "stream"),
+                        kwargs.get("prune_classifier_input", False))
+    every = build_graph(model, size, prune_classifier_input=True)  # scores for every layer
+    pruned, plan = pccfast.prune(model, random_scores(every, seed), input_size=size,
+                                 verify=False, **kwargs)
+    x = torch.randn((2,) + tuple(size[1:]))
+    expected = masked_reference(model, graph, plan, x)
+    with torch.no_grad():
+        out = pruned.eval()(x)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
+    with torch.no_grad():  # and the channels did matter: the unmasked model differs
+        assert not torch.allclose(model(x), expected)
+    assert type(pruned) is type(model)
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
+    return pruned, plan
+
+
+def randomize_bn(model, seed=0):
+    """Non-trivial BN statistics, so a wrongly sliced BN shows in the output."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(n, generator=g) * 0.1)
+    return model
+
+
+@pytest.mark.parametrize("kwargs", [{"rates": "[0.21]*7+[0.75]*5"}, {"tau": 0.5},
+                                    {"tau": 0.5, "prune_classifier_input": True}])
+def test_vgg16_cifar(kwargs):
+    model = randomize_bn(vgg16_cifar(width=0.25))
+    pruned, plan = assert_matches_masked(model, CIFAR, **kwargs)
+    # The slicing, spelled out: conv3 keeps (its kept outputs) x (conv1's kept outputs).
+    k1, k3 = (torch.tensor(plan.kept[n]) for n in ("features.conv1", "features.conv3"))
+    torch.testing.assert_close(pruned.features.conv3.weight,
+                               model.features.conv3.weight[k3][:, k1])
+    torch.testing.assert_close(pruned.features.norm3.running_mean, model.features.norm3.running_mean[k3])
+    if kwargs.get("prune_classifier_input"):
+        k = torch.tensor(plan.kept["features.conv16"])
+        torch.testing.assert_close(pruned.classifier.linear1.weight, model.classifier.linear1.weight[:, k])
+
+
+@pytest.mark.parametrize("residual", ["stream", "inner"])
+def test_resnet56_cifar(residual):
+    model = randomize_bn(resnet56_cifar(width=0.5))
+    rates = "[0.]+[0.3]*2+[0.5]*27" if residual == "stream" else "[0.]*3+[0.5]*27"
+    pruned, plan = assert_matches_masked(model, CIFAR, rates=rates, residual=residual)
+    if residual == "stream":
+        # Stage streams keep one index set: the stem, every block's conv2 and bn2 agree.
+        k1 = plan.kept["layer1"]
+        assert pruned.conv1.out_channels == len(k1) == pruned.layer1[8].conv2.out_channels
+        torch.testing.assert_close(pruned.layer1[4].bn2.weight, model.layer1[4].bn2.weight[k1])
+        shortcut = pruned.layer2[0].shortcut  # option A between two pruned streams
+        assert shortcut.in_channels == len(k1) and shortcut.out_channels == len(plan.kept["layer2"])
+    else:
+        assert pruned.layer1[0].conv2.out_channels == 8
+
+
+@pytest.mark.parametrize("residual", ["stream", "inner"])
+def test_resnet50(residual):
+    model = randomize_bn(resnet50(num_classes=10, width=0.25))
+    assert_matches_masked(model, (1, 3, 64, 64), tau=0.6, residual=residual)
+
+
+def test_torchvision_resnet50_and_vgg16_bn():
+    torchvision = pytest.importorskip("torchvision")
+    model = randomize_bn(torchvision.models.resnet50(num_classes=10))
+    _, plan = assert_matches_masked(model, (1, 3, 64, 64), rates="[0.]+[0.1]*3+[0.35]*16")
+    assert plan.widths["layer1"] == 230 and plan.widths["layer2.0.conv1"] == 83
+    vgg = randomize_bn(torchvision.models.vgg16_bn(num_classes=10))
+    _, plan = assert_matches_masked(vgg, CIFAR, rates="[0.21]*7+[0.75]*5",
+                                    prune_classifier_input=False)
+    assert plan.widths["features.37"] == 128 and "features.40" not in plan.widths
+
+
+def test_prune_leaves_the_original_alone_and_verifies():
+    model = vgg16_cifar(width=0.125)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    graph = build_graph(model, CIFAR)
+    pruned, plan = pccfast.prune(model, random_scores(graph), tau=0.5)  # verify=True
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+    assert not model._forward_hooks and not pruned._forward_hooks
+    assert pruned.features.conv0.weight.requires_grad
+    out = pruned(torch.randn(4, 3, 32, 32))  # trains: gradients flow
+    out.sum().backward()
+    assert pruned.features.conv0.weight.grad is not None
+
+
+class CatNet(nn.Module):
+    """Concatenation: outside pccfast's graph, inside Torch-Pruning's."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.a = nn.Sequential(nn.Conv2d(8, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4), nn.ReLU())
+        self.c = nn.Sequential(nn.Conv2d(10, 12, 3, padding=1), nn.BatchNorm2d(12), nn.ReLU())
+        self.fc = nn.Linear(12, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = torch.cat([self.a(x), self.b(x)], 1)
+        return self.fc(self.c(x).mean((2, 3)))
+
+
+class FlipNet(nn.Module):
+    """Reverses the channel order: Torch-Pruning takes it for elementwise, pccfast refuses."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1, self.relu1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()
+        self.conv2, self.bn2, self.relu2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.relu1(self.bn1(self.conv1(x))).flip(1)
+        return self.fc(self.relu2(self.bn2(self.conv2(x))).mean((2, 3)))
+
+
+def test_unsupported_layer_is_named_and_torch_pruning_takes_over():
+    pytest.importorskip("torch_pruning")
+    model = randomize_bn(CatNet())
+    size = (1, 3, 16, 16)
+    with pytest.raises(UnsupportedLayerError, match="cannot prune through cat"):
+        build_graph(model, size, engine="pccfast")
+    with pytest.warns(UserWarning, match="Torch-Pruning"):
+        graph = build_graph(model, size)
+    assert graph.engine == "torch_pruning"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruned, plan = pccfast.prune(model, random_scores(graph), tau=0.6, input_size=size)
+    assert plan.engine == "torch_pruning"
+    assert pruned.c[0].in_channels == plan.widths["a.0"] + plan.widths["b.0"]
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(pruned.eval()(x), masked_reference(model, graph, plan, x))
+
+
+def test_unsupported_layer_without_torch_pruning(monkeypatch):
+    from pccfast.prune import tp_engine
+
+    monkeypatch.setattr(tp_engine, "torch_pruning_missing", lambda: "Torch-Pruning is not installed")
+    with pytest.raises(UnsupportedLayerError, match="flip.*not installed"):
+        build_graph(FlipNet(), (1, 3, 8, 8))
+
+
+def test_grouped_conv_is_named():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, groups=8), nn.ReLU())
+    with pytest.raises(UnsupportedLayerError, match=r"cannot prune through 3 \(Conv2d\): groups=8"):
+        build_graph(model, (1, 3, 16, 16), engine="pccfast")
+
+
+def test_verify_catches_an_engine_that_mishandles_a_layer():
+    pytest.importorskip("torch_pruning")
+    model = FlipNet()
+    graph = build_graph(model, (1, 3, 8, 8), engine="torch_pruning")
+    with pytest.raises(RuntimeError, match="does not match"):
+        pccfast.prune(model, random_scores(graph), rates=0.5, input_size=(1, 3, 8, 8),
+                      engine="torch_pruning")
+
+
+def test_torch_pruning_engine_agrees_with_pccfast_engine():
+    """The same kept channels through both engines give the same network."""
+    pytest.importorskip("torch_pruning")
+    torchvision = pytest.importorskip("torchvision")
+    model = randomize_bn(torchvision.models.resnet18(num_classes=10))
+    size = (1, 3, 64, 64)
+    ours = build_graph(model, size)
+    pruned, plan = pccfast.prune(model, random_scores(ours), tau=0.6, input_size=size, verify=False)
+    theirs = build_graph(model, size, engine="torch_pruning")
+    by_convs = {frozenset(g.convs): g.name for g in theirs.groups}
+    tp_plan = pccfast.prune.Plan.from_dict(plan.to_dict())
+    tp_plan.engine = "torch_pruning"
+    for layer in tp_plan.layers:
+        layer.name = by_convs[frozenset(ours.group(layer.name).convs)]
+    other = pccfast.prune.apply_plan(model, tp_plan, theirs)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(other.eval()(x), pruned.eval()(x))
+
+
+def test_per_layer_modes_survive_every_entry_point():
+    """A model training with a frozen (eval-mode) BN keeps exactly that after pccfast's calls."""
+    model = vgg16_cifar(width=0.125).train()
+    model.features.norm0.eval()
+    modes = {n: m.training for n, m in model.named_modules()}
+    graph = build_graph(model, CIFAR)
+    pccfast.count(model, CIFAR)
+    pccfast.prune(model, random_scores(graph), tau=0.5)
+    with pccfast.CICollector(model) as col:
+        col.update(torch.randn(2, 3, 32, 32))
+    assert {n: m.training for n, m in model.named_modules()} == modes
+
+
+class FunctionalNet(nn.Module):
+    """Functional ReLUs, a scalar scale, a strided slice, a reshape into the classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6 * 4 * 4, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x))) * 0.5
+        x = torch.nn.functional.relu(self.bn2(self.conv2(x)))[:, :, ::2, ::2]
+        return self.fc(x.reshape(x.size(0), -1))
+
+
+def test_functional_layers_and_reshape_flatten():
+    model = randomize_bn(FunctionalNet())
+    graph = build_graph(model, (1, 3, 8, 8), prune_classifier_input=True)
+    assert [g.name for g in graph.prunable] == ["conv1", "conv2"]
+    assert graph.group("conv1").sites[0].apply_relu  # hooked at bn1, ReLU applied in the hook
+    assert_matches_masked(model, (1, 3, 8, 8), tau=0.6, prune_classifier_input=True)
