@@ -32,7 +32,8 @@ def summary_rows(summary: dict) -> list[tuple[str, str]]:
     sec = summary.get("seconds") or {}
     rows = [
         ("baseline accuracy (no PCC)", _pct(summary.get("baseline_acc"))),
-        ("PCC-pretrained accuracy", _pct(summary.get("pcc_acc"))),
+        ("PCC-pretrained accuracy" if summary.get("pcc_weight", 1) else
+         "pretrained accuracy (PCC weight 0)", _pct(summary.get("pcc_acc"))),
         ("pruned accuracy (before fine-tuning)", _pct(summary.get("pruned_acc"))),
         ("fine-tuned accuracy", _pct(summary.get("finetuned_acc"))),
         ("params removed", _pct(summary.get("params_removed"))),

@@ -169,7 +169,8 @@ class Pipeline:
                 fields = {key: result.test_acc}
                 if stage == "pretrain":
                     counts = count(model, self.data.input_size)
-                    fields.update(params_before=counts["params"], flops_before=counts["flops"])
+                    fields.update(params_before=counts["params"], flops_before=counts["flops"],
+                                  pcc_weight=self.cfg.pcc.weight)
                 self.folder.update_summary(seconds={stage: seconds}, **fields)
             results[key] = result.test_acc
             label = "with PCC" if pcc is not None and pcc.enabled else "without PCC"

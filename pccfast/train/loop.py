@@ -65,6 +65,8 @@ def evaluate(model: nn.Module, loader, *, device=None, amp: str = "none") -> dic
 
 
 def _prepare(model: nn.Module, cfg: TrainConfig, env: DistEnv) -> nn.Module:
+    if env.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest conv kernels
     model.to(env.device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
