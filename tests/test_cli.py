@@ -70,6 +70,7 @@ def test_the_issue_command_writes_the_run_folder(digits_npz, tmp_path, capsys):
     assert pccfast.count(pruned, (1, 3, 32, 32))["flops"] == s["flops_after"]
 
 
+@pytest.mark.slow
 def test_the_same_flags_stage_by_stage_equal_run(digits_npz, tmp_path, capsys):
     """train, ci, prune, finetune, eval and report with the run command's flags reproduce it."""
     flags = _issue_flags(digits_npz, width="0.125") + ["--calib-images", "128"]
@@ -87,6 +88,7 @@ def test_the_same_flags_stage_by_stage_equal_run(digits_npz, tmp_path, capsys):
     assert f"{100 * b['finetuned_acc']:.2f}%" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_run_resumes_after_a_crash(digits_npz, tmp_path, monkeypatch):
     flags = _issue_flags(digits_npz, width="0.125") + ["--calib-images", "128", "--no-progress"]
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"

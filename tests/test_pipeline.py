@@ -19,7 +19,7 @@ def test_demo_prints_the_table(tmp_path, capsys):
     """The demo's path at one epoch per stage (the full demo is the README's command)."""
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--epochs", "1", "--finetune-epochs", "1",
-                 "--no-progress"]) == 0
+                 "--train-limit", "512", "--no-progress"]) == 0
     printed = capsys.readouterr().out
     for row in ("baseline accuracy (no PCC)", "PCC-pretrained accuracy",
                 "pruned accuracy (before fine-tuning)", "fine-tuned accuracy", "params removed",
@@ -106,3 +106,31 @@ def test_whole_pipeline_on_a_cifar10_slice(tmp_path):
         dropped[kept] = False
         if dropped.any():
             assert ci[kept].min() >= ci[dropped].max()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SHARED_CIFAR.is_file(), reason=f"{SHARED_CIFAR} is absent")
+def test_gpu_check_script_logic_on_the_cpu(tmp_path):
+    """benchmarks/gpu/cifar10_vgg16.sh at toy size on the CPU: both runs, the results table."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "out"
+    out.mkdir()
+    env = dict(os.environ, EPOCHS="1", FT_EPOCHS="1", WIDTH="0.125", TRAIN_LIMIT="256",
+               TEST_LIMIT="128", DEVICE="cpu", AMP="none", DATA=str(SHARED_CIFAR),
+               RUNS_DIR=str(tmp_path / "runs"), RESULTS_FILE=str(tmp_path / "RESULTS.md"),
+               OUT=str(out), PYTHON=sys.executable)
+    done = subprocess.run(["bash", str(root / "benchmarks" / "gpu" / "cifar10_vgg16.sh")], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    table = (tmp_path / "RESULTS.md").read_text()
+    assert "| with PCC |" in table and "| without PCC |" in table
+    assert (out / "RESULTS_cifar10_vgg16.md").read_text().strip() in table
+    with_pcc = json.loads((out / "summary_pcc.json").read_text())
+    without = json.loads((out / "summary_no_pcc.json").read_text())
+    assert with_pcc["pcc_weight"] > 0 and without["pcc_weight"] == 0
+    # the published rate list: ~92.8% params / 84.4% FLOPs at width 1, similar at width 0.125
+    assert with_pcc["params_removed"] > 0.85 and with_pcc["flops_removed"] > 0.75

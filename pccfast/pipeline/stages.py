@@ -114,13 +114,22 @@ class Pipeline:
 
     @property
     def data(self):
+        """The dataset, loaded once (under DDP rank 0 first, so that it alone downloads)."""
         if self._data is None:
             from ..data import load_data
 
             d = self.cfg.data
-            self._data = load_data(d.spec, train_limit=d.train_limit, test_limit=d.test_limit,
-                                   seed=self.cfg.run.seed, download=d.download and self.env.is_main,
-                                   augment=d.augment, pad=d.pad, crop=d.crop)
+
+            def load():
+                return load_data(d.spec, train_limit=d.train_limit, test_limit=d.test_limit,
+                                 seed=self.cfg.run.seed, download=d.download and self.env.is_main,
+                                 augment=d.augment, pad=d.pad, crop=d.crop)
+
+            if self.env.is_main:
+                self._data = load()
+            dist_utils.barrier()
+            if not self.env.is_main:
+                self._data = load()
             self.echo(f"data   {self._data.describe()}")
         return self._data
 

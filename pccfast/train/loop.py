@@ -96,10 +96,14 @@ def _regularizer(model: nn.Module, pcc: PCCConfig | None):
 
 
 def _progress(total: int, desc: str, enabled: bool):
+    """A tqdm bar (loss, accuracy, images/s); redrawn every 10 s when stderr is no terminal."""
+    import sys
+
     from tqdm.auto import tqdm
 
+    interval = 0.1 if sys.stderr.isatty() else 10.0
     return tqdm(total=total, desc=desc, unit="batch", dynamic_ncols=True, leave=False,
-                disable=not enabled)
+                disable=not enabled, mininterval=interval)
 
 
 def fit(model: nn.Module, data, cfg: TrainConfig, *, env: DistEnv | None = None,
