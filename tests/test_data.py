@@ -334,3 +334,11 @@ def test_channel_stats_sample_spans_class_sorted_files():
     images = torch.cat([torch.zeros(50, 1, 2, 2), torch.full((50, 1, 2, 2), 255.0)]).to(torch.uint8)
     mean, std = channel_stats(images, max_images=10)
     assert abs(mean[0] - 0.5) < 0.11 and std[0] > 0.4
+
+
+def test_imagefolder_eval_shards_count_every_image_once(tmp_path):
+    _image_folder(tmp_path, per_class=5)  # 10 validation images over 3 ranks
+    data = load_data(f"imagefolder:{tmp_path}", crop=16)
+    counts = [sum(len(y) for _, y in data.test_loader(3, rank=r, world_size=3, workers=0))
+              for r in range(3)]
+    assert counts == [3, 3, 4]

@@ -144,9 +144,15 @@ class FolderLoader:
         self.device = torch.device(device)
         self.channels_last = channels_last
         self.batch_size = batch_size
-        if world_size > 1:
-            self.sampler = DistributedSampler(dataset, world_size, rank, shuffle=train, seed=seed,
-                                              drop_last=train)
+        if not train and world_size > 1:  # a contiguous shard: every image counted once
+            from torch.utils.data import Subset
+
+            n = len(dataset)
+            dataset = Subset(dataset, range(n * rank // world_size, n * (rank + 1) // world_size))
+            self.sampler = SequentialSampler(dataset)
+        elif world_size > 1:
+            self.sampler = DistributedSampler(dataset, world_size, rank, shuffle=True, seed=seed,
+                                              drop_last=True)
         elif train:
             self.sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
         else:
