@@ -191,11 +191,11 @@ def demo_config() -> RunConfig:
     return RunConfig.from_dict({
         "data": {"spec": "digits", "workers": 0},
         "model": {"name": "vgg16_cifar", "width": 0.25},
-        "pretrain": {"epochs": 6, "batch_size": 64, "lr": 0.05, "warmup_epochs": 1,
+        "pretrain": {"epochs": 8, "batch_size": 64, "lr": 0.05, "warmup_epochs": 1,
                      "weight_decay": 5e-4},
         "pcc": {"weight": 0.05},
-        "ci": {"images": 256, "batch_size": 128},
+        "ci": {"images": 512, "batch_size": 128},
         "prune": {"target_flops": 0.5},
-        "finetune": {"epochs": 3, "batch_size": 64, "lr": 0.01, "weight_decay": 5e-4},
+        "finetune": {"epochs": 4, "batch_size": 64, "lr": 0.01, "weight_decay": 5e-4},
         "run": {"baseline": True, "device": "cpu"},
     })
