@@ -39,7 +39,7 @@ FLAGS = [
     ("--pcc-weight", ["pcc.weight"], dict(type=float, metavar="W", help="weight of the PCC term in pre-training (0: none)")),
     ("--pcc-mode", ["pcc.mode"], dict(choices=("promote", "suppress"), help="promote (reward correlation, default) or suppress")),
     ("--no-pcc", ["pcc.weight"], dict(action="store_const", const=0.0, help="pre-train without the PCC term")),
-    ("--calib-images", ["ci.images"], dict(type=int, metavar="N", help="calibration images for CI (default 640)")),
+    ("--calib-images", ["ci.images"], dict(type=int, metavar="N", help="calibration images for CI (640 unless the config says otherwise)")),
     ("--finetune-epochs", ["finetune.epochs"], dict(type=int, metavar="N", help="fine-tuning epochs")),
     ("--finetune-lr", ["finetune.lr"], dict(type=float, metavar="LR", help="fine-tuning learning rate")),
     ("--baseline", ["run.baseline"], dict(action="store_const", const=True, help="also pre-train without PCC (baseline_acc)")),
@@ -176,8 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pccfast",
         description="PCC pre-training and channel-independence pruning of CNNs, with fused kernels.",
-        epilog="Settings: defaults < DIR/config.json < --config FILE < flags < --set. "
-               "Data-parallel under torchrun (NCCL on GPUs, gloo on CPUs).",
+        epilog="Settings: defaults < DIR/config.json (stage commands and run --resume) < "
+               "--config FILE < flags < --set. Data-parallel under torchrun (NCCL on GPUs, "
+               "gloo on CPUs).",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
