@@ -346,10 +346,12 @@ class Pipeline:
 
 
 def _bar(iterable, desc: str, enabled: bool):
+    import sys
+
     from tqdm.auto import tqdm
 
     return tqdm(iterable, desc=desc, unit="batch", leave=False, dynamic_ncols=True,
-                disable=not enabled)
+                disable=not enabled, mininterval=0.1 if sys.stderr.isatty() else 10.0)
 
 
 def _criterion_text(criterion: dict) -> str:
