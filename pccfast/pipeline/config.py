@@ -1,0 +1,201 @@
+"""The settings of a whole run: defaults < the run folder's config.json < a TOML file < flags.
+
+A config is data (TOML sections mirroring the dataclasses below); unknown keys are errors that
+name the section and the keys it knows.
+
+    [data]      spec, train_limit, test_limit, download, augment, pad, crop, workers
+    [model]     name (a zoo name or "package.module:factory"), width, init
+    [pretrain]  TrainConfig fields (epochs, batch_size, lr, warmup_epochs, amp, ...)
+    [pcc]       weight, mode, orientation, group, penalty, backend
+    [ci]        images, batch_size
+    [prune]     one of rates, tau, target_flops, target_params
+    [finetune]  TrainConfig fields
+    [run]       baseline, device, seed
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..train.config import PCCConfig, TrainConfig
+
+PRUNE_KEYS = ("rates", "tau", "target_flops", "target_params")
+
+
+@dataclass
+class DataSection:
+    spec: str = "digits"
+    train_limit: int | None = None
+    test_limit: int | None = None
+    download: bool = False
+    augment: str = "auto"
+    pad: int | None = None
+    crop: int = 224
+    workers: int = 4
+
+
+@dataclass
+class ModelSection:
+    name: str = "vgg16_cifar"
+    width: float | None = None
+    init: str = ""  # a state-dict file loaded before pre-training (e.g. torchvision's weights)
+
+
+@dataclass
+class CISection:
+    images: int = 640
+    batch_size: int = 128
+
+    def __post_init__(self):
+        for name in ("images", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"ci.{name} must be a positive integer, got {value!r}")
+
+
+@dataclass
+class PruneSection:
+    rates: str | None = None
+    tau: float | None = None
+    target_flops: float | None = None
+    target_params: float | None = None
+
+    def __post_init__(self):
+        given = [k for k in PRUNE_KEYS if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"prune takes one of {PRUNE_KEYS}, got {', '.join(given)}")
+        for k in ("tau", "target_flops", "target_params"):
+            v = getattr(self, k)
+            if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1):
+                raise ValueError(f"prune.{k} must be a fraction in (0, 1), got {v!r}")
+
+    @property
+    def criterion(self) -> dict:
+        """The one keyword for pccfast.prune (rates=, tau=, target_flops= or target_params=)."""
+        return {k: getattr(self, k) for k in PRUNE_KEYS if getattr(self, k) is not None}
+
+
+@dataclass
+class RunSection:
+    baseline: bool = False
+    device: str = "auto"
+    seed: int = 0
+
+
+@dataclass
+class RunConfig:
+    data: DataSection = field(default_factory=DataSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    pretrain: TrainConfig = field(default_factory=TrainConfig)
+    pcc: PCCConfig = field(default_factory=PCCConfig)
+    ci: CISection = field(default_factory=CISection)
+    prune: PruneSection = field(default_factory=lambda: PruneSection(target_flops=0.5))
+    finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=5, lr=0.01))
+    run: RunSection = field(default_factory=RunSection)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, tree: dict, base: "RunConfig | None" = None) -> "RunConfig":
+        """``base`` (default: the defaults) updated by the sections and keys of ``tree``."""
+        current = (base or cls()).to_dict()
+        if not isinstance(tree, dict):
+            raise TypeError(f"a config must be a table of sections, got {type(tree).__name__}")
+        for section, values in tree.items():
+            if section not in current:
+                raise ValueError(f"config has no section [{section}] (known: {', '.join(current)})")
+            if not isinstance(values, dict):
+                raise TypeError(f"config [{section}] must be a table, got {values!r}")
+            for key, value in values.items():
+                if key not in current[section]:
+                    raise ValueError(
+                        f"config [{section}] has no key {key!r} (known: {', '.join(current[section])})"
+                    )
+                if section == "prune" and value is not None:
+                    for other in PRUNE_KEYS:  # one criterion: setting one clears the others
+                        current[section][other] = None
+                current[section][key] = value
+        return cls._build(current)
+
+    @classmethod
+    def _build(cls, tree: dict) -> "RunConfig":
+        kinds = {f.name: f.default_factory for f in dataclasses.fields(cls)}
+        sections = {}
+        for name, factory in kinds.items():
+            kind = type(factory())
+            try:
+                sections[name] = kind(**tree[name])
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"config [{name}]: {exc}") from exc
+        return cls(**sections)
+
+
+def load_toml(path: str | Path) -> dict:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        try:
+            import tomli as tomllib
+        except ModuleNotFoundError as exc:
+            raise ImportError("reading TOML configs on Python 3.10 needs tomli (pip install tomli)") from exc
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"config file {path} is not valid TOML: {exc}") from exc
+
+
+def parse_assignment(text: str) -> dict:
+    """``"pretrain.lr=0.05"`` -> {"pretrain": {"lr": 0.05}}; the value is read as TOML, else a string."""
+    key, sep, raw = text.partition("=")
+    section, dot, name = key.strip().partition(".")
+    if not sep or not dot or not section or not name:
+        raise ValueError(f"--set takes SECTION.KEY=VALUE (e.g. pretrain.lr=0.05), got {text!r}")
+    try:
+        import tomllib
+
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except Exception:
+        value = raw.strip()
+    return {section: {name: value}}
+
+
+def save_json(path: Path, obj) -> None:
+    """Writes JSON atomically (temporary file + rename)."""
+    import os
+    import tempfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def demo_config() -> RunConfig:
+    """``pccfast demo``: a small VGG on the bundled digits, pruned to half the FLOPs."""
+    return RunConfig.from_dict({
+        "data": {"spec": "digits", "workers": 0},
+        "model": {"name": "vgg16_cifar", "width": 0.25},
+        "pretrain": {"epochs": 8, "batch_size": 64, "lr": 0.05, "warmup_epochs": 1,
+                     "weight_decay": 5e-4},
+        "pcc": {"weight": 0.05},
+        "ci": {"images": 512, "batch_size": 128},
+        "prune": {"target_flops": 0.5},
+        "finetune": {"epochs": 4, "batch_size": 64, "lr": 0.01, "weight_decay": 5e-4},
+        "run": {"baseline": True, "device": "cpu"},
+    })

@@ -1,0 +1,102 @@
+"""The settings of one training stage (pre-training or fine-tuning), checked on construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+AMP_MODES = ("none", "bf16", "fp16")
+PCC_MODES = ("promote", "suppress")
+
+
+@dataclass
+class PCCConfig:
+    """The PCC regulariser of pre-training (SPEC section 1); ``weight = 0`` turns it off."""
+
+    weight: float = 0.05
+    mode: str = "promote"
+    orientation: str = "channel"
+    group: str = "sample"
+    penalty: str = "abs"
+    backend: str = "auto"
+
+    def __post_init__(self):
+        _check_number("pcc.weight", self.weight, minimum=0.0)
+        if self.mode not in PCC_MODES:
+            raise ValueError(f"pcc.mode must be one of {PCC_MODES}, got {self.mode!r}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.weight > 0
+
+
+@dataclass
+class TrainConfig:
+    """SGD with momentum, linear warm-up then cosine decay, per step.
+
+    batch_size is the global batch (split over DDP processes). With ``lr_reference_batch`` set,
+    the learning rate is scaled linearly: ``lr * batch_size / lr_reference_batch`` (Goyal et
+    al.'s rule for large batches). amp: "none", "bf16" (autocast, no scaler) or "fp16"
+    (autocast with a gradient scaler).
+    """
+
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 0.1
+    lr_reference_batch: int | None = None
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 0.0
+    min_lr: float = 0.0
+    label_smoothing: float = 0.0
+    amp: str = "none"
+    channels_last: bool = False
+    compile: bool = False
+    sync_bn: bool = False
+    grad_clip: float | None = None
+    eval_every: int = 1
+    seed: int = 0
+
+    def __post_init__(self):
+        _check_int("epochs", self.epochs, minimum=0)
+        _check_int("batch_size", self.batch_size, minimum=1)
+        _check_number("lr", self.lr, minimum=0.0)
+        if self.lr_reference_batch is not None:
+            _check_int("lr_reference_batch", self.lr_reference_batch, minimum=1)
+        _check_number("momentum", self.momentum, minimum=0.0)
+        _check_number("weight_decay", self.weight_decay, minimum=0.0)
+        _check_number("warmup_epochs", self.warmup_epochs, minimum=0.0)
+        _check_number("min_lr", self.min_lr, minimum=0.0)
+        _check_number("label_smoothing", self.label_smoothing, minimum=0.0)
+        if self.label_smoothing >= 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.amp not in AMP_MODES:
+            raise ValueError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
+        if self.grad_clip is not None:
+            _check_number("grad_clip", self.grad_clip, minimum=0.0)
+        _check_int("eval_every", self.eval_every, minimum=1)
+        _check_int("seed", self.seed, minimum=0)
+
+    @property
+    def scaled_lr(self) -> float:
+        if self.lr_reference_batch is None:
+            return self.lr
+        return self.lr * self.batch_size / self.lr_reference_batch
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _check_number(name: str, value, minimum: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    if not value >= minimum or value != value or value == float("inf"):
+        raise ValueError(f"{name} must be a finite number >= {minimum}, got {value}")
+
+
+def field_names(cls) -> tuple[str, ...]:
+    return tuple(f.name for f in fields(cls))

@@ -1,0 +1,89 @@
+"""DDP under torchrun on the CPU (gloo): two processes, each on half of every global batch, give
+the result of one process on the whole batch, through every stage of ``pccfast run``."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from pccfast.cli import main
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+
+
+def plain_cnn(num_classes=10, width=1.0):
+    """No BatchNorm (its batch statistics are per process without SyncBatchNorm, which has no
+    CPU kernel), so the two runs must agree to rounding."""
+    c1, c2 = int(8 * width), int(16 * width)
+    return nn.Sequential(
+        nn.Conv2d(3, c1, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(4),
+        nn.Flatten(), nn.Linear(c2 * 16, num_classes),
+    )
+
+
+FLAGS = ["--data", "digits", "--train-limit", "256", "--test-limit", "96",
+         "--model", "test_ddp:plain_cnn", "--epochs", "2", "--batch-size", "32", "--lr", "0.05",
+         "--pcc-weight", "0.2", "--calib-images", "64", "--tau", "0.7",
+         "--finetune-epochs", "1", "--finetune-lr", "0.02", "--device", "cpu", "--no-progress"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _weights(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_match_one_process(tmp_path, monkeypatch):
+    one, two = tmp_path / "one", tmp_path / "two"
+    monkeypatch.syspath_prepend(str(TESTS))
+    assert main(["run", *FLAGS, "--out", str(one)]) == 0
+
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT), str(TESTS), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+           "-m", "pccfast", "run", *FLAGS, "--out", str(two)]
+    done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.count("finetune  1 epochs") == 1  # only rank 0 prints
+
+    a, b = json.loads((one / "summary.json").read_text()), json.loads((two / "summary.json").read_text())
+    for key in ("pcc_acc", "pruned_acc", "finetuned_acc"):
+        assert abs(a[key] - b[key]) <= 1 / 96 + 1e-9, key  # at most one test image apart
+    assert 0 < a["flops_removed"] == pytest.approx(b["flops_removed"])
+
+    # Pre-training: the same weights after 16 optimiser steps, to fp32 rounding of the all-reduce.
+    wa, wb = _weights(one / "checkpoints" / "pretrain.pt"), _weights(two / "checkpoints" / "pretrain.pt")
+    for name in wa:
+        assert torch.allclose(wa[name], wb[name], rtol=1e-4, atol=1e-5), name
+    ra = [json.loads(l) for l in (one / "metrics.jsonl").read_text().splitlines()]
+    rb = [json.loads(l) for l in (two / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["epoch"]) for r in ra] == [(r["stage"], r["epoch"]) for r in rb]
+    for x, y in zip(ra, rb):
+        assert x["train_loss"] == pytest.approx(y["train_loss"], rel=1e-4)
+        if x["stage"] == "pretrain":
+            assert x["pcc"] == pytest.approx(y["pcc"], rel=1e-4)
+
+    # CI: each rank scored half of the 64 images; the all-reduced means equal one process's.
+    sa = torch.load(one / "ci_scores.pt", weights_only=True)
+    sb = torch.load(two / "ci_scores.pt", weights_only=True)
+    assert sa["images"] == sb["images"] == 64
+    for name in sa["scores"]:
+        assert torch.allclose(sa["scores"][name], sb["scores"][name], rtol=1e-4, atol=1e-6), name
+    pa, pb = json.loads((one / "plan.json").read_text()), json.loads((two / "plan.json").read_text())
+    assert [l["kept_indices"] for l in pa["layers"]] == [l["kept_indices"] for l in pb["layers"]]
