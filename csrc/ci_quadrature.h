@@ -23,9 +23,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spectral_weights(const at::Tensor
                                                                 const at::Tensor& eigenvalues,
                                                                 const at::Tensor& eigenvectors);
 
-// -> CI (B, C) float64 from the output of spectral_weights.
-at::Tensor ci_quadrature(const at::Tensor& lam, const at::Tensor& weights,
-                         const at::Tensor& null);
+// -> CI (B, C) float64 from the output of spectral_weights. CPU tensors take a fused loop for
+// the elementwise part after the two matrix products (`fused_cpu_tail`), other devices ATen ops.
+at::Tensor ci_quadrature(const at::Tensor& lam, const at::Tensor& weights, const at::Tensor& null,
+                         bool fused_cpu_tail = true);
 
 // The small-side Gram matrix of each image: A A^T (C <= P) or A^T A (C > P), float64.
 at::Tensor small_side_gram(const at::Tensor& a);

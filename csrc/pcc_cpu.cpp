@@ -1,6 +1,6 @@
 // PCC on the CPU (SPEC section 1).
 //
-// The groups are processed in chunks of about kChunkElements floats of temporaries: each chunk's
+// The groups are processed in chunks of a bounded number of floats of temporaries: each chunk's
 // rows are normalised, their correlation matrix R (or, for "square" with K < M, the K x K Gram
 // matrix of the features) is formed with one batched matrix product, and phi(R) is reduced.
 // Only the per-row mean and rstd leave the forward pass; the backward pass recomputes vhat and R
@@ -16,7 +16,11 @@
 namespace pccfast {
 namespace {
 
-constexpr int64_t kChunkElements = int64_t(1) << 22;  // ~16 MB per fp32 temporary
+// Temporaries per chunk: an eighth of the input, within [256 KB, 16 MB] of fp32 each, so the
+// memory beyond x and dx stays a small fraction of the activation at every size.
+constexpr int64_t kChunkMinElements = int64_t(1) << 16;
+constexpr int64_t kChunkMaxElements = int64_t(1) << 22;
+constexpr int64_t kChunkInputFraction = 8;
 
 struct Sizes {
   int64_t groups, rows, features;
@@ -76,8 +80,10 @@ void store_rows(at::Tensor& dx, const at::Tensor& dv, int64_t n0, bool pixel) {
   }
 }
 
-int64_t chunk_of(int64_t groups, int64_t per_group) {
-  return std::clamp<int64_t>(kChunkElements / std::max<int64_t>(per_group, 1), 1, groups);
+int64_t chunk_of(const at::Tensor& x, int64_t groups, int64_t per_group) {
+  const int64_t budget =
+      std::clamp(x.numel() / kChunkInputFraction, kChunkMinElements, kChunkMaxElements);
+  return std::clamp<int64_t>(budget / std::max<int64_t>(per_group, 1), 1, groups);
 }
 
 at::Tensor renormalize(const at::Tensor& v, const at::Tensor& mean, const at::Tensor& rstd) {
@@ -97,9 +103,8 @@ double phi_sum(const at::Tensor& vhat, const PCCConfig& cfg) {
     }
     return total;
   }
-  at::Tensor r = at::bmm(vhat, vhat.transpose(1, 2)).div_(double(k));
-  if (!cfg.include_diagonal) r.diagonal(0, -2, -1).zero_();
-  return (cfg.square ? r.square_() : r.abs_()).sum(at::kDouble).item<double>();
+  return phi_sum_of_products(at::bmm(vhat, vhat.transpose(1, 2)), 1.0 / double(k), cfg.square,
+                             cfg.include_diagonal);
 }
 
 // d(sum phi(R)) / dR with the diagonal masked, times `factor`: (…, M, M).
@@ -129,7 +134,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_grouped(const at::Tensor&
   at::Tensor mean = at::empty({s.groups, s.rows}, x.options().dtype(type));
   at::Tensor rstd = at::empty_like(mean);
   const int64_t side = cfg.square ? std::min(s.rows, s.features) : s.rows;
-  const int64_t chunk = chunk_of(s.groups, 2 * s.rows * s.features + 2 * side * side);
+  const int64_t chunk = chunk_of(x, s.groups, 2 * s.rows * s.features + 2 * side * side);
   at::Tensor buffer = at::empty({chunk, s.rows, s.features}, x.options().dtype(type));
   double total = 0.0;
   for (int64_t g0 = 0; g0 < s.groups; g0 += chunk) {
@@ -153,7 +158,7 @@ at::Tensor backward_grouped(double scale, const at::Tensor& x, const at::Tensor&
   const double factor = 2.0 * scale / k;  // d R_ij / d vhat_i = vhat_j / K, R symmetric: twice
   const bool small_side = cfg.square && s.features < s.rows;
   const int64_t side = small_side ? s.features : s.rows;
-  const int64_t chunk = chunk_of(s.groups, 3 * s.rows * s.features + 2 * side * side);
+  const int64_t chunk = chunk_of(x, s.groups, 3 * s.rows * s.features + 2 * side * side);
   at::Tensor buffer = at::empty({chunk, s.rows, s.features}, x.options().dtype(type));
   // Sample groups write straight into dx; batch_mean produces the mean map's gradient first.
   const bool mean_map = cfg.group == Group::BatchMean;
@@ -174,8 +179,9 @@ at::Tensor backward_grouped(double scale, const at::Tensor& x, const at::Tensor&
       dvhat = at::bmm(vhat, at::bmm(vhat.transpose(1, 2), vhat));
       row_scale = 2.0 * factor / k;
     } else {
-      const at::Tensor r = at::bmm(vhat, vhat.transpose(1, 2)).div_(k);
-      dvhat = at::bmm(phi_derivative(r, cfg, factor), vhat);
+      at::Tensor d = at::bmm(vhat, vhat.transpose(1, 2));  // K R, turned into D in place
+      phi_derivative_of_products(d, 1.0 / k, factor, cfg.square, cfg.include_diagonal);
+      dvhat = at::bmm(d, vhat);
     }
     row_backward(dvhat, vhat, rstd_chunk, row_scale,
                  /*subtract_diagonal=*/small_side && !cfg.include_diagonal, dsrc, dst_layout, g0,
@@ -188,7 +194,7 @@ at::Tensor backward_grouped(double scale, const at::Tensor& x, const at::Tensor&
 // ---- one group over the whole batch ("batch", channel rows of length N*P) ----
 
 int64_t batch_chunk(const at::Tensor& x) {
-  return chunk_of(x.size(0), 4 * x.size(1) * x.size(2) * x.size(3));
+  return chunk_of(x, x.size(0), 4 * x.size(1) * x.size(2) * x.size(3));
 }
 
 // Centered (by `mu`) or normalised (by `mu`, `rstd`) Gram matrix of the channel rows over the

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "ci_cpu.h"
+#include "ci_quadrature.h"
 #include "pcc_cpu.h"
 
 namespace {
@@ -50,6 +51,21 @@ void test_ci_against_bruteforce() {
       check((got[i] >= 0).all().item<bool>(), "CI >= 0");
     }
     if (c > 3) check((got.select(1, 0) == 0).all().item<bool>(), "dead channel has CI 0");
+  }
+}
+
+// The fused CPU tail of the quadrature against the ATen version the CUDA kernel uses.
+void test_quadrature_tails_agree() {
+  for (auto [c, p] : std::vector<std::pair<int64_t, int64_t>>{{12, 40}, {40, 12}, {7, 7}}) {
+    auto a = torch::randn({5, c, p}, torch::kFloat64).relu();
+    a.select(1, 0).zero_();
+    auto [values, vectors] = torch::linalg_eigh(pccfast::small_side_gram(a));
+    auto [lam, weights, null] = pccfast::spectral_weights(a, values, vectors);
+    const auto fused = pccfast::ci_quadrature(lam, weights, null, /*fused_cpu_tail=*/true);
+    const auto generic = pccfast::ci_quadrature(lam, weights, null, /*fused_cpu_tail=*/false);
+    const double scale = generic.abs().max().item<double>();
+    check((fused - generic).abs().max().item<double>() <= 1e-13 * scale,
+          "fused and ATen quadrature tails agree at C=" + std::to_string(c));
   }
 }
 
@@ -103,6 +119,7 @@ void test_pcc_against_definition() {
 int main() {
   torch::manual_seed(0);
   test_ci_against_bruteforce();
+  test_quadrature_tails_agree();
   test_pcc_against_definition();
   std::printf("%s (%d failures)\n", failures ? "FAILED" : "OK", failures);
   return failures ? 1 : 0;
