@@ -1,6 +1,7 @@
 // CI on the CPU: per image, the Gram matrix on the small side, its eigendecomposition by LAPACK
 // (one image per task, spread over the intra-op threads), then the shared quadrature.
 #include <ATen/Parallel.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 #include "ci_cpu.h"
@@ -31,6 +32,7 @@ at::Tensor channel_independence_cpu(const at::Tensor& fmaps) {
   TORCH_CHECK_VALUE(fmaps.numel() > 0, "fmaps must not be empty, got ", fmaps.sizes());
   TORCH_CHECK_TYPE(at::isFloatingType(fmaps.scalar_type()), "fmaps must be a float tensor, got ",
                    fmaps.scalar_type());
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);  // float64 math
   const int64_t b = fmaps.size(0), c = fmaps.size(1), p = fmaps.size(2);
   at::Tensor out = at::empty({b, c}, fmaps.options().dtype(at::kDouble));
   const int64_t chunk = ci_chunk(c, p);

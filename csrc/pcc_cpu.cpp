@@ -9,6 +9,7 @@
 #include "pcc_cpu.h"
 #include "pcc_rows.h"
 
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -313,6 +314,8 @@ PCCConfig parse_pcc_config(std::string_view orientation, std::string_view group,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pcc_forward_cpu(const at::Tensor& x,
                                                                const PCCConfig& cfg) {
   check_input(x, cfg);
+  // The arithmetic is fp32 (fp64) by definition: the ATen ops inside must not be autocast.
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   return cfg.group == Group::Batch ? forward_batch(x, cfg) : forward_grouped(x, cfg);
 }
 
@@ -320,6 +323,7 @@ at::Tensor pcc_backward_cpu(const at::Tensor& grad_score, const at::Tensor& x,
                             const at::Tensor& mean, const at::Tensor& rstd,
                             const PCCConfig& cfg) {
   check_input(x, cfg);
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const Sizes s = sizes_of(x, cfg);
   const int64_t groups = s.groups, rows = s.rows;
   TORCH_CHECK_VALUE(mean.sizes() == at::IntArrayRef({groups, rows}) &&

@@ -221,3 +221,18 @@ def test_torch_compile_of_a_model_using_pccloss():
     (g_compiled,) = torch.autograd.grad(out, conv.weight)
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(g_compiled, g_eager, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["torch"] + (["cpu"] if _C.extension() is not None else []))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_does_not_lower_the_arithmetic(backend, dtype):
+    """Inside autocast the score is still computed in fp32 (the inner matmuls are not autocast)."""
+    x = torch.randn(3, 5, 6, 6).relu()
+    want = pccfast.pcc(x.to(dtype), backend="torch")
+    with torch.autocast("cpu", dtype=dtype):
+        xa = x.to(dtype).requires_grad_(True)
+        got = pccfast.pcc(xa, backend=backend)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    got.backward()
+    assert xa.grad.dtype == dtype and torch.isfinite(xa.grad).all()

@@ -33,9 +33,12 @@ def normalize_rows(v: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def pcc_matrix_reference(x: torch.Tensor, opts: PCCOptions) -> torch.Tensor:
-    """x: (N, C, H, W) -> R: (G, M, M), R[g, i, j] = <vhat_i, vhat_j> / K."""
-    vhat = normalize_rows(pcc_rows(x, opts), opts.eps)
-    return vhat @ vhat.transpose(1, 2) / vhat.shape[-1]
+    """x: (N, C, H, W) -> R: (G, M, M), R[g, i, j] = <vhat_i, vhat_j> / K.
+
+    The arithmetic is fp32 (fp64) by definition, also inside an autocast region."""
+    with torch.autocast(x.device.type, enabled=False):
+        vhat = normalize_rows(pcc_rows(x, opts), opts.eps)
+        return vhat @ vhat.transpose(1, 2) / vhat.shape[-1]
 
 
 def pcc_reference(x: torch.Tensor, opts: PCCOptions) -> torch.Tensor:
