@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.dry_run else "cpu")
     if args.dry_run:
-        args.batch, args.size, args.steps, args.rounds = 2, 64, 1, 1
+        args.batch, args.size, args.steps, args.rounds = 2, 32, 1, 1
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 
     model, opt = build(device)
