@@ -15,41 +15,15 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 
 import torch
 from torch import nn
 
+from .atomic import atomic_torch_save
 from .models._common import RECIPE_ATTRIBUTE, unwrap_parallel
 
 MODEL_FORMAT = "pccfast.model"
 MODEL_VERSION = 1
-
-
-def _atomic(path, write) -> None:
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_bytes(path, data: bytes) -> None:
-    """Writes ``data`` to ``path`` through a temporary file and ``os.replace``."""
-    _atomic(path, lambda f: f.write(data))
-
-
-def atomic_torch_save(obj, path) -> None:
-    """``torch.save(obj, path)`` through a temporary file and ``os.replace``."""
-    _atomic(path, lambda f: torch.save(obj, f))
 
 
 def read_torch_file(path, what: str):

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from .arrays import DataError, ImageArrays, channel_stats, check_pair, random_subset
 from .loaders import ArrayLoader, FolderLoader

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .arrays import DataError, ImageArrays, check_labels, make_arrays
+from .arrays import DataError, check_labels, make_arrays
 
 ARRAY_KEYS = ("x_train", "y_train", "x_test", "y_test")
 JPEG_KEYS = ("train_jpeg", "train_offsets", "train_labels", "test_jpeg", "test_offsets", "test_labels")

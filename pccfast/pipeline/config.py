@@ -16,10 +16,10 @@ name the section and the keys it knows.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..atomic import atomic_write_json
 from ..train.config import PCCConfig, TrainConfig
 
 PRUNE_KEYS = ("rates", "tau", "target_flops", "target_params")
@@ -169,21 +169,7 @@ def parse_assignment(text: str) -> dict:
 
 def save_json(path: Path, obj) -> None:
     """Writes JSON atomically (temporary file + rename)."""
-    import os
-    import tempfile
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_json(path, obj)
 
 
 def demo_config() -> RunConfig:

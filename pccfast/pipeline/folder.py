@@ -16,10 +16,10 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
+from ..atomic import atomic_write_text
 from .config import save_json
 
 SUMMARY_KEYS = ("baseline_acc", "pcc_acc", "pruned_acc", "finetuned_acc", "params_removed",
@@ -112,9 +112,7 @@ class RunFolder:
         """Drops a stage's metrics and checkpoint before it starts afresh."""
         records = [r for r in self.read_metrics() if r.get("stage") != stage]
         if self.metrics_path.is_file():
-            tmp = self.metrics_path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-            os.replace(tmp, self.metrics_path)
+            atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in records))
         ckpt = self.checkpoint(stage)
         if ckpt.is_file():
             ckpt.unlink()

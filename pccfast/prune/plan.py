@@ -380,7 +380,7 @@ class Plan:
         return cls.from_dict(json.loads(text))
 
     def save(self, path) -> None:
-        from ..io import atomic_write_bytes
+        from ..atomic import atomic_write_bytes
 
         atomic_write_bytes(path, self.to_json().encode())
 

@@ -260,7 +260,7 @@ def save_scores(scores: dict, path, **meta) -> None:
     """Writes layer name -> CI tensor to ``path`` atomically (torch.save of plain tensors)."""
     import io as _io
 
-    from ..io import atomic_write_bytes
+    from ..atomic import atomic_write_bytes
 
     payload = {"format": SCORES_FORMAT, "version": SCORES_VERSION,
                "scores": {k: torch.as_tensor(v).detach().to("cpu", torch.float64)
