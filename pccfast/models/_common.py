@@ -19,6 +19,16 @@ def scaled(channels: int, width: float) -> int:
     return max(1, int(round(channels * width)))
 
 
+def init_resnet_weights(model: nn.Module) -> None:
+    """torchvision's ResNet initialisation: Kaiming-normal convs (fan out), BN weight 1, bias 0."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 def record_recipe(model: nn.Module, builder: str, **kwargs) -> nn.Module:
     """Remembers how to rebuild ``model`` (a zoo builder and its keywords) for pccfast.save."""
     setattr(model, RECIPE_ATTRIBUTE, {"builder": builder, "kwargs": dict(kwargs), "plans": []})
