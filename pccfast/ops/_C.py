@@ -7,6 +7,7 @@ their CPU and, when built with CUDA, CUDA kernels. Nothing here raises: callers 
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -60,3 +61,20 @@ def build_info() -> dict:
 
 def has_cuda_kernels() -> bool:
     return _MODULE is not None and bool(_BUILD_INFO.get("with_cuda", False))
+
+
+def registration(fn):
+    """Decorates the function that gives compiled ops their Python side (fake implementations,
+    autograd): the returned ``register()`` runs it once, only when the extension is loaded, and
+    says whether the ops are usable."""
+    done = False
+
+    @functools.wraps(fn)
+    def register() -> bool:
+        nonlocal done
+        if not done and _MODULE is not None:
+            fn()
+            done = True
+        return done
+
+    return register

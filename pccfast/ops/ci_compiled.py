@@ -12,23 +12,15 @@ import torch
 
 from . import _C
 
-_registered = False
-
-
 def _fake(fmaps):
     b, c, _ = fmaps.shape
     return fmaps.new_empty((b, c), dtype=torch.float64)
 
 
-def register() -> bool:
-    global _registered
-    if _registered:
-        return True
-    if _C.extension() is None:
-        return False
+@_C.registration
+def register() -> None:
+    """Registers the fake implementation (once; only with the extension)."""
     torch.library.register_fake("pccfast::channel_independence")(_fake)
-    _registered = True
-    return True
 
 
 def channel_independence(rows: torch.Tensor) -> torch.Tensor:

@@ -20,8 +20,6 @@ import torch
 
 from . import _C
 
-_registered = False
-
 HOPPER_SHARED_BYTES = 232448  # per-block shared memory of an H100/H200
 
 
@@ -47,21 +45,15 @@ def _fake_ci(fmaps, chunk=0):
     return fmaps.new_empty((b, c), dtype=torch.float64)
 
 
-def register() -> bool:
-    """Adds fake implementations (for torch.compile) once; False without the extension."""
-    global _registered
-    if _registered:
-        return True
-    if _C.extension() is None:
-        return False
+@_C.registration
+def register() -> None:
+    """Adds fake implementations (for torch.compile) once; only with the extension."""
     if has_cuda_ops():
         torch.library.register_fake("pccfast::batched_eigh")(_fake_eigh)
         torch.library.register_fake("pccfast::small_side_gram")(_fake_gram)
     torch.library.register_fake("pccfast::jacobi_eigh_emulation")(_fake_eigh_emulation)
     torch.library.register_fake("pccfast::small_side_gram_emulation")(_fake_gram)
     torch.library.register_fake("pccfast::channel_independence_emulation")(_fake_ci)
-    _registered = True
-    return True
 
 
 def has_cuda_ops() -> bool:

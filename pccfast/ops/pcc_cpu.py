@@ -14,9 +14,6 @@ import torch
 from . import _C
 from .pcc_options import PCCOptions, compute_dtype, pcc_shape
 
-_registered = False
-
-
 def _fake_forward(x, orientation, group, penalty, include_diagonal, eps):
     opts = PCCOptions(orientation, group, penalty, include_diagonal, eps)
     shape = pcc_shape(x.shape, opts)
@@ -42,20 +39,14 @@ def _backward(ctx, grad_score, grad_mean, grad_rstd):
     return grad_x, None, None, None, None, None
 
 
-def register() -> bool:
-    """Registers fake and autograd implementations once; False when the extension is absent."""
-    global _registered
-    if _registered:
-        return True
-    if _C.extension() is None:
-        return False
+@_C.registration
+def register() -> None:
+    """Registers the fake and autograd implementations (once; only with the extension)."""
     torch.library.register_fake("pccfast::pcc_forward")(_fake_forward)
     torch.library.register_fake("pccfast::pcc_backward")(_fake_backward)
     torch.library.register_autograd(
         "pccfast::pcc_forward", _backward, setup_context=_setup_context
     )
-    _registered = True
-    return True
 
 
 def pcc_cpu(x: torch.Tensor, opts: PCCOptions) -> torch.Tensor:
