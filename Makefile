@@ -5,6 +5,11 @@ PY          := $(VENV)/bin/python
 PIP         := $(PY) -m pip
 TORCH_SPEC  ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
+# The oldest versions we support: those of the GPU machines (and triton 3.6's interpreter needs
+# numpy<2.4). `make test-oldest` tests a copy of the working tree against them.
+OLDEST_VENV ?= .venv-oldest
+OLDEST_SPEC ?= torch==2.11.0 torchvision==0.26.0 triton==3.6.0 "numpy<2.4" "setuptools<82"
+OLDEST_TREE := build/oldest
 # A toolkit whose nvcc is reached through a wrapper elsewhere on PATH still lives here.
 ifeq ($(CUDA_HOME),)
   ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
@@ -12,7 +17,7 @@ ifeq ($(CUDA_HOME),)
   endif
 endif
 
-.PHONY: install test test-fast demo bench cpp-test info clean
+.PHONY: install test test-fast test-oldest demo bench cpp-test info clean
 
 install: $(VENV)/.installed
 
@@ -30,6 +35,20 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests
+
+# A copy of the tracked and new (not ignored) files, so the in-place extension built for the
+# oldest torch never replaces the one in the working tree.
+test-oldest:
+	test -x $(OLDEST_VENV)/bin/python || python3 -m venv $(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/python -m pip install -q --upgrade "pip>=23" wheel ninja pybind11
+	$(OLDEST_VENV)/bin/python -m pip install -q $(OLDEST_SPEC)
+	rm -rf $(OLDEST_TREE) && mkdir -p $(OLDEST_TREE)
+	git ls-files -z --cached --others --exclude-standard \
+	  | tar --null -T - --ignore-failed-read -cf - | tar -xf - -C $(OLDEST_TREE)
+	cd $(OLDEST_TREE) && $(abspath $(OLDEST_VENV))/bin/python -m pip install -q \
+	  --no-build-isolation -e ".[all]" && $(abspath $(OLDEST_VENV))/bin/python -m pccfast info
+	cd $(OLDEST_TREE) && $(abspath $(OLDEST_VENV))/bin/python -m pytest -q -p no:cacheprovider \
+	  $(PYTEST_ARGS) tests
 
 demo: install
 	$(VENV)/bin/pccfast demo

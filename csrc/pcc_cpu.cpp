@@ -225,7 +225,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_batch(const at::Tensor& x
   at::Tensor sums = at::zeros({c}, x.options().dtype(at::kDouble));
   for (int64_t n0 = 0; n0 < n; n0 += chunk) {
     const int64_t count = std::min(chunk, n - n0);
-    sums.add_(sample_rows(x, n0, count, false, type).sum({0, 2}, false, at::kDouble));
+    sums.add_(sample_rows(x, n0, count, false, type).sum(at::IntArrayRef{0, 2}, false, at::kDouble));
   }
   const at::Tensor mu = (sums / k).to(type);
   const at::Tensor centered_gram = batch_gram(x, mu, at::Tensor()).first;

@@ -113,3 +113,28 @@ def test_auto_keeps_fp64_off_the_fp32_triton_kernels():
         assert backends.resolve("pcc", "auto", cuda, torch.float64) == "torch"
         assert backends.resolve("pcc", "auto", cuda, torch.bfloat16) == "triton"
     assert backends.resolve("pcc", "auto", torch.device("cpu"), torch.float64) in ("cpu", "torch")
+
+
+@pytest.mark.parametrize(
+    "triton_version, numpy_version, broken",
+    [("3.6.0", "2.4.1", True), ("3.6.0", "2.3.5", False), ("3.7.1", "2.4.1", False),
+     ("3.10.0", "2.5.0", False)],
+)
+def test_old_interpreter_with_new_numpy_is_named(monkeypatch, triton_version, numpy_version, broken):
+    """Triton's interpreter before 3.7 fails inside every kernel under NumPy 2.4: say so up front."""
+    pytest.importorskip("triton")
+    import numpy
+    import triton
+
+    from pccfast.ops import backends
+
+    monkeypatch.setattr(triton, "__version__", triton_version)
+    monkeypatch.setattr(numpy, "__version__", numpy_version)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    reason = backends.triton_unavailable_reason(torch.device("cpu"))
+    if broken:
+        assert "numpy<2.4" in reason and triton_version in reason
+        with pytest.raises(ValueError, match="numpy<2.4"):
+            pccfast.pcc(torch.randn(2, 3, 4, 4), backend="triton")
+    else:
+        assert reason is None

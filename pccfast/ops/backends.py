@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 
 import torch
 
@@ -39,11 +40,31 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "") == "1"
 
 
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", text)[:2])
+
+
+def interpreter_unavailable_reason() -> str | None:
+    """Triton's interpreter before 3.7 turns loop bounds into ints with ``int(array)``, which
+    NumPy 2.4 refuses for the 1-element arrays it holds: every kernel would fail deep inside."""
+    import numpy
+    import triton
+
+    if _version(triton.__version__) < (3, 7) and _version(numpy.__version__) >= (2, 4):
+        return (
+            f"TRITON_INTERPRET=1 with triton {triton.__version__} needs numpy<2.4 "
+            f"(found numpy {numpy.__version__}); install numpy<2.4 or triton>=3.7"
+        )
+    return None
+
+
 def triton_unavailable_reason(device: torch.device) -> str | None:
     if _TRITON_MISSING is not None:
         return _TRITON_MISSING
-    if device.type == "cuda" or (device.type == "cpu" and triton_interpreted()):
+    if device.type == "cuda":
         return None
+    if device.type == "cpu" and triton_interpreted():
+        return interpreter_unavailable_reason()
     return f"triton kernels need a CUDA tensor (or TRITON_INTERPRET=1 on the CPU), got {device}"
 
 

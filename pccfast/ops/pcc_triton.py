@@ -74,6 +74,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from .backends import interpreter_unavailable_reason
 from .pcc_options import PCCOptions, check_pcc_input, pair_count, pcc_shape
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "") == "1"
@@ -978,6 +979,8 @@ def check_triton_input(x: torch.Tensor, opts: PCCOptions) -> None:
             f'backend "triton" needs a CUDA tensor (or TRITON_INTERPRET=1 before triton is '
             f"imported, for CPU tensors), got x on {x.device}"
         )
+    if x.device.type == "cpu" and (reason := interpreter_unavailable_reason()) is not None:
+        raise RuntimeError(reason)
 
 
 def pcc_triton(x: torch.Tensor, opts: PCCOptions) -> torch.Tensor:
