@@ -1,0 +1,45 @@
+"""The README's Python examples run as written (on a small VGG-16 and random CIFAR-sized data)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+import pccfast
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def python_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+
+
+def batches(n_batches: int, batch: int = 64, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(n_batches):
+        yield (torch.randn(batch, 3, 32, 32, generator=gen),
+               torch.randint(0, 10, (batch,), generator=gen))
+
+
+def test_readme_examples_run(tmp_path, monkeypatch):
+    blocks = python_blocks()
+    assert len(blocks) == 2, "the README's Python examples changed: update this test"
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    model = pccfast.models.vgg16_cifar(width=0.125)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    namespace = dict(model=model, opt=opt, loader=list(batches(2)))
+    exec(compile(blocks[0], "README.md (PCC)", "exec"), namespace)
+    assert namespace["s"].ndim == 0 and torch.isfinite(namespace["s"])
+    assert namespace["R"].shape == (64, 3, 3)  # x: the loop's last batch
+
+    namespace.update(calibration_loader=batches(12), fmap=torch.randn(2, 6, 4, 5))
+    exec(compile(blocks[1], "README.md (CI, pruning)", "exec"), namespace)
+    col, pruned = namespace["col"], namespace["pruned"]
+    assert col.images == 640  # stopped at the default, not at the end of the loader
+    assert len(namespace["scores"]) == 13  # every conv; the rate list covers the first 12
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
+    assert isinstance(namespace["model"], torch.nn.Module) and (tmp_path / "pruned.pt").is_file()
+    assert namespace["ci"].shape == (2, 6) and namespace["ci"].dtype == torch.float64
