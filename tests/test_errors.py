@@ -120,8 +120,9 @@ def test_auto_keeps_fp64_off_the_fp32_triton_kernels():
     [("3.6.0", "2.4.1", True), ("3.6.0", "2.3.5", False), ("3.7.1", "2.4.1", False),
      ("3.10.0", "2.5.0", False)],
 )
-def test_old_interpreter_with_new_numpy_is_named(monkeypatch, triton_version, numpy_version, broken):
-    """Triton's interpreter before 3.7 fails inside every kernel under NumPy 2.4: say so up front."""
+def test_old_interpreter_with_new_numpy_is_named(monkeypatch, triton_version, numpy_version,
+                                                 broken):
+    """Triton's interpreter before 3.7 fails inside every kernel under NumPy 2.4: say it first."""
     pytest.importorskip("triton")
     import numpy
     import triton
