@@ -91,6 +91,12 @@ def test_kernels_compile_for_sm90():
                        "_pcc_bwd_small_m_kernel", "_pcc_bwd_square_features_kernel",
                        "_pcc_batch_gram_kernel", "_pcc_batch_apply_kernel"}, stdout
     assert "FAILED" not in stdout
+    # What only a launch would find: shared memory beyond an H100's 227 KiB per block, or
+    # registers beyond 255 per thread ("out of resource" at the first call on the GPU).
+    for line in stdout.splitlines()[2:]:
+        cells = [c.strip() for c in line.split("|")[1:-1]]
+        if len(cells) == 8:
+            assert int(cells[5]) <= 255 and int(cells[7]) <= 227 * 1024, line
 
 
 @pytest.mark.slow
