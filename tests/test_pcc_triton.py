@@ -11,6 +11,7 @@ naive version needs 10 GB for R.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -241,3 +242,26 @@ def test_pixel_stage1_batch256_fits(c):
     (gc,) = torch.autograd.grad(pcc_reference(xc, opts), xc)
     err = (x.grad[:8].float() * 32 - gc.float()).norm() / gc.float().norm()
     assert err < 2e-2, float(err)
+
+
+@needs_cuda
+@triton_missing
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_tensor_on_another_device_than_the_current_one():
+    torch.cuda.set_device(0)
+    x = torch.randn(3, 20, 9, 9, device="cuda:1").requires_grad_(True)
+    xr = x.detach().clone().requires_grad_(True)
+    got = pccfast.pcc(x, backend="triton")
+    want = pccfast.pcc(xr, backend="torch")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    got.backward()
+    want.backward()
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-4, atol=1e-7)
+    assert torch.cuda.current_device() == 0
+
+
+def test_device_guard_only_for_a_foreign_cuda_device():
+    pytest.importorskip("triton")
+    from pccfast.ops import pcc_triton
+
+    assert isinstance(pcc_triton._on_device_of(torch.ones(1)), type(contextlib.nullcontext()))

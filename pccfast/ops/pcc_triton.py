@@ -921,6 +921,14 @@ def _register(name: str, fake):
     return decorate
 
 
+def _on_device_of(x: torch.Tensor):
+    """Triton launches on the current CUDA device: make it x's when they differ (x on cuda:1 in
+    a process whose current device is cuda:0 would otherwise launch with foreign pointers)."""
+    if x.device.type == "cuda" and x.device.index not in (None, torch.cuda.current_device()):
+        return torch.cuda.device(x.device)
+    return contextlib.nullcontext()
+
+
 def _fake_forward(x, orientation, group, penalty, include_diagonal, eps):
     shape = pcc_shape(x.shape, PCCOptions(orientation, group, penalty, include_diagonal, eps))
     stats = (shape.groups, shape.rows)
@@ -939,7 +947,8 @@ def pcc_triton_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x: (N, C, H, W) -> (score 0-d fp32, mean (G, M) fp32, rstd (G, M) fp32)."""
     opts = PCCOptions(orientation, group, penalty, include_diagonal, eps)
-    return _forward_impl(x, opts)
+    with _on_device_of(x):
+        return _forward_impl(x, opts)
 
 
 @_register("pccfast::pcc_triton_backward", _fake_backward)
@@ -949,7 +958,8 @@ def pcc_triton_backward(
 ) -> torch.Tensor:
     """d score / dx (times grad_score): (N, C, H, W) in x's dtype, recomputed from x, mean, rstd."""
     opts = PCCOptions(orientation, group, penalty, include_diagonal, eps)
-    return _backward_impl(grad_score, x, mean, rstd, opts)
+    with _on_device_of(x):
+        return _backward_impl(grad_score, x, mean, rstd, opts)
 
 
 def _setup_context(ctx, inputs, output):
