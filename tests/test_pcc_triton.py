@@ -85,19 +85,20 @@ def test_kernels_against_reference_interpreted_extended():
 def test_kernels_compile_for_sm90():
     """Every launch that forward + backward make at ResNet-50 shapes (bf16: the tensor-core dots
     the interpreter replaces) compiles for sm_90; needs no GPU."""
-    stdout = run_python([BENCH, "--compile-report", "--shapes", "64x56,2048x7,512x7,1024x32"],
+    stdout = run_python([BENCH, "--compile-report", "--shapes", "64x56,2048x7,512x7,1024x32,64x112"],
                         interpret=False)
     kernels = {line.split("|")[2].strip() for line in stdout.splitlines()[2:] if line.startswith("|")}
     assert kernels >= {"_pcc_stats_kernel", "_pcc_tile_kernel", "_pcc_bwd_rows_kernel",
                        "_pcc_bwd_small_m_kernel", "_pcc_bwd_square_features_kernel",
                        "_pcc_batch_gram_kernel", "_pcc_batch_apply_kernel"}, stdout
     assert "FAILED" not in stdout
-    # What only a launch would find: shared memory beyond an H100's 227 KiB per block, or
-    # registers beyond 255 per thread ("out of resource" at the first call on the GPU).
+    # What only a launch would find: shared memory beyond an H100's 227 KiB per block ("out of
+    # resource" at the first call). ptxas caps registers at 255 by spilling: the rows kernel
+    # spills 4-80 B at BLOCK_KC=512 (triton 3.6 and 3.8); more would mean a tuning regression.
     for line in stdout.splitlines()[2:]:
         cells = [c.strip() for c in line.split("|")[1:-1]]
         if len(cells) == 8:
-            assert int(cells[5]) <= 255 and int(cells[7]) <= 227 * 1024, line
+            assert int(cells[6]) <= 128 and int(cells[7]) <= 227 * 1024, line
 
 
 @pytest.mark.slow
@@ -191,7 +192,7 @@ def test_kernels_against_reference_on_gpu():
 
 @needs_cuda
 @triton_missing
-@pytest.mark.parametrize("c,h", [(64, 56), (256, 14), (512, 7), (128, 28)])
+@pytest.mark.parametrize("c,h", [(64, 56), (256, 14), (512, 7), (128, 28), (64, 112)])
 @pytest.mark.parametrize("orientation,penalty", [("channel", "abs"), ("channel", "square"),
                                                  ("pixel", "abs"), ("pixel", "square")])
 def test_bf16_resnet_shapes(c, h, orientation, penalty):

@@ -219,6 +219,29 @@ def test_small_blocks_channels_last_and_strided():
                 compare(layout, options)
 
 
+def test_samples_beyond_the_grid_limit_run_in_chunks(monkeypatch):
+    """group="sample" with more samples than a launch takes: chunks, weighted by their sizes."""
+    monkeypatch.setattr(pt, "MAX_GROUPS_PER_LAUNCH", 3)
+    x = torch.randn(8, 6, 4, 5, generator=torch.Generator().manual_seed(21)).relu()
+    for options in (dict(), dict(orientation="pixel", penalty="square"),
+                    dict(group="batch_mean")):
+        compare(x, options, grad_scale=0.7)
+    with pytest.raises(ValueError, match='at most 3 samples for group="batch"'):
+        pccfast.pcc(on_device(x), backend="triton", group="batch")
+
+
+def test_sample_wider_than_int32_offsets_is_copied(monkeypatch):
+    """A batch-inner view ((C, N, H, W) seen as (N, C, H, W)) spans the whole tensor within one
+    sample; past the int32 bound the kernels read a contiguous copy instead."""
+    y = torch.randn(6, 5, 4, 3, generator=torch.Generator().manual_seed(22))
+    x = y.transpose(0, 1)
+    assert pt._pixel_stride(x) is not None and pt._sample_span(x) == 5 * 60 + 3 * 3 + 2 * 1
+    monkeypatch.setattr(pt, "MAX_INT32_OFFSET", 100)
+    assert pt._source(x, PCCOptions()).is_contiguous()
+    for options in (dict(), dict(orientation="pixel"), dict(group="batch")):
+        compare(x, options)
+
+
 # ---- values ----
 
 

@@ -53,8 +53,9 @@ fp32 accumulator) and are centred and scaled per tile, ``R = rstd_i rstd_j (sum 
 mu_i mu_j)``; this is far more accurate than rounding ``vhat`` to 16 bits (~1e-5 against
 ~1e-3 for bf16) as long as a row's ``|mean|`` stays below ~30 standard deviations (the error grows
 like ``eps_fp32 * (mean/std)^2``; post-ReLU/BN activations sit near 1). The ``D @ vhat`` products
-and the feature Gram use ``vhat`` rounded to the input's precision. A row that is exactly
-constant gets ``rstd = 0`` (its ``vhat`` is 0 either way). group="batch_mean" works on the fp32
+and the feature Gram use ``vhat`` rounded to the input's precision; the feature-side product
+``vhat (F/K)`` runs in tf32x3 (``F/K`` is nearly ``(M/K) I``: 16-bit rounding of it would stay
+in the small part the layer-norm projection leaves). A row that is exactly constant gets ``rstd = 0`` (its ``vhat`` is 0 either way). group="batch_mean" works on the fp32
 batch-mean map, so always in fp32. fp64 input is rejected (TypeError): it runs on the "torch"
 and "cpu" backends.
 
@@ -80,7 +81,8 @@ from .pcc_options import PCCOptions, check_pcc_input, pair_count, pcc_shape
 INTERPRET = os.environ.get("TRITON_INTERPRET", "") == "1"
 
 # tl.dot operand types (constexpr codes, so the compiled kernels' signatures stay plain ints).
-DOT_FP32, DOT_FP16, DOT_BF16 = 0, 1, 2
+# DOT_TF32X3: fp32 operands on the tensor cores as three tf32 products (~fp32 accuracy).
+DOT_FP32, DOT_FP16, DOT_BF16, DOT_TF32X3 = 0, 1, 2, 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +136,8 @@ def _mma(a, b, acc, DOT: tl.constexpr):
     elif DOT == 2:
         a = a.to(tl.bfloat16)
         b = b.to(tl.bfloat16)
+    elif DOT == 3:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="tf32x3")
     else:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
@@ -438,14 +442,16 @@ def _features_product(base, f_g, rows_i, cols, mu_i, rs_i, M, KP, s_m, s_k, DOT:
 def _pcc_bwd_square_features_kernel(
     x_ptr, mean_ptr, rstd_ptr, f_ptr, dx_ptr, grad_ptr,
     M, KP, g0, s_g, s_m, s_k, d_g, d_m, d_k, inv_k, coef,
-    INCLUDE_DIAGONAL: tl.constexpr, DOT: tl.constexpr,
+    INCLUDE_DIAGONAL: tl.constexpr, DOT: tl.constexpr, FEATURES_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_KC: tl.constexpr, BLOCK_L: tl.constexpr, NUM_KC: tl.constexpr,
 ):
     """Grid (row blocks, groups of this chunk). "square" through the feature side:
     dvhat_i = 2a (u_i - R_ii vhat_i) with u = vhat F / K = R vhat, and
     sum_j D_ij R_ij = 2 (u_i . vhat_i / K - R_ii^2) (R_ii terms only when the diagonal is
     excluded). With several feature chunks a first sweep gathers the per-row sums. Program g
-    handles group g0 + g, whose F / K is f[g]."""
+    handles group g0 + g, whose F / K is f[g]. FEATURES_DOT is never 16-bit: F / K is about
+    (M / K) I plus a small part, and the projection removes most of u, so 16-bit rounding of F
+    would stay in what is left (2.9e-2 relative error in bf16 at 64 x 112x112 pixel rows)."""
     pid_i = tl.program_id(0)
     g = tl.program_id(1)
     f_g = f_ptr + g.to(tl.int64) * KP * KP
@@ -462,7 +468,7 @@ def _pcc_bwd_square_features_kernel(
         for c in range(0, NUM_KC):
             cols = c * BLOCK_KC + tl.arange(0, BLOCK_KC)
             u = _features_product(base, f_g, rows_i, cols, mu_i, rs_i, M, KP, s_m, s_k,
-                                  DOT, BLOCK_M, BLOCK_L, BLOCK_KC)
+                                  FEATURES_DOT, BLOCK_M, BLOCK_L, BLOCK_KC)
             vi = _tile(base, rows_i, cols, M, KP, s_m, s_k, mu_i, rs_i, True)
             q += tl.sum(u * vi, 1)
             rii += tl.sum(vi * vi, 1)
@@ -471,7 +477,7 @@ def _pcc_bwd_square_features_kernel(
     for c in range(0, NUM_KC):
         cols = c * BLOCK_KC + tl.arange(0, BLOCK_KC)
         u = _features_product(base, f_g, rows_i, cols, mu_i, rs_i, M, KP, s_m, s_k,
-                              DOT, BLOCK_M, BLOCK_L, BLOCK_KC)
+                              FEATURES_DOT, BLOCK_M, BLOCK_L, BLOCK_KC)
         vi = _tile(base, rows_i, cols, M, KP, s_m, s_k, mu_i, rs_i, True)
         if NUM_KC == 1:
             q = tl.sum(u * vi, 1)
@@ -591,6 +597,12 @@ def dot_kind(dtype: torch.dtype) -> int:
     return DOT_FP32
 
 
+def features_dot_kind(kind: int) -> int:
+    """The dot of the "square" feature-side product vhat (F / K): fp32 for fp32 sources, tf32x3
+    on the tensor cores for 16-bit ones (the interpreter runs every dot in fp32)."""
+    return DOT_FP32 if kind == DOT_FP32 or INTERPRET else DOT_TF32X3
+
+
 def _pixel_stride(t: torch.Tensor) -> int | None:
     """The one stride of p = h*W + w, or None when the layout has none."""
     _, _, h, w = t.shape
@@ -637,9 +649,18 @@ def _source(x: torch.Tensor, opts: PCCOptions) -> torch.Tensor:
     batch-mean map (1, C, H, W) for group="batch_mean"."""
     if opts.group == "batch_mean":
         x = x.mean(dim=0, keepdim=True, dtype=torch.float32)
-    if _pixel_stride(x) is None:
+    if _pixel_stride(x) is None or _sample_span(x) > MAX_INT32_OFFSET:
         x = x.contiguous()
     return x
+
+
+# The kernels index within one sample in int32 (the sample offset is int64): a layout whose
+# sample spans more than this, such as a (C, N, H, W) tensor viewed as (N, C, H, W), is copied.
+MAX_INT32_OFFSET = 2**31 - 1
+
+
+def _sample_span(t: torch.Tensor) -> int:
+    return sum((d - 1) * abs(s) for d, s in zip(t.shape[1:], t.stride()[1:]))
 
 
 def uses_feature_gram(rows: int, features: int, opts: PCCOptions) -> bool:
@@ -680,8 +701,9 @@ def _stats(src: torch.Tensor, prob: _Problem, eps: float):
     if splits == 1:
         mean, m2 = mean[0], m2[0]
     else:  # Chan's combination of the splits' (count, mean, M2)
-        counts = [min(n_per, prob.nsub - s * n_per) * prob.kp for s in range(splits)]
-        w = torch.tensor(counts, device=src.device, dtype=torch.float32).view(splits, 1, 1)
+        # per-split feature counts, filled on the device (a host tensor would be a blocking copy)
+        w = torch.full((splits, 1, 1), float(n_per * prob.kp), device=src.device)
+        w[-1] = float((prob.nsub - (splits - 1) * n_per) * prob.kp)
         total_mean = (w * mean).sum(0) / k
         m2 = (m2 + w * (mean - total_mean).square()).sum(0)
         mean = total_mean
@@ -867,7 +889,8 @@ def _backward_impl(grad: torch.Tensor, x: torch.Tensor, mean, rstd, opts: PCCOpt
             _launcher(_pcc_bwd_square_features_kernel)[(triton.cdiv(m, block_m), count)](
                 src, mean, rstd, scratch, dsrc, grad, m, kp, g0, prob.s_g, prob.s_m,
                 prob.s_k, dprob.s_g, dprob.s_m, dprob.s_k, 1.0 / k, coef,
-                INCLUDE_DIAGONAL=diag, DOT=kind, BLOCK_M=block_m, BLOCK_KC=block_kc,
+                INCLUDE_DIAGONAL=diag, DOT=kind, FEATURES_DOT=features_dot_kind(kind),
+                BLOCK_M=block_m, BLOCK_KC=block_kc,
                 BLOCK_L=block_l, NUM_KC=num_kc, **_launch_opts(kind, block_m * block_kc),
             )
     elif regime == "small_m":
@@ -924,7 +947,8 @@ def _register(name: str, fake):
 def _on_device_of(x: torch.Tensor):
     """Triton launches on the current CUDA device: make it x's when they differ (x on cuda:1 in
     a process whose current device is cuda:0 would otherwise launch with foreign pointers)."""
-    if x.device.type == "cuda" and x.device.index not in (None, torch.cuda.current_device()):
+    if (x.device.type == "cuda" and x.device.index is not None and torch.cuda.device_count() > 1
+            and x.device.index != torch.cuda.current_device()):
         return torch.cuda.device(x.device)
     return contextlib.nullcontext()
 
@@ -991,11 +1015,25 @@ def check_triton_input(x: torch.Tensor, opts: PCCOptions) -> None:
         )
     if x.device.type == "cpu" and (reason := interpreter_unavailable_reason()) is not None:
         raise RuntimeError(reason)
+    if opts.group == "batch" and x.shape[0] > MAX_GROUPS_PER_LAUNCH:
+        raise ValueError(
+            f'backend "triton" takes at most {MAX_GROUPS_PER_LAUNCH} samples for group="batch" '
+            f'(a CUDA grid limit), got x of shape {tuple(x.shape)}; use backend="torch"'
+        )
+
+
+# CUDA grid axes 1 and 2 hold at most 65535 programs; the kernels put the group (the sample) there.
+MAX_GROUPS_PER_LAUNCH = 65535
 
 
 def pcc_triton(x: torch.Tensor, opts: PCCOptions) -> torch.Tensor:
     """x: (N, C, H, W) fp16/bf16/fp32 on CUDA -> S (0-d fp32), differentiable."""
     check_triton_input(x, opts)
+    n = x.shape[0]
+    if n > MAX_GROUPS_PER_LAUNCH and opts.group == "sample":
+        # S is the mean over samples: a weighted mean over chunks, each within the grid limit.
+        chunks = x.split(MAX_GROUPS_PER_LAUNCH)
+        return sum(pcc_triton(c, opts) * (c.shape[0] / n) for c in chunks)
     score, _, _ = torch.ops.pccfast.pcc_triton_forward(
         x, opts.orientation, opts.group, opts.penalty, opts.include_diagonal, opts.eps
     )
