@@ -174,8 +174,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jacobi_eigh_cuda(const at::Tensor
   at::Tensor spill = at::empty({spill_stride > 0 ? b * spill_stride : 1}, g.options());
   const int shared = J::fixed_shared_bytes(n) + cap * int(sizeof(double));
   const auto kernel = spill_stride > 0 ? jacobi_eigh_kernel<true> : jacobi_eigh_kernel<false>;
+  // The device's maximum, not this call's size: a smaller value set by one host thread could
+  // otherwise land between another thread's setting and its launch.
   C10_CUDA_CHECK(
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared));
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
   kernel<<<static_cast<unsigned>(b), J::threads_for(n), shared,
            c10::cuda::getCurrentCUDAStream()>>>(
       g.data_ptr<double>(), n, cap, spill.data_ptr<double>(), spill_stride,

@@ -191,10 +191,12 @@ PCCFAST_HD void rotate_vectors(const Store& a, int n, int p, int q, double c, do
   a[iq] = ::fma(s, vp, mul_rn(c, vq));
 }
 
-// A power of two that brings the largest |a_ij| into [1, 2) (1 for a zero or non-finite max).
+// A power of two that brings the largest |a_ij| into [1, 2) (1 for a zero or non-finite max;
+// at most 2^1022 for a subnormal max, whose exact reciprocal power would overflow).
 PCCFAST_HD double norm_scale(double largest) {
   if (!(largest > 0.0) || !(largest < INFINITY)) return 1.0;
-  return ::ldexp(1.0, -::ilogb(largest));
+  const int exponent = -::ilogb(largest);
+  return ::ldexp(1.0, exponent < 1022 ? exponent : 1022);
 }
 
 // Adds entry (i, j), j <= i, to the scaled sums of squares: off-diagonal (both triangles) and

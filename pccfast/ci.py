@@ -20,6 +20,35 @@ def _ci_rows(name: str, rows: torch.Tensor) -> torch.Tensor:
     return ci_compiled.channel_independence(rows)
 
 
+# fp64 maps whose largest entry lies beyond 2^(+-256) would give Gram entries that overflow or
+# fall into subnormals (where the eigensolvers lose their accuracy or fail). CI is positively
+# homogeneous, CI(sA) = s CI(A), so such images are scaled by exact powers of two and their
+# scores scaled back. Narrower dtypes cannot reach that range.
+SAFE_EXPONENT = 256
+
+
+def _power_of_two_shifts(rows: torch.Tensor) -> torch.Tensor | None:
+    """rows: (B, C, P) float64 -> per-image exponents s with max |2^s rows| in [0.5, 1) for the
+    images outside the safe range (0 elsewhere), or None when no image is."""
+    if rows.dtype != torch.float64:
+        return None
+    largest = rows.abs().amax(dim=(1, 2))
+    exponent = torch.frexp(largest).exponent
+    extreme = (largest > 0) & (exponent.abs() > SAFE_EXPONENT)
+    if not bool(extreme.any()):
+        return None
+    return torch.where(extreme, -exponent, torch.zeros_like(exponent))
+
+
+def _scale_by_powers_of_two(t: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+    """t * 2^shifts per image (leading dim), in two exact steps: 2^1074 alone would overflow."""
+    half = shifts // 2
+    view = (-1,) + (1,) * (t.dim() - 1)
+    for part in (half, shifts - half):
+        t = t * torch.pow(2.0, part.to(torch.float64)).view(view)
+    return t
+
+
 def channel_independence(
     fmap: torch.Tensor, backend: str = "auto", method: str = "fast"
 ) -> torch.Tensor:
@@ -44,5 +73,10 @@ def channel_independence(
             )
         out = ci_bruteforce(rows.to(torch.float64))
     else:
-        out = _ci_rows(name, rows)
+        shifts = _power_of_two_shifts(rows)
+        if shifts is None:
+            out = _ci_rows(name, rows)
+        else:
+            out = _ci_rows(name, _scale_by_powers_of_two(rows, shifts))
+            out = _scale_by_powers_of_two(out, -shifts)
     return out[0] if single else out

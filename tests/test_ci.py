@@ -82,6 +82,20 @@ def test_scale_equivariance(backend, scale):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("scale", [1e-160, 2.0**-1000, 1e150, 1e300])
+def test_extreme_float64_magnitudes(backend, scale):
+    """Gram entries of such maps would underflow to subnormals or overflow (LAPACK then fails
+    or returns NaN): the scores still scale with the map, per image, with dead channels."""
+    rows = ci_maps(seed=4, n=3, c=7, p=10, kind="dead")
+    base = pccfast.channel_independence(as_maps(rows), backend=backend)
+    assert base.abs().sum() > 0
+    factors = torch.tensor([1.0, scale, 1.0], dtype=torch.float64)
+    scaled = pccfast.channel_independence(as_maps(rows * factors.view(3, 1, 1)), backend=backend)
+    assert torch.isfinite(scaled).all()
+    torch.testing.assert_close(scaled, base * factors.view(3, 1), rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 def test_any_float_input_gives_float64(backend, dtype):
     x = torch.randn(2, 6, 3, 5).relu().to(dtype)

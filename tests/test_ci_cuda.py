@@ -157,6 +157,13 @@ def test_jacobi_emulation_special_matrices():
         values, vectors, sweeps = ci_cuda.jacobi_eigh_emulation(gram)
         check_eigh(gram, values, vectors, sweeps)
 
+    # Subnormal entries: the scale that brings them to [1, 2) would overflow; it is capped.
+    for gram in (torch.eye(4, dtype=torch.float64)[None] * 1e-310,
+                 torch.diag(torch.tensor([4e-320, 1e-315, 0.0], dtype=torch.float64))[None]):
+        values, _, sweeps = ci_cuda.jacobi_eigh_emulation(gram)
+        assert sweeps.item() >= 0
+        assert torch.equal(values, torch.linalg.eigvalsh(gram))
+
     # Only the lower triangle is read, as torch.linalg.eigh (UPLO="L").
     gram = symmetric_matrix("random", 6, 4)[None]
     upper_garbage = gram + torch.triu(torch.full_like(gram, 7.0), diagonal=1)
