@@ -16,6 +16,16 @@ from setuptools import setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
+def _default_arch(torch) -> str:
+    """The visible GPUs' architectures, else Hopper; with PTX of the newest, so that newer GPUs
+    can still JIT-compile the kernels."""
+    if torch.cuda.is_available():
+        count = torch.cuda.device_count()
+        caps = sorted({torch.cuda.get_device_capability(i) for i in range(count)})
+        return ";".join(f"{major}.{minor}" for major, minor in caps) + "+PTX"
+    return "9.0+PTX"
+
+
 def _want_cuda(torch, cuda_home):
     flag = os.environ.get("PCCFAST_CUDA", "").strip()
     have = torch.version.cuda is not None and cuda_home is not None
@@ -64,7 +74,7 @@ def _extensions():
     # lets `#pragma omp simd` reductions vectorise without the OpenMP runtime.
     cxx = ["-O3", "-fopenmp-simd"]
     if with_cuda:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", _default_arch(torch))
         sources += cuda_sources
         macros += [
             ("PCCFAST_WITH_CUDA", None),

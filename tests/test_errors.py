@@ -139,3 +139,17 @@ def test_old_interpreter_with_new_numpy_is_named(monkeypatch, triton_version, nu
             pccfast.pcc(torch.randn(2, 3, 4, 4), backend="triton")
     else:
         assert reason is None
+
+
+@pytest.mark.parametrize(
+    "arch, capability, runs",
+    [("9.0", (9, 0), True), ("9.0", (8, 0), False), ("9.0", (10, 0), False),
+     ("9.0+PTX", (10, 0), True), ("9.0+PTX", (8, 6), False), ("8.0", (8, 6), True),
+     ("8.6", (8, 0), False), ("8.0;9.0", (9, 0), True), ("9.0a", (9, 0), True),
+     ("7.5 8.0+PTX", (12, 0), True), ("", (9, 0), False)],
+)
+def test_cuda_build_arch_against_the_gpu(arch, capability, runs):
+    """Machine code runs on its major with an equal or newer minor; PTX on anything newer."""
+    from pccfast.ops.backends import arch_runs_on
+
+    assert arch_runs_on(arch, capability) is runs

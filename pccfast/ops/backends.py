@@ -9,6 +9,7 @@ what is missing.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import re
@@ -85,7 +86,33 @@ def cuda_unavailable_reason(device: torch.device) -> str | None:
         return "pccfast._C was built without CUDA kernels (PCCFAST_CUDA=1 builds them)"
     if device.type != "cuda":
         return f'backend "cuda" needs a CUDA tensor, got {device}'
+    arch = str(_C.build_info().get("cuda_arch", ""))
+    capability = _capability(device.index if device.index is not None else -1)
+    if arch and not arch_runs_on(arch, capability):
+        major, minor = capability
+        return (f"pccfast._C's CUDA kernels were built for {arch!r}, which cannot run on this "
+                f"sm_{major}{minor} GPU (rebuild with TORCH_CUDA_ARCH_LIST={major}.{minor})")
     return None
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(None if index < 0 else index)
+
+
+def arch_runs_on(arch_list: str, capability: tuple[int, int]) -> bool:
+    """Whether a TORCH_CUDA_ARCH_LIST build ("8.0;9.0+PTX", "9.0a") has code for a GPU: machine
+    code of the same major and an older or equal minor, or PTX of an older or equal arch."""
+    for entry in re.split(r"[;\s]+", arch_list.strip()):
+        match = re.fullmatch(r"(\d+)\.(\d+)a?(\+PTX)?", entry)
+        if match is None:
+            continue
+        built = (int(match[1]), int(match[2]))
+        if built[0] == capability[0] and built[1] <= capability[1]:
+            return True
+        if match[3] and built <= capability:
+            return True
+    return False
 
 
 _REASONS = {
