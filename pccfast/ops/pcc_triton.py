@@ -55,9 +55,9 @@ mu_i mu_j)``; this is far more accurate than rounding ``vhat`` to 16 bits (~1e-5
 like ``eps_fp32 * (mean/std)^2``; post-ReLU/BN activations sit near 1). The ``D @ vhat`` products
 and the feature Gram use ``vhat`` rounded to the input's precision; the feature-side product
 ``vhat (F/K)`` runs in tf32x3 (``F/K`` is nearly ``(M/K) I``: 16-bit rounding of it would stay
-in the small part the layer-norm projection leaves). A row that is exactly constant gets ``rstd = 0`` (its ``vhat`` is 0 either way). group="batch_mean" works on the fp32
-batch-mean map, so always in fp32. fp64 input is rejected (TypeError): it runs on the "torch"
-and "cpu" backends.
+in the small part the layer-norm projection leaves). A row that is exactly constant gets
+``rstd = 0`` (its ``vhat`` is 0 either way). group="batch_mean" works on the fp32 batch-mean map,
+so always in fp32. fp64 input is rejected (TypeError): it runs on the "torch" and "cpu" backends.
 
 Registered as ``torch.ops.pccfast.pcc_triton_forward`` (-> score, mean, rstd) and
 ``pccfast.pcc_triton_backward`` via ``torch.library.triton_op``, so ``torch.compile`` sees the
