@@ -40,6 +40,7 @@ FLAGS = [
     ("--pcc-mode", ["pcc.mode"], dict(choices=("promote", "suppress"), help="promote (reward correlation, default) or suppress")),
     ("--no-pcc", ["pcc.weight"], dict(action="store_const", const=0.0, help="pre-train without the PCC term")),
     ("--calib-images", ["ci.images"], dict(type=int, metavar="N", help="calibration images for CI (640 unless the config says otherwise)")),
+    ("--bn-images", ["prune.bn_images"], dict(type=int, metavar="N", help="also report the pruned accuracy with BatchNorm statistics re-estimated on N training images (pruned_bn_acc; 0: off; the saved model is unchanged)")),
     ("--finetune-epochs", ["finetune.epochs"], dict(type=int, metavar="N", help="fine-tuning epochs")),
     ("--finetune-lr", ["finetune.lr"], dict(type=float, metavar="LR", help="fine-tuning learning rate")),
     ("--baseline", ["run.baseline"], dict(action="store_const", const=True, help="also pre-train without PCC (baseline_acc)")),

@@ -35,6 +35,10 @@ def summary_rows(summary: dict) -> list[tuple[str, str]]:
         ("PCC-pretrained accuracy" if summary.get("pcc_weight", 1) else
          "pretrained accuracy (PCC weight 0)", _pct(summary.get("pcc_acc"))),
         ("pruned accuracy (before fine-tuning)", _pct(summary.get("pruned_acc"))),
+    ]
+    if summary.get("pruned_bn_acc") is not None:
+        rows.append(("pruned, BN statistics re-estimated", _pct(summary["pruned_bn_acc"])))
+    rows += [
         ("fine-tuned accuracy", _pct(summary.get("finetuned_acc"))),
         ("params removed", _pct(summary.get("params_removed"))),
         ("FLOPs removed", _pct(summary.get("flops_removed"))),

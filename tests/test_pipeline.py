@@ -30,6 +30,8 @@ def test_demo_prints_the_table(tmp_path, capsys):
     assert s["baseline_acc"] is not None and set(s["seconds"]) == {
         "baseline", "pretrain", "ci", "prune", "finetune"}
     assert abs(s["flops_removed"] - 0.5) <= 0.005
+    assert "pruned, BN statistics re-estimated" in printed  # the demo sets prune.bn_images
+    assert 0 <= s["pruned_bn_acc"] <= 1
     baseline = [r for r in RunFolder(out).read_metrics() if r["stage"] == "baseline"]
     assert baseline and "pcc" not in baseline[0]  # the baseline trains without the PCC term
 

@@ -211,3 +211,42 @@ def test_label_smoothing_reaches_the_loss(digits):
     for smoothing, loss in records.items():
         expected = nn.functional.cross_entropy(logits, y, label_smoothing=smoothing)
         assert loss == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_recalibrate_batchnorm_averages_batch_statistics():
+    from pccfast.train import recalibrate_batchnorm
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 5, 3)
+    model = nn.Sequential(conv, nn.BatchNorm2d(5, momentum=0.3), nn.ReLU(), nn.Flatten(),
+                          nn.LazyLinear(4), nn.BatchNorm1d(4))
+    batches = [(torch.randn(6, 3, 7, 7) * 2 + 1, torch.zeros(6)) for _ in range(3)]
+    model(batches[0][0])  # materialise the lazy layer
+    bn2d, bn1d = model[1], model[5]
+    bn2d.running_mean.fill_(40.0)
+    bn2d.running_var.fill_(1e-3)
+    weights = [p.detach().clone() for p in model.parameters()]
+    assert recalibrate_batchnorm(model, batches) == 18
+    with torch.no_grad():
+        y = [conv(x) for x, _ in batches]
+        mean = torch.stack([t.mean((0, 2, 3)) for t in y]).mean(0)
+        var = torch.stack([t.var((0, 2, 3), unbiased=True) for t in y]).mean(0)
+    torch.testing.assert_close(bn2d.running_mean, mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(bn2d.running_var, var, rtol=1e-5, atol=1e-6)
+    assert bn1d.running_var.ne(1).all()
+    assert not model.training and bn2d.momentum == 0.3 and bn1d.momentum == 0.1
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
+    with pytest.raises(ValueError, match="at least one batch"):
+        recalibrate_batchnorm(model, [])
+
+
+def test_bn_images_setting_is_checked_and_keeps_the_criterion():
+    from pccfast.pipeline.config import RunConfig
+
+    cfg = RunConfig.from_dict({"prune": {"rates": "[0.5]*12", "bn_images": 64}})
+    assert cfg.prune.bn_images == 64 and cfg.prune.criterion == {"rates": "[0.5]*12"}
+    cfg = RunConfig.from_dict({"prune": {"bn_images": 32}}, base=cfg)
+    assert cfg.prune.criterion == {"rates": "[0.5]*12"}  # not cleared by a non-criterion key
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="prune.bn_images must be a non-negative integer"):
+            RunConfig.from_dict({"prune": {"bn_images": bad}})

@@ -8,7 +8,7 @@ name the section and the keys it knows.
     [pretrain]  TrainConfig fields (epochs, batch_size, lr, warmup_epochs, amp, ...)
     [pcc]       weight, mode, orientation, group, penalty, backend
     [ci]        images, batch_size
-    [prune]     one of rates, tau, target_flops, target_params
+    [prune]     one of rates, tau, target_flops, target_params; bn_images
     [finetune]  TrainConfig fields
     [run]       baseline, device, seed
 """
@@ -62,8 +62,15 @@ class PruneSection:
     tau: float | None = None
     target_flops: float | None = None
     target_params: float | None = None
+    # > 0: also report pruned_bn_acc, the pruned model's accuracy with its BatchNorm statistics
+    # re-estimated on this many training images (the saved model and fine-tuning are unchanged)
+    bn_images: int = 0
 
     def __post_init__(self):
+        if isinstance(self.bn_images, bool) or not isinstance(self.bn_images, int) \
+                or self.bn_images < 0:
+            raise ValueError(f"prune.bn_images must be a non-negative integer, "
+                             f"got {self.bn_images!r}")
         given = [k for k in PRUNE_KEYS if getattr(self, k) is not None]
         if len(given) > 1:
             raise ValueError(f"prune takes one of {PRUNE_KEYS}, got {', '.join(given)}")
@@ -115,7 +122,7 @@ class RunConfig:
                     raise ValueError(
                         f"config [{section}] has no key {key!r} (known: {', '.join(current[section])})"
                     )
-                if section == "prune" and value is not None:
+                if section == "prune" and key in PRUNE_KEYS and value is not None:
                     for other in PRUNE_KEYS:  # one criterion: setting one clears the others
                         current[section][other] = None
                 current[section][key] = value
@@ -181,7 +188,7 @@ def demo_config() -> RunConfig:
                      "weight_decay": 5e-4},
         "pcc": {"weight": 0.05},
         "ci": {"images": 512, "batch_size": 128},
-        "prune": {"target_flops": 0.5},
+        "prune": {"target_flops": 0.5, "bn_images": 512},
         "finetune": {"epochs": 4, "batch_size": 64, "lr": 0.01, "weight_decay": 5e-4},
         "run": {"baseline": True, "device": "cpu"},
     })

@@ -22,8 +22,8 @@ from pathlib import Path
 from ..atomic import atomic_write_text
 from .config import save_json
 
-SUMMARY_KEYS = ("baseline_acc", "pcc_acc", "pruned_acc", "finetuned_acc", "params_removed",
-                "flops_removed")
+SUMMARY_KEYS = ("baseline_acc", "pcc_acc", "pruned_acc", "pruned_bn_acc", "finetuned_acc",
+                "params_removed", "flops_removed")
 
 
 class RunFolder:

@@ -255,12 +255,11 @@ class Pipeline:
             save_json(self.folder.path("plan.json"), _plan_json(plan))
         dist_utils.barrier()
         pruned = load_model(self.folder.model_path("prune")).to(self.env.device)
-        acc = evaluate(pruned, self.data.test_loader(self.cfg.finetune.batch_size,
-                                                     device=self.env.device, rank=self.env.rank,
-                                                     world_size=self.env.world_size,
-                                                     workers=self.cfg.data.workers))["acc"]
+        acc = evaluate(pruned, self._test_loader())["acc"]
+        out = {"pruned_acc": acc, "pruned_bn_acc": None}
+        if self.cfg.prune.bn_images:
+            out["pruned_bn_acc"] = self._accuracy_with_bn_recalibrated(pruned)
         seconds = self._seconds("prune", started)
-        out = {"pruned_acc": acc}
         if self.env.is_main:
             out.update(params_removed=removed(before, after, "params"),
                        flops_removed=removed(before, after, "flops"),
@@ -268,11 +267,36 @@ class Pipeline:
                        params_after=after["params"], flops_after=after["flops"],
                        criterion=criterion)
             self.folder.update_summary(seconds={"prune": seconds}, **out)
+            bn = out["pruned_bn_acc"]
+            bn_text = "" if bn is None else f", {100 * bn:.2f}% with BN statistics re-estimated"
             self.echo(f"prune     {_criterion_text(criterion)}: {100 * out['params_removed']:.1f}% "
                       f"params, {100 * out['flops_removed']:.1f}% FLOPs removed; test accuracy "
-                      f"{100 * acc:.2f}% ({seconds:.1f} s)")
+                      f"{100 * acc:.2f}%{bn_text} ({seconds:.1f} s)")
         dist_utils.barrier()
         return out
+
+    def _test_loader(self):
+        return self.data.test_loader(self.cfg.finetune.batch_size, device=self.env.device,
+                                     rank=self.env.rank, world_size=self.env.world_size,
+                                     workers=self.cfg.data.workers)
+
+    def _accuracy_with_bn_recalibrated(self, pruned) -> float:
+        """Test accuracy of a copy of ``pruned`` whose BatchNorm statistics are re-estimated on
+        prune.bn_images training images (other images than CI's: another seed)."""
+        import copy
+
+        from ..train import recalibrate_batchnorm
+
+        model = copy.deepcopy(pruned)
+        channels_last = self.cfg.pretrain.channels_last
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+        loader = self.data.calibration_loader(
+            self.cfg.prune.bn_images, self.cfg.ci.batch_size, seed=self.cfg.run.seed + 1,
+            device=self.env.device, rank=self.env.rank, world_size=self.env.world_size,
+            channels_last=channels_last, workers=self.cfg.data.workers)
+        recalibrate_batchnorm(model, loader)
+        return evaluate(model, self._test_loader())["acc"]
 
     def finetune(self, resume: bool = False) -> dict:
         source = self._need(self.folder.model_path("prune"), "prune")

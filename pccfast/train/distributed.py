@@ -64,6 +64,13 @@ def barrier() -> None:
         dist.barrier()
 
 
+def world_size() -> int:
+    """Processes in the default group (1 when not distributed)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     """Sums a tensor over ranks (in place when distributed); returns it."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
