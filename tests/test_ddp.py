@@ -87,3 +87,43 @@ def test_two_gloo_processes_match_one_process(tmp_path, monkeypatch):
         assert torch.allclose(sa["scores"][name], sb["scores"][name], rtol=1e-4, atol=1e-6), name
     pa, pb = json.loads((one / "plan.json").read_text()), json.loads((two / "plan.json").read_text())
     assert [l["kept_indices"] for l in pa["layers"]] == [l["kept_indices"] for l in pb["layers"]]
+
+
+BN_WORKER = '''
+import sys, torch, torch.distributed as dist
+from torch import nn
+from pccfast.train import recalibrate_batchnorm
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+torch.manual_seed(0)
+model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+batches = [torch.randn(5, 3, 6, 6) * (1 + i) + i for i in range(4)]
+recalibrate_batchnorm(model, batches[rank::world])
+bn = model[1]
+if rank == 0:
+    torch.save({"mean": bn.running_mean, "var": bn.running_var}, sys.argv[1])
+dist.destroy_process_group()
+'''
+
+
+def test_batchnorm_recalibration_is_averaged_over_ranks(tmp_path):
+    """Two ranks, each on half of the batches, end with the statistics one process gets on all."""
+    from pccfast.train import recalibrate_batchnorm
+
+    worker = tmp_path / "bn_worker.py"
+    worker.write_text(BN_WORKER)
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), str(worker),
+           str(tmp_path / "stats.pt")]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = torch.load(tmp_path / "stats.pt")
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    batches = [torch.randn(5, 3, 6, 6) * (1 + i) + i for i in range(4)]
+    recalibrate_batchnorm(model, batches)
+    torch.testing.assert_close(got["mean"], model[1].running_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got["var"], model[1].running_var, rtol=1e-5, atol=1e-6)
