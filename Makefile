@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 # The oldest versions we support: those of the GPU machines (and triton 3.6's interpreter needs
 # numpy<2.4). `make test-oldest` tests a copy of the working tree against them.
 OLDEST_VENV ?= .venv-oldest
-OLDEST_SPEC ?= torch==2.11.0 torchvision==0.26.0 triton==3.6.0 "numpy<2.4" "setuptools>=77,<82"
+OLDEST_SPEC ?= torch==2.11.0 torchvision==0.26.0 triton==3.6.0 "numpy<2.4" "setuptools<82"
 OLDEST_TREE := build/oldest
 # A toolkit whose nvcc is reached through a wrapper elsewhere on PATH still lives here.
 ifeq ($(CUDA_HOME),)
@@ -23,7 +23,7 @@ install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*) $(wildcard kernels/*)
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PIP) install -q --upgrade "pip>=23" "setuptools>=77" wheel ninja pybind11
+	$(PIP) install -q --upgrade "pip>=23" "setuptools>=68" wheel ninja pybind11
 	$(PIP) install -q $(TORCH_SPEC)
 	$(PIP) install -q --no-build-isolation -e ".[all]"
 	$(PY) -m pccfast info
