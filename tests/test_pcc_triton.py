@@ -60,6 +60,11 @@ def run_cases(interpret: bool, select: str | None = None, extra_env=None):
     args = ["-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", os.path.join(HERE, "triton_cases.py")]
     if select:
         args += ["-k", select]
+    # Compiled, the cases need ~500 kernel specialisations: compile them in parallel processes
+    # (PCCFAST_TEST_WORKERS, when pytest-xdist is installed).
+    workers = int(os.environ.get("PCCFAST_TEST_WORKERS", "0") or 0)
+    if not interpret and workers > 1 and __import__("importlib").util.find_spec("xdist"):
+        args += ["-n", str(workers)]
     stdout = run_python(args, interpret, extra_env)
     assert " passed" in stdout and "skipped" not in stdout.splitlines()[-1], stdout[-2000:]
 

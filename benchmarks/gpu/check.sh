@@ -15,6 +15,13 @@
 #   benchmarks/gpu/out/. Copy the printed tables into benchmarks/RESULTS.md with device and date.
 #   --dry-run runs every step on the CPU at toy sizes (no build of the CUDA kernels), to check
 #   the script itself before spending device time.
+#
+#   Time: every step has its own limit and all share BUDGET seconds (default 450, leaving the
+#   device call's start and transfers inside 8 minutes); a step that would start past the budget
+#   is skipped and reported. The quick GPU tests and the benchmarks come first; the exhaustive
+#   compiled sweep of tests/triton_cases.py (~500 kernel specialisations to compile) comes last,
+#   spread over WORKERS processes (default 8) when pytest-xdist is installed. Rows of the PCC
+#   table print as they finish, so a step cut short still leaves its rows in the log.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -24,10 +31,18 @@ mkdir -p "$OUTDIR"
 DRY=0
 [[ "${1:-}" == "--dry-run" ]] && DRY=1
 status=0
+END=$((SECONDS + ${BUDGET:-450}))
 
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep going on failure
   local name=$1 limit=$2
   shift 2
+  local left=$((END - SECONDS))
+  if [[ $left -lt 15 ]]; then
+    echo "=== $name: skipped, the budget is spent"
+    status=1
+    return 0
+  fi
+  [[ $limit -gt $left ]] && limit=$left
   echo "=== $name (limit ${limit}s)"
   local start=$SECONDS
   timeout --signal=INT "$limit" "$@" 2>&1 | tee "$OUTDIR/$name.log"
@@ -46,12 +61,19 @@ if [[ $DRY -eq 1 ]]; then
 fi
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUTDIR/device.txt"
+PARALLEL=()
+"$PY" -c "import xdist" 2>/dev/null && PARALLEL=(-n 4)
+export PCCFAST_TEST_WORKERS=${WORKERS:-8}
+GPU_TESTS=(tests/test_ci_cuda.py tests/test_pcc_triton.py tests/test_ci_collector.py)
 step build 120 env PCCFAST_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS="$(nproc)" \
   "$PY" setup.py build_ext --inplace -q
-step info 60 "$PY" -m pccfast info
-step gpu_tests 100 "$PY" -m pytest -q -x -m gpu -p no:cacheprovider tests/test_ci_cuda.py tests/test_pcc_triton.py tests/test_ci_collector.py
-step bench_pcc 120 "$PY" benchmarks/gpu/bench_pcc.py --reps 5
+step info 30 "$PY" -m pccfast info
+step gpu_tests 100 "$PY" -m pytest -q -m gpu "${PARALLEL[@]}" -p no:cacheprovider \
+  -k "not against_reference_on_gpu" "${GPU_TESTS[@]}"
+step bench_pcc 130 "$PY" benchmarks/gpu/bench_pcc.py --reps 5 --shapes 64x56,256x56,2048x7
 step bench_train_step 60 "$PY" benchmarks/gpu/bench_train_step.py --steps 8 --rounds 2
 step bench_ci 60 "$PY" benchmarks/gpu/bench_ci.py --repeats 2 --brute-images 1 --out "$OUTDIR/ci_gpu.md"
-echo "=== done: exit $status (tables above; logs in $OUTDIR)"
+step gpu_sweep 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider -k against_reference_on_gpu \
+  tests/test_pcc_triton.py
+echo "=== done: exit $status after ${SECONDS}s (tables above; logs in $OUTDIR)"
 exit $status
