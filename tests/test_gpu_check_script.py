@@ -18,7 +18,8 @@ def test_check_script_dry_run(tmp_path):
     out = subprocess.run(["bash", "benchmarks/gpu/check.sh", "--dry-run"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    for table in ("| case | M x K | fused ms", "| layer | C | H*W", "| slowdown (target <= 1.15)"):
+    for table in ("| case | M x K | fused ms", "| layer | C | H*W", "| slowdown (target <= 1.15)",
+                  "End to end: CICollector on ResNet-50"):
         assert table in out.stdout
     assert sorted(os.listdir(tmp_path)) == ["bench_ci.log", "bench_pcc.log", "bench_train_step.log", "info.log"]
 
