@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ..io import read_torch_file
 from ..train import distributed as dist_utils
 from ..train.checkpoint import atomic_torch_save
 from ..train.distributed import DistEnv
@@ -55,12 +56,7 @@ def build_model(cfg: RunConfig, num_classes: int) -> torch.nn.Module:
 def load_init(model: torch.nn.Module, path: str) -> None:
     """Loads a state dict (a file holding one, or {"state_dict": ...}) into ``model``, strictly."""
     file = Path(path).expanduser()
-    if not file.is_file():
-        raise FileNotFoundError(f"model.init: {file} does not exist")
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"model.init: {file} is truncated or not a state dict ({exc})") from exc
+    state = read_torch_file(file, "model.init state dict")
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     try:
@@ -227,10 +223,7 @@ class Pipeline:
 
     def read_scores(self) -> dict:
         path = self._need(self.folder.path("ci_scores.pt"), "ci")
-        try:
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise ValueError(f"{path} is truncated or unreadable ({exc})") from exc
+        blob = read_torch_file(path, "CI scores")
         if not isinstance(blob, dict) or blob.get("format") != "pccfast-ci-scores":
             raise ValueError(f"{path} is not a pccfast CI score file")
         return blob["scores"]
