@@ -24,8 +24,9 @@ def test_check_script_dry_run(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["bench_ci.log", "bench_pcc.log", "bench_train_step.log", "info.log"]
 
 
-def _fake_tools(tmp_path, python_body: str):
-    """A PATH with a fake nvidia-smi, and a fake python that logs its arguments."""
+def _run_with_fake_tools(tmp_path, python_body: str, **env):
+    """check.sh's device branch with a fake nvidia-smi and a fake python that logs its
+    arguments and runs ``python_body``: (completed process, logged calls)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'Fake H100, 81559 MiB, 580'\n")
@@ -33,19 +34,19 @@ def _fake_tools(tmp_path, python_body: str):
     (bin_dir / "python").write_text(f"#!/bin/bash\necho \"$*\" >> {log}\n{python_body}\n")
     for tool in bin_dir.iterdir():
         tool.chmod(0o755)
-    return bin_dir, log
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+           "PYTHON": str(bin_dir / "python"), "OUT": str(tmp_path / "out"), **env}
+    out = subprocess.run(["bash", "benchmarks/gpu/check.sh"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    return out, log.read_text().splitlines()
 
 
 def test_check_script_gpu_steps_in_order(tmp_path):
     """The device branch (without a device): build, info, quick GPU tests, the three benchmarks,
     then the exhaustive compiled sweep; every step runs although one fails."""
-    bin_dir, log = _fake_tools(tmp_path, 'case "$*" in *bench_ci*) exit 3;; esac; exit 0')
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-           "PYTHON": str(bin_dir / "python"), "OUT": str(tmp_path / "out")}
-    out = subprocess.run(["bash", "benchmarks/gpu/check.sh"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=120)
+    out, calls = _run_with_fake_tools(tmp_path, 'case "$*" in *bench_ci*) exit 3;; esac; exit 0')
     assert out.returncode == 1, out.stdout  # bench_ci failed, the rest still ran
-    calls = [c for c in log.read_text().splitlines() if c != "-c import xdist"]
+    calls = [c for c in calls if c != "-c import xdist"]
     order = ["setup.py build_ext", "-m pccfast info", "not against_reference_on_gpu",
              "bench_pcc.py", "bench_train_step.py", "bench_ci.py", "-k against_reference_on_gpu"]
     assert len(calls) == len(order), calls
@@ -55,11 +56,7 @@ def test_check_script_gpu_steps_in_order(tmp_path):
 
 
 def test_check_script_skips_steps_past_its_budget(tmp_path):
-    bin_dir, log = _fake_tools(tmp_path, "sleep 3")
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-           "PYTHON": str(bin_dir / "python"), "OUT": str(tmp_path / "out"), "BUDGET": "20"}
-    out = subprocess.run(["bash", "benchmarks/gpu/check.sh"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=120)
+    out, calls = _run_with_fake_tools(tmp_path, "sleep 3", BUDGET="20")
     assert out.returncode == 1
     assert "=== gpu_sweep: skipped, the budget is spent" in out.stdout, out.stdout
-    assert 2 <= len(log.read_text().splitlines()) < 7
+    assert 2 <= len(calls) < 7
