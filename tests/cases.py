@@ -143,3 +143,41 @@ def cifar10_copy() -> str:
     checkout). Tests that use it skip with a message when it is absent."""
     default = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cifar10_jpeg.npz")
     return os.path.abspath(os.environ.get("PCCFAST_CIFAR10_NPZ", default))
+
+
+def gradient_term_scale(x: torch.Tensor, options: dict) -> float:
+    """Size of the terms that dS/dx is the sum of (rstd_i * a * sum_j |D_ij| |vhat_j|).
+
+    The gradient can be far smaller than its terms (a nearly constant score, such as the
+    diagonal-only score of a map with one varying channel), so rounding is measured against
+    the terms, not the result.
+    """
+    from pccfast.ops.pcc_options import PCCOptions, pair_count, pcc_shape
+    from pccfast.ops.pcc_reference import pcc_rows
+
+    opts = PCCOptions(**options)
+    rows = pcc_rows(x.detach().cpu().double(), opts)
+    centered = rows - rows.mean(-1, keepdim=True)
+    rstd = torch.rsqrt(centered.square().mean(-1) + opts.eps)
+    vhat = centered * rstd[..., None]
+    shape = pcc_shape(x.shape, opts)
+    a = 2.0 / (shape.groups * pair_count(shape.rows, opts.include_diagonal) * shape.features)
+    dmax = 2.0 if opts.penalty == "square" else 1.0
+    return float(a * shape.rows * dmax * vhat.abs().max() * rstd.max())
+
+
+def site_activations(model, module_names, images) -> dict:
+    """module name -> its output on ``images`` (eval mode, no grad), from hooks of the tests' own,
+    outside any pccfast collector."""
+    acts, handles = {}, []
+    modules = dict(model.named_modules())
+    for name in module_names:
+        handles.append(modules[name].register_forward_hook(
+            lambda m, a, out, name=name: acts.__setitem__(name, out.detach().clone())))
+    try:
+        with torch.no_grad():
+            model.eval()(images)
+    finally:
+        for h in handles:
+            h.remove()
+    return acts

@@ -9,6 +9,8 @@ import torch
 import pccfast
 from pccfast.models import resnet50, resnet56_cifar, vgg16_cifar
 
+from cases import site_activations
+
 CHIP_VGG_SITES = ["features.relu0", "features.pool2", "features.relu3", "features.pool5",
                   "features.relu6", "features.relu7", "features.pool9", "features.relu10",
                   "features.relu11", "features.pool13", "features.relu14", "features.relu15"]
@@ -16,16 +18,8 @@ CHIP_VGG_SITES = ["features.relu0", "features.pool2", "features.relu3", "feature
 
 def direct_site_ci(model, module_names, images, backend="torch"):
     """Mean CI per channel at each named module's output, computed outside the collector."""
-    acts, handles = {}, []
-    modules = dict(model.named_modules())
-    for name in module_names:
-        handles.append(modules[name].register_forward_hook(
-            lambda m, a, out, name=name: acts.__setitem__(name, out.detach().clone())))
-    with torch.no_grad():
-        model.eval()(images)
-    for h in handles:
-        h.remove()
-    return {n: pccfast.channel_independence(a, backend=backend).mean(0) for n, a in acts.items()}
+    return {n: pccfast.channel_independence(a, backend=backend).mean(0)
+            for n, a in site_activations(model, module_names, images).items()}
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,8 @@ import torch
 
 import pccfast
 from pccfast.ops import _C
-from pccfast.ops.pcc_options import PCCOptions, pair_count, pcc_shape
-from pccfast.ops.pcc_reference import pcc_rows
 
-from cases import PCC_OPTION_GRID, pcc_cases
+from cases import PCC_OPTION_GRID, gradient_term_scale, pcc_cases
 
 needs_ext = pytest.mark.skipif(_C.extension() is None, reason=str(_C.unavailable_reason()))
 
@@ -106,24 +104,6 @@ def _compare_backend(backend, x, options):
     atol = tol["rtol"] * gradient_term_scale(x, options)
     rtol = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}.get(x.dtype, 0.0)  # dx rounded to x's dtype
     torch.testing.assert_close(gg.to(gw.dtype), gw, rtol=rtol, atol=atol)
-
-
-def gradient_term_scale(x, options) -> float:
-    """Size of the terms that dS/dx is the sum of (rstd_i * a * sum_j |D_ij| |vhat_j|).
-
-    The gradient can be far smaller than its terms (a nearly constant score, such as the
-    diagonal-only score of a map with one varying channel), so rounding is measured against
-    the terms, not the result.
-    """
-    opts = PCCOptions(**options)
-    rows = pcc_rows(x.double(), opts)
-    centered = rows - rows.mean(-1, keepdim=True)
-    rstd = torch.rsqrt(centered.square().mean(-1) + opts.eps)
-    vhat = centered * rstd[..., None]
-    shape = pcc_shape(x.shape, opts)
-    a = 2.0 / (shape.groups * pair_count(shape.rows, opts.include_diagonal) * shape.features)
-    dmax = 2.0 if opts.penalty == "square" else 1.0
-    return float(a * shape.rows * dmax * vhat.abs().max() * rstd.max())
 
 
 @needs_ext

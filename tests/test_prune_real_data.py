@@ -11,6 +11,8 @@ import torch
 import pccfast
 from pccfast.models import vgg16_cifar
 
+from cases import site_activations
+
 ROOT = Path(__file__).resolve().parents[1]
 NAME = Path("shared") / "data" / "cifar10_jpeg.npz"
 CANDIDATES = [ROOT.parent / NAME, ROOT.parent.parent / NAME, Path("/work") / NAME]
@@ -35,17 +37,9 @@ def cifar_images(count: int) -> torch.Tensor:
 
 def bruteforce_scores(model, groups, images):
     """layer -> mean brute-force CI at its site, from hooks of this test's own."""
-    acts, handles = {}, []
-    modules = dict(model.named_modules())
-    for layer, (site,) in groups.items():
-        handles.append(modules[site].register_forward_hook(
-            lambda m, a, out, layer=layer: acts.__setitem__(layer, out.detach().clone())))
-    with torch.no_grad():
-        model.eval()(images)
-    for h in handles:
-        h.remove()
-    return {layer: pccfast.channel_independence(a, method="bruteforce").mean(0)
-            for layer, a in acts.items()}
+    acts = site_activations(model, [site for (site,) in groups.values()], images)
+    return {layer: pccfast.channel_independence(acts[site], method="bruteforce").mean(0)
+            for layer, (site,) in groups.items()}
 
 
 def test_kept_channels_are_the_top_ci_ones_by_brute_force():

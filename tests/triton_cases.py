@@ -26,10 +26,10 @@ if DEVICE == "cuda" and not torch.cuda.is_available():
 
 import pccfast  # noqa: E402
 from pccfast.ops import pcc_triton as pt  # noqa: E402
-from pccfast.ops.pcc_options import PCCOptions, pair_count, pcc_shape  # noqa: E402
+from pccfast.ops.pcc_options import PCCOptions, pcc_shape  # noqa: E402
 from pccfast.ops.pcc_reference import pcc_rows  # noqa: E402
 
-from cases import PCC_OPTION_GRID, PCC_SHAPES, pcc_cases  # noqa: E402
+from cases import PCC_OPTION_GRID, PCC_SHAPES, gradient_term_scale, pcc_cases  # noqa: E402
 
 OPTION_IDS = ["-".join(map(str, o.values())) for o in PCC_OPTION_GRID]
 # Forward relative tolerance and gradient tolerance (relative to the size of the gradient's
@@ -49,20 +49,6 @@ def on_device(x: torch.Tensor) -> torch.Tensor:
         return x
     y = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=DEVICE)
     return y.copy_(x)
-
-
-def gradient_term_scale(x: torch.Tensor, options: dict) -> float:
-    """Size of the terms dS/dx sums (rstd_i * a * sum_j |D_ij| |vhat_j|): the gradient can be
-    far smaller than its terms, so rounding is measured against them."""
-    opts = PCCOptions(**options)
-    rows = pcc_rows(x.detach().cpu().double(), opts)
-    centered = rows - rows.mean(-1, keepdim=True)
-    rstd = torch.rsqrt(centered.square().mean(-1) + opts.eps)
-    vhat = centered * rstd[..., None]
-    s = pcc_shape(x.shape, opts)
-    a = 2.0 / (s.groups * pair_count(s.rows, opts.include_diagonal) * s.features)
-    dmax = 2.0 if opts.penalty == "square" else 1.0
-    return float(a * s.rows * dmax * vhat.abs().max() * rstd.max())
 
 
 def compare(x: torch.Tensor, options: dict, grad_scale: float = 1.0):
