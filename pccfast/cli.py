@@ -4,6 +4,7 @@
     pccfast run --data npz:FILE --model vgg16_cifar --width 0.25 --epochs 3 \\
                 --finetune-epochs 2 --target-flops 0.5 --out DIR
     pccfast train|ci|prune|finetune|eval|report --out DIR [same flags]
+    pccfast study --config FILE --out DIR          # arms x criteria x targets over seeds
     pccfast info
 
 Settings come from defaults < DIR/config.json (stage commands, and run --resume) < --config
@@ -107,6 +108,20 @@ def resolve_config(args, inherit: bool):
     return cfg
 
 
+def _study(args) -> int:
+    from .pipeline.config import load_toml
+    from .study import Study, StudyConfig
+
+    config = StudyConfig.from_dict(load_toml(args.config))
+    study = Study(config, args.out, device=args.device, progress=not args.no_progress)
+    if args.dry_run:
+        print(study.describe())
+        return 0
+    path = study.run()
+    print(f"study  {path}, {Path(args.out) / 'study.md'}")
+    return 0
+
+
 def _info(args) -> int:
     from .info import format_info
 
@@ -193,6 +208,18 @@ def build_parser() -> argparse.ArgumentParser:
                              help="let --model-file hold a pickled module (a model outside the "
                                   "zoo); unpickling runs code, so trusted files only")
         sub.set_defaults(run=_stage)
+    text = ("compare pre-training arms x pruning criteria x FLOPs targets over seeds: every "
+            "cell its own folder, resumable; writes study.csv, study.md and plots")
+    study = commands.add_parser("study", help=text, description=text)
+    study.add_argument("--config", metavar="FILE", required=True,
+                       help="study TOML: a run config plus [study] and [arms.NAME] tables "
+                            "(benchmarks/accuracy/study_cpu.toml)")
+    study.add_argument("--out", metavar="DIR", required=True,
+                       help="study folder; run again to resume (finished cells are never redone)")
+    study.add_argument("--device", metavar="DEV", help="override run.device")
+    study.add_argument("--dry-run", action="store_true", help="print the cells and exit")
+    study.add_argument("--no-progress", action="store_true", help="no progress bars")
+    study.set_defaults(run=_study)
     info = commands.add_parser("info", help="versions, compiled extension, available backends")
     info.set_defaults(run=_info)
     return parser

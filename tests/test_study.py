@@ -1,0 +1,176 @@
+"""The study runner on a tiny digits study: its rows, its resume rules, its tables."""
+
+from __future__ import annotations
+
+import csv
+import statistics
+
+import pytest
+
+from pccfast.study import Study, StudyConfig, StudyError
+from pccfast.study import report as study_report
+from pccfast.study.runner import read_rows
+
+TINY = {
+    "data": {"spec": "digits", "workers": 0, "train_limit": 400, "test_limit": 200},
+    "model": {"name": "vgg16_cifar", "width": 0.125},
+    "pretrain": {"epochs": 1, "batch_size": 64, "lr": 0.05},
+    "ci": {"images": 64, "batch_size": 64},
+    "prune": {"bn_images": 128},
+    "finetune": {"epochs": 1, "batch_size": 64, "lr": 0.01},
+    "run": {"device": "cpu"},
+    "study": {"seeds": [0, 1], "criteria": ["ci", "random"], "targets": [0.5, 0.6],
+              "finetune_targets": [0.5]},
+    "arms": {"no_pcc": {"pcc": {"weight": 0.0}}, "pcc": {}},
+}
+
+
+def tiny(**study) -> StudyConfig:
+    tree = {k: (dict(v) if isinstance(v, dict) else v) for k, v in TINY.items()}
+    tree["study"] = {**TINY["study"], **study}
+    return StudyConfig.from_dict(tree)
+
+
+def run(config, out, **kw):
+    return Study(config, out, progress=False, echo=None, **kw).run()
+
+
+def by_key(rows):
+    return {(r["arm"], r["seed"], r["criterion"], r["target"], r["stage"]): r for r in rows}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    out = tmp_path_factory.mktemp("study")
+    run(tiny(), out)
+    return out
+
+
+def test_every_cell_has_its_rows(finished):
+    rows = read_rows(finished / "study.csv")
+    # per arm x seed: 1 pretrained + criteria x targets x (pruned, pruned_bn) + criteria x 1 fine-tuned
+    assert len(rows) == 2 * 2 * (1 + 2 * 2 * 2 + 2)
+    for r in rows:
+        if r["acc"] == "":
+            assert "cannot be met" in r["note"]
+            continue
+        assert 0.0 <= float(r["acc"]) <= 1.0
+        if r["stage"] != "pretrained":
+            assert abs(float(r["flops_removed"]) - float(r["target"])) <= 0.005
+    assert (finished / "study.md").is_file()
+    assert (finished / "plots" / "accuracy_vs_flops.png").is_file()
+
+
+def test_a_finished_study_trains_nothing_again(finished, monkeypatch):
+    import pccfast.train.loop
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a finished cell was recomputed")
+
+    monkeypatch.setattr(pccfast.train.loop, "fit", fail)
+    before = (finished / "study.csv").read_text()
+    run(tiny(), finished)
+    assert (finished / "study.csv").read_text() == before
+
+
+def test_more_targets_reuse_the_pretrained_models(finished, tmp_path, monkeypatch):
+    import shutil
+
+    import pccfast.train.loop
+
+    out = tmp_path / "grown"
+    shutil.copytree(finished, out)
+    calls = []
+    real_fit = pccfast.train.loop.fit
+
+    def counting_fit(model, data, cfg, **kw):
+        calls.append(kw.get("stage"))
+        return real_fit(model, data, cfg, **kw)
+
+    monkeypatch.setattr(pccfast.train.loop, "fit", counting_fit)
+    run(tiny(targets=[0.5, 0.6, 0.7]), out)
+    assert calls == []  # no pre-training, and 0.7 is not fine-tuned
+    rows = by_key(read_rows(out / "study.csv"))
+    old = by_key(read_rows(finished / "study.csv"))
+    assert all(rows[k] == v for k, v in old.items())  # earlier rows untouched
+    assert ("pcc", "1", "random", "0.700000", "pruned_bn") in rows
+
+
+def test_from_the_record_alone_only_incomplete_pairs_are_redone(finished, tmp_path):
+    """A fresh machine has study.csv (committed) but no work folder: complete arm x seed pairs
+    are kept, an incomplete one is redone whole from its pre-training."""
+    out = tmp_path / "fresh"
+    out.mkdir()
+    rows = read_rows(finished / "study.csv")
+    cut = [r for r in rows if not (r["arm"] == "pcc" and r["seed"] == "1" and r["stage"] == "finetuned")]
+    with open(out / "study.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(cut)
+    run(tiny(), out)
+    again = by_key(read_rows(out / "study.csv"))
+    assert set(again) == set(by_key(rows))
+    kept = [k for k in again if not (k[0] == "pcc" and k[1] == "1")]
+    assert all(again[k] == by_key(rows)[k] for k in kept)
+    assert (out / "work" / "pcc-seed1" / "pretrained.pt").is_file()
+    assert not (out / "work" / "pcc-seed0").exists()
+
+
+def test_rows_of_other_settings_are_refused(finished, tmp_path):
+    import shutil
+
+    out = tmp_path / "changed"
+    shutil.copytree(finished, out)
+    tree = {k: (dict(v) if isinstance(v, dict) else v) for k, v in TINY.items()}
+    tree["pretrain"] = {**TINY["pretrain"], "lr": 0.02}
+    with pytest.raises(StudyError, match="other settings"):
+        run(StudyConfig.from_dict(tree), out)
+
+
+def test_tables_are_mean_and_spread_over_seeds(finished):
+    rows = read_rows(finished / "study.csv")
+    stats = study_report.aggregate(rows)
+    accs = [float(r["acc"]) for r in rows
+            if (r["arm"], r["criterion"], r["target"], r["stage"]) == ("pcc", "ci", "0.500000", "finetuned")]
+    assert len(accs) == 2
+    mean, std = stats[("finetuned", "pcc", "ci", 0.5)]["acc"]
+    assert mean == pytest.approx(statistics.mean(accs), rel=1e-12)
+    assert std == pytest.approx(statistics.stdev(accs), rel=1e-12)
+    text = (finished / "study.md").read_text()
+    cell = f"{100 * mean:.2f} ± {100 * std:.2f} (2)"
+    assert cell in text
+    assert "**" in text  # the best of each target
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"study": {"targets": []}}, "non-empty list"),
+    ({"study": {"targets": [0.5, 1.5]}}, r"fractions in \(0, 1\)"),
+    ({"study": {"criteria": ["ci", "magic"]}}, "unknown criterion"),
+    ({"study": {"finetune_targets": [0.7]}}, "not in study.targets"),
+    ({"study": {"seeds": [0, 0]}}, "repeated"),
+    ({"study": {"bogus": 1}}, "no key"),
+    ({"arms": {}}, "at least one arm"),
+    ({"arms": {"a b": {}}}, "arm name"),
+    ({"arms": {"x": {"pcc": {"mode": "sideways"}}}}, r"\[arms.x\]"),
+    ({"prune": {"bn_images": 0}}, "bn_images"),
+])
+def test_bad_study_configs_are_clear_errors(change, message):
+    tree = {k: (dict(v) if isinstance(v, dict) else v) for k, v in TINY.items()}
+    for section, values in change.items():
+        if section == "arms":
+            tree["arms"] = values
+        else:
+            tree[section] = {**tree[section], **values}
+    with pytest.raises(ValueError, match=message):
+        StudyConfig.from_dict(tree)
+
+
+def test_cli_dry_run(tmp_path, capsys):
+    from pccfast.cli import main
+
+    config = tmp_path / "s.toml"
+    config.write_text('[data]\nspec = "digits"\n[prune]\nbn_images = 64\n'
+                      '[study]\ntargets = [0.5]\n[arms.pcc]\n')
+    assert main(["study", "--config", str(config), "--out", str(tmp_path / "o"), "--dry-run"]) == 0
+    assert "pcc" in capsys.readouterr().out
+    assert not (tmp_path / "o").exists()
