@@ -111,6 +111,8 @@ def _compute_scores(model, loader, criterion, max_images, seed):  # TEMPORARY un
         out = {k: torch.rand(v.numel(), generator=g, dtype=torch.float64) for k, v in col.scores().items()}
         col.remove()
         return out
+    if criterion != "ci":
+        raise NotImplementedError(criterion)
     col = pccfast.CICollector(model, max_images=max_images, progress=False)
     with torch.no_grad():
         for batch, _ in loader:
