@@ -109,10 +109,17 @@ def resolve_config(args, inherit: bool):
 
 
 def _study(args) -> int:
-    from .pipeline.config import load_toml
+    from .pipeline.config import load_toml, parse_assignment
     from .study import Study, StudyConfig
 
-    config = StudyConfig.from_dict(load_toml(args.config))
+    tree = load_toml(args.config)
+    for text in args.set:
+        (section, values), = parse_assignment(text).items()
+        if section == "arms":
+            raise ValueError("--set changes the base settings and [study]; edit [arms.NAME] "
+                             "tables in the study file")
+        tree.setdefault(section, {}).update(values)
+    config = StudyConfig.from_dict(tree)
     study = Study(config, args.out, device=args.device, progress=not args.no_progress)
     if args.dry_run:
         print(study.describe())
@@ -216,6 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "(benchmarks/accuracy/study_cpu.toml)")
     study.add_argument("--out", metavar="DIR", required=True,
                        help="study folder; run again to resume (finished cells are never redone)")
+    study.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override a base setting or a [study] key, e.g. --set "
+                            "pretrain.epochs=5 --set study.seeds=[0] (arms still override "
+                            "the base)")
     study.add_argument("--device", metavar="DEV", help="override run.device")
     study.add_argument("--dry-run", action="store_true", help="print the cells and exit")
     study.add_argument("--no-progress", action="store_true", help="no progress bars")

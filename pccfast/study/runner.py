@@ -159,11 +159,11 @@ class Study:
                    disable=not self.progress, dynamic_ncols=True)
         try:
             for arm, seed in todo:
-                rows = self._run_pair(arm, seed, rows, bar)
+                self._run_pair(arm, seed, rows, bar)
                 self.write_outputs(rows)
-        finally:
+        finally:  # also when interrupted: the tables show every finished cell
             bar.close()
-        self.write_outputs(rows)
+            self.write_outputs(rows)
         return self.csv_path
 
     def write_outputs(self, rows: list[dict]) -> None:
@@ -202,7 +202,8 @@ class Study:
 
         return DistEnv(device=pick_device(self.device or cfg.run.device))
 
-    def _run_pair(self, arm: Arm, seed: int, rows: list[dict], bar) -> list[dict]:
+    def _run_pair(self, arm: Arm, seed: int, rows: list[dict], bar) -> None:
+        """Every missing row of one arm x seed, appended to ``rows`` (changed in place)."""
         from . import cells
 
         cfg = self.config.arm_config(arm, seed)
@@ -218,7 +219,7 @@ class Study:
             if stale:
                 self.echo(f"study  {arm.name} seed {seed}: its pre-trained model is gone, so its "
                           f"{len(stale)} earlier rows are redone from a new pre-training")
-                rows = [r for r in rows if r not in stale]
+                rows[:] = [r for r in rows if r not in stale]
                 done = {Key.of(r) for r in rows}
         bar.update(cfg.pretrain.epochs * (cfg.data.train_limit or 50000)
                    * (1.2 if cfg.pcc.enabled else 1.0))
@@ -269,4 +270,3 @@ class Study:
                           f"{100 * result['flops_removed']:.1f}% FLOPs removed, "
                           f"{100 * result['pruned_bn_acc']:.2f}% after BN re-estimation"
                           + (f", {100 * tuned['acc']:.2f}% fine-tuned" if fine else ""))
-        return rows
