@@ -331,3 +331,45 @@ def test_ddp_sums_are_all_reduced(tmp_path):
             got = torch.load(tmp_path / f"rank{rank}.pt")[criterion]
             for k in expected:
                 torch.testing.assert_close(got[k], expected[k], rtol=1e-9, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------------- CLI
+def test_cli_criterion_end_to_end_on_digits(tmp_path, capsys):
+    from pccfast.cli import main
+    from pccfast.pipeline.config import RunConfig
+
+    out = tmp_path / "run"
+    flags = ["--data", "digits", "--train-limit", "256", "--test-limit", "64", "--model",
+             "vgg16_cifar", "--width", "0.125", "--epochs", "1", "--finetune-epochs", "1",
+             "--target-flops", "0.3", "--calib-images", "32", "--no-progress"]
+    assert main(["run", *flags, "--criterion", "l1", "--out", str(out)]) == 0
+    assert "ci        l1:" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["ci_criterion"] == "l1" and summary["ci_images"] == 0
+    assert json.loads((out / "plan.json").read_text())["criterion"] == "l1"
+    assert "- l1 scores:" in (out / "report.md").read_text()
+    saved = torch.load(out / "ci_scores.pt", weights_only=True)
+    pretrained = pccfast.load(out / "pretrained.pt")
+    l1 = pccfast.scores(pretrained, criterion="l1", input_size=SIZE)
+    assert saved["criterion"] == "l1" and saved["scores"].keys() == l1.keys()
+    assert all(torch.equal(saved["scores"][k], l1[k]) for k in l1)  # l1, not CI, was computed
+
+    # a stage command: taylor over the calibration images (labels come with the batches)
+    assert main(["ci", "--out", str(out), "--criterion", "taylor", "--no-progress"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["ci_criterion"] == "taylor" and summary["ci_images"] == 32
+    # the next stage inherits the folder's criterion; another one is a one-line error
+    assert main(["prune", "--out", str(out), "--no-progress"]) == 0
+    assert json.loads((out / "plan.json").read_text())["criterion"] == "taylor"
+    assert "taylor scores, target flops 0.3" in capsys.readouterr().out
+    assert main(["prune", "--out", str(out), "--criterion", "hrank", "--no-progress"]) == 2
+    assert "holds taylor scores, but ci.criterion is hrank" in capsys.readouterr().err
+
+    with pytest.raises(ValueError, match="ci.criterion must be one of"):
+        RunConfig.from_dict({"ci": {"criterion": "snip"}})
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--out", str(out), "--criterion", "snip"])
+    assert exc.value.code == 2
+    with pytest.raises(SystemExit):
+        main(["ci", "--help"])
+    assert "--criterion" in capsys.readouterr().out
