@@ -333,6 +333,29 @@ def test_ddp_sums_are_all_reduced(tmp_path):
                 torch.testing.assert_close(got[k], expected[k], rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("criterion", ["l1", "hrank", "taylor"])
+def test_cuda_matches_cpu(criterion, monkeypatch):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    import copy
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # fp32 convs on both sides
+    torch.manual_seed(9)
+    model = vgg16_cifar(width=0.125)
+    images, labels = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    cpu = pccfast.scores(model, [(images, labels)], criterion=criterion)
+    gpu = pccfast.scores(copy.deepcopy(model).cuda(), [(images.cuda(), labels.cuda())],
+                         criterion=criterion)
+    for k, expected in cpu.items():
+        assert gpu[k].device.type == "cpu" and gpu[k].dtype == torch.float64
+        if criterion == "hrank":  # a map's rank may flip by one at the tolerance: 1 of 8 images
+            assert float((gpu[k] - expected).abs().max()) <= 1 / 8 + 1e-12, k
+        else:
+            torch.testing.assert_close(gpu[k], expected, rtol=1e-4,
+                                       atol=1e-6 * float(expected.max()))
+
+
 # ----------------------------------------------------------------------------------- CLI
 def test_cli_criterion_end_to_end_on_digits(tmp_path, capsys):
     from pccfast.cli import main
