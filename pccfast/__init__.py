@@ -4,6 +4,7 @@
     reg = pccfast.PCCRegularizer(model)          # hooks; loss = task_loss + reg.loss()
     ci = pccfast.channel_independence(fmap)      # (N, C, H, W) -> (N, C) float64
     col = pccfast.CICollector(model)             # col.update(images); scores = col.scores()
+    scores = pccfast.scores(model, loader, criterion="l1")  # or hrank, taylor, random, ci
     pruned, plan = pccfast.prune(model, scores, rates="[0.21]*7+[0.75]*5")
     pccfast.count(pruned, (1, 3, 32, 32))        # params, params_all, flops, flops_bn
     pccfast.save(pruned, "m.pt"); model = pccfast.load("m.pt")
@@ -13,7 +14,8 @@ from . import models
 from .ci import channel_independence
 from .io import load, save
 from .pcc import PCCLoss, pcc, pcc_matrix
-from .prune import CICollector, count
+from .prune import CICollector, ScoreCollector, count
+from .prune import collect_scores as scores
 from .regularizer import PCCRegularizer
 
 __version__ = "0.1.0"
@@ -22,6 +24,7 @@ __all__ = [
     "CICollector",
     "PCCLoss",
     "PCCRegularizer",
+    "ScoreCollector",
     "channel_independence",
     "count",
     "load",
@@ -30,4 +33,5 @@ __all__ = [
     "pcc_matrix",
     "prune",
     "save",
+    "scores",
 ]

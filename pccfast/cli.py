@@ -19,6 +19,8 @@ import os
 import sys
 from pathlib import Path
 
+from .prune.criteria import CRITERIA
+
 # (flag, config paths it sets, argparse keywords)
 FLAGS = [
     ("--data", ["data.spec"], dict(metavar="SPEC", help="dataset: digits, cifar10:DIR, npz:FILE or imagefolder:DIR")),
@@ -41,6 +43,7 @@ FLAGS = [
     ("--pcc-mode", ["pcc.mode"], dict(choices=("promote", "suppress"), help="promote (reward correlation, default) or suppress")),
     ("--no-pcc", ["pcc.weight"], dict(action="store_const", const=0.0, help="pre-train without the PCC term")),
     ("--calib-images", ["ci.images"], dict(type=int, metavar="N", help="calibration images for CI (640 unless the config says otherwise)")),
+    ("--criterion", ["ci.criterion"], dict(choices=CRITERIA, help="what the ci stage scores channels by: ci (channel independence, default), l1 (filter L1 norm), hrank (feature-map rank), taylor (|activation x gradient|), random (seeded control)")),
     ("--bn-images", ["prune.bn_images"], dict(type=int, metavar="N", help="also report the pruned accuracy with BatchNorm statistics re-estimated on N training images (pruned_bn_acc; 0: off; the saved model is unchanged)")),
     ("--finetune-epochs", ["finetune.epochs"], dict(type=int, metavar="N", help="fine-tuning epochs")),
     ("--finetune-lr", ["finetune.lr"], dict(type=float, metavar="LR", help="fine-tuning learning rate")),
@@ -185,10 +188,10 @@ def _stage(args) -> int:
 
 STAGES = {
     "demo": "the whole method on the bundled digits in a few CPU minutes (default --out runs/demo)",
-    "run": "every stage: pretrain (PCC) -> ci -> prune -> finetune -> report",
+    "run": "every stage: pretrain (PCC) -> ci (scores by --criterion) -> prune -> finetune -> report",
     "train": "pre-train with the PCC regulariser (and the baseline with --baseline)",
-    "ci": "channel independence of every scored layer of the pretrained model",
-    "prune": "plan from the CI scores (--rates/--tau/--target-*) and remove the channels",
+    "ci": "channel independence (or --criterion l1/hrank/taylor/random) of every scored layer of the pretrained model",
+    "prune": "plan from the ci stage's scores (--rates/--tau/--target-*) and remove the channels",
     "finetune": "fine-tune the pruned model",
     "eval": "test accuracy, params and FLOPs of the latest model (or --model-file)",
     "report": "write DIR/report.md with plots",

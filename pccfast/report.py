@@ -205,6 +205,11 @@ def _read_scores(folder: RunFolder) -> dict:
         return {}
 
 
+def _scores_label(summary: dict, config: dict) -> str:
+    criterion = summary.get("ci_criterion", config.get("ci", {}).get("criterion", "ci"))
+    return "CI" if criterion == "ci" else f"{criterion} scores"
+
+
 def write_report(out) -> Path:
     """Writes DIR/report.md and DIR/plots/*.png from what the run folder holds; returns the path."""
     folder = RunFolder(out)
@@ -236,7 +241,8 @@ def write_report(out) -> Path:
             f"- pre-training: {pre.get('epochs')} epochs, batch {pre.get('batch_size')}, lr "
             f"{pre.get('lr')}, PCC weight {config.get('pcc', {}).get('weight')} "
             f"({config.get('pcc', {}).get('mode')})",
-            f"- CI: {summary.get('ci_images', config.get('ci', {}).get('images'))} calibration images"
+            f"- {_scores_label(summary, config)}: "
+            f"{summary.get('ci_images', config.get('ci', {}).get('images'))} calibration images"
             f"; pruning: {', '.join(f'{k} = {v}' for k, v in crit.items()) or '–'}",
             f"- fine-tuning: {fin.get('epochs')} epochs, batch {fin.get('batch_size')}, lr {fin.get('lr')}",
             "",

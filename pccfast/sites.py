@@ -163,12 +163,14 @@ class SiteHooks:
 
     Modules called several times per forward are told apart by counting their calls; a
     pre-hook on the model resets the counts, and calls ``on_start()`` when given, at the start
-    of every forward pass.
+    of every forward pass. ``raw=True`` passes the module's own output even where the site
+    still needs its ReLU (``site.apply_relu``): a gradient can only be taken w.r.t. that tensor.
     """
 
-    def __init__(self, model: nn.Module, sites: list[Site], fn, on_start=None):
+    def __init__(self, model: nn.Module, sites: list[Site], fn, on_start=None, raw: bool = False):
         self.fn = fn
         self.on_start = on_start
+        self.raw = raw
         self._calls: Counter[str] = Counter()
         modules = dict(model.named_modules())
         by_module: dict[str, dict[int | None, Site]] = {}
@@ -194,7 +196,7 @@ class SiteHooks:
             if site.call_index is None and index > 0:
                 site = Site(f"{site.name}:{index}", site.module, index, site.conv, site.norm,
                             site.apply_relu)
-            self.fn(site, F.relu(output) if site.apply_relu else output)
+            self.fn(site, F.relu(output) if site.apply_relu and not self.raw else output)
 
         return hook
 

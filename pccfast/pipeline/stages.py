@@ -1,8 +1,8 @@
 """The stages of the method, each reading and writing one run folder.
 
     pretrain   train with the PCC regulariser (and, with --baseline, the same without it)
-    ci         channel independence of every scored layer over the calibration images
-    prune      a per-layer plan from the CI scores, then physical removal of the channels
+    ci         channel independence (or ci.criterion's scores) of every scored layer
+    prune      a per-layer plan from those scores, then physical removal of the channels
     finetune   train the pruned model (no PCC)
     evaluate   test accuracy, params and FLOPs of any saved model
 
@@ -185,7 +185,8 @@ class Pipeline:
         return results
 
     def ci(self) -> dict:
-        """CI scores of every scored layer of the pretrained model -> ci_scores.pt.
+        """Scores of every scored layer of the pretrained model by ci.criterion (CI by default)
+        -> ci_scores.pt.
 
         Under DDP each rank scores its shard of the calibration images and the collector
         all-reduces the sums; rank 0 writes the file."""
@@ -201,11 +202,15 @@ class Pipeline:
             self.cfg.ci.images, self.cfg.ci.batch_size, seed=self.cfg.run.seed,
             device=self.env.device, rank=self.env.rank, world_size=self.env.world_size,
             channels_last=channels_last, workers=self.cfg.data.workers)
-        collector = pccfast.CICollector(model, max_images=self.cfg.ci.images, progress=False)
+        criterion = self.cfg.ci.criterion
+        collector = pccfast.ScoreCollector(model, criterion, max_images=self.cfg.ci.images,
+                                           progress=False, seed=self.cfg.run.seed)
         try:
-            with torch.no_grad():
-                for batch, _ in _bar(loader, "ci", self.progress and self.env.is_main):
-                    collector.update(batch)
+            with torch.no_grad():  # (taylor turns gradients on for its own backward)
+                for batch, labels in _bar(loader, "ci", self.progress and self.env.is_main):
+                    collector.update(batch, labels)
+                    if not collector.needs_data:
+                        break  # l1, random: the first batch only tells the layers
             scores = {name: s.detach().double().cpu() for name, s in collector.scores().items()}
             images = int(collector.images)
         finally:
@@ -213,11 +218,11 @@ class Pipeline:
         images = int(dist_utils.all_reduce_sum(torch.tensor([images], device=self.env.device)).item())
         seconds = self._seconds("ci", started)
         if self.env.is_main:
-            atomic_torch_save({"format": "pccfast-ci-scores", "images": images, "scores": scores},
-                              self.folder.path("ci_scores.pt"))
+            atomic_torch_save({"format": "pccfast-ci-scores", "images": images, "scores": scores,
+                               "criterion": criterion}, self.folder.path("ci_scores.pt"))
             self.folder.update_summary(seconds={"ci": seconds}, ci_images=images,
-                                       ci_layers=len(scores))
-        self.echo(f"ci        {len(scores)} layers over {images} images ({seconds:.1f} s)")
+                                       ci_layers=len(scores), ci_criterion=criterion)
+        self.echo(f"ci        {criterion}: {len(scores)} layers over {images} images ({seconds:.1f} s)")
         dist_utils.barrier()
         return scores
 
@@ -226,6 +231,10 @@ class Pipeline:
         blob = read_torch_file(path, "CI scores")
         if not isinstance(blob, dict) or blob.get("format") != "pccfast-ci-scores":
             raise ValueError(f"{path} is not a pccfast CI score file")
+        found, wanted = blob.get("criterion", "ci"), self.cfg.ci.criterion
+        if found != wanted:
+            raise ValueError(f"{path} holds {found} scores, but ci.criterion is {wanted}: run "
+                             f"`pccfast ci --criterion {wanted} --out {self.folder.out}` first")
         return blob["scores"]
 
     def prune(self) -> dict:
@@ -245,7 +254,8 @@ class Pipeline:
             pruned, plan = pccfast.prune(model, scores, input_size=size, **criterion)
             after = count(pruned, size)
             save_model(pruned.cpu(), self.folder.model_path("prune"))
-            save_json(self.folder.path("plan.json"), _plan_json(plan))
+            save_json(self.folder.path("plan.json"),
+                      {**_plan_json(plan), "criterion": self.cfg.ci.criterion})
         dist_utils.barrier()
         pruned = load_model(self.folder.model_path("prune")).to(self.env.device)
         acc = evaluate(pruned, self._test_loader())["acc"]
@@ -262,7 +272,8 @@ class Pipeline:
             self.folder.update_summary(seconds={"prune": seconds}, **out)
             bn = out["pruned_bn_acc"]
             bn_text = "" if bn is None else f", {100 * bn:.2f}% with BN statistics re-estimated"
-            self.echo(f"prune     {_criterion_text(criterion)}: {100 * out['params_removed']:.1f}% "
+            self.echo(f"prune     {self.cfg.ci.criterion} scores, {_criterion_text(criterion)}: "
+                      f"{100 * out['params_removed']:.1f}% "
                       f"params, {100 * out['flops_removed']:.1f}% FLOPs removed; test accuracy "
                       f"{100 * acc:.2f}%{bn_text} ({seconds:.1f} s)")
         dist_utils.barrier()

@@ -1,7 +1,9 @@
 """Structured pruning by channel independence, in the four parts Torch-Pruning keeps apart:
 
 - :mod:`~pccfast.prune.graph`: which channels move together (convs, BN, residual streams);
-- :mod:`~pccfast.prune.scores`: :class:`CICollector`, CI over calibration data;
+- :mod:`~pccfast.prune.scores`: :class:`CICollector`, CI over calibration data, and
+  :class:`ScoreCollector` for the other criteria (:mod:`~pccfast.prune.criteria`: l1, hrank,
+  taylor, random);
 - :mod:`~pccfast.prune.plan`: how many and which channels (rate lists, tau, budgets);
 - :mod:`~pccfast.prune.surgery`: the physical removal;
 plus :mod:`~pccfast.prune.counting` (params/FLOPs) and :mod:`~pccfast.prune.tp_engine`
@@ -17,20 +19,24 @@ import sys
 import types
 
 from .counting import count
+from .criteria import CRITERIA
 from .graph import ChannelGroup, PruningGraph, UnsupportedLayerError, build_graph
 from .plan import Plan, make_plan, parse_rates, rate_layout
 from .pruner import prune
-from .scores import CICollector, load_scores, save_scores
+from .scores import CICollector, ScoreCollector, collect_scores, load_scores, save_scores
 from .surgery import apply_plan
 
 __all__ = [
     "CICollector",
+    "CRITERIA",
     "ChannelGroup",
     "Plan",
     "PruningGraph",
+    "ScoreCollector",
     "UnsupportedLayerError",
     "apply_plan",
     "build_graph",
+    "collect_scores",
     "count",
     "load_scores",
     "make_plan",

@@ -259,9 +259,10 @@ def _trace(model: nn.Module, input_size) -> fx.GraphModule:
     gm = fx.GraphModule(model, graph)
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else None
     try:
         with eval_mode(model, gm), torch.no_grad():
-            ShapeProp(gm).propagate(torch.randn(input_size, device=device))
+            ShapeProp(gm).propagate(torch.randn(input_size, device=device, dtype=dtype))
     except Exception as exc:
         raise ValueError(
             f"the model does not run on input_size {tuple(input_size)} "

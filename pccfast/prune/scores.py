@@ -1,17 +1,20 @@
-"""Channel-independence scores over calibration data (the importance part of pruning).
+"""Per-channel importance scores over calibration data (the importance part of pruning).
 
-:class:`CICollector` hooks every scored site of a model (SPEC section 3: the post-ReLU output of
-each conv, the max-pool output where a pool follows, the post-add ReLU of residual streams),
-and while calibration batches run forward it turns each activation straight into per-image CI
-(:func:`pccfast.channel_independence`, fastest backend) and adds it to a float64 running sum
-per channel. One pass serves every layer; nothing is written to disk. Under
-``torch.distributed`` the per-rank sums are all-reduced when the scores are read.
+:class:`ScoreCollector` hooks every scored site of a model (SPEC section 3: the post-ReLU output
+of each conv, the max-pool output where a pool follows, the post-add ReLU of residual streams),
+and while calibration batches run forward it turns each activation straight into per-image
+scores of its criterion (CI by default, :func:`pccfast.channel_independence` on the fastest
+backend; ``hrank``, ``taylor``: :mod:`pccfast.prune.criteria`) and adds them to a float64
+running sum per channel. One pass serves every layer; nothing is written to disk. Under
+``torch.distributed`` the per-rank sums are all-reduced when the scores are read. ``l1`` and
+``random`` need no pass. :class:`CICollector` is the collector with ``criterion="ci"``.
 
     col = pccfast.CICollector(model)          # hooks; builds the pruning graph at first use
     for images, _ in loader:                  # or col.run(loader): progress bar, stops at 640
         if not col.update(images): break
     scores = col.scores()                     # layer name -> (C,) float64, mean CI
     col.save("ci.pt"); scores = pccfast.CICollector.load_scores("ci.pt")
+    scores = pccfast.scores(model, loader, criterion="taylor")   # any criterion, one call
 """
 
 from __future__ import annotations
@@ -20,13 +23,15 @@ import math
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .._checks import check_choice, check_float_tensor
-from ..ci import channel_independence
 from ..models._common import eval_mode, unwrap_parallel
 from ..ops import backends
 from ..sites import Site, SiteHooks
+from .criteria import (DATA_FREE, check_criterion, filter_l1, per_image_scores, random_scores,
+                       taylor_importance)
 
 DEFAULT_IMAGES = 640  # CHIP: 5 batches of 128
 SCORES_FORMAT = "pccfast.scores"
@@ -41,11 +46,14 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-class CICollector:
-    """Streams mean CI per channel for every scored layer of ``model``.
+class ScoreCollector:
+    """Streams one criterion's per-channel scores for every scored layer of ``model``.
 
-    model: the network (a DDP/DataParallel wrapper is unwrapped); it runs in eval mode without
-      gradients inside :meth:`update`, and its mode is restored.
+    model: the network (a DDP/DataParallel wrapper is unwrapped); it runs in eval mode inside
+      :meth:`update` (without gradients, except for ``taylor``), and its mode is restored.
+    criterion: ``"ci"`` (default), ``"l1"``, ``"hrank"``, ``"taylor"`` or ``"random"``
+      (:mod:`pccfast.prune.criteria`). ``l1`` and ``random`` need no images: :meth:`update`
+      only finds the layers from the batch's shape (or give ``input_size``).
     layers: None (every layer with a scored site) or a list of layer names (group names of
       :func:`pccfast.prune.graph.build_graph`: conv names, stage names for residual streams).
     max_images: calibration images in all (default 640, CHIP's); under DDP each rank takes
@@ -54,11 +62,14 @@ class CICollector:
     input_size: build the pruning graph now for this input size; by default it is built at
       the first :meth:`update` from the batch's shape.
     progress: show a tqdm bar in :meth:`run` (rank 0 only).
+    seed: the seed of ``random``.
+    loss_fn: ``taylor``'s loss ``(output, labels) -> scalar``, a sum over the images (default
+      ``cross_entropy(output, labels, reduction="sum")``, so each image gets its own gradient).
     """
 
-    def __init__(self, model: nn.Module, layers=None, max_images: int = DEFAULT_IMAGES,
-                 backend: str = "auto", input_size=None, progress: bool = True,
-                 engine: str = "auto"):
+    def __init__(self, model: nn.Module, criterion: str = "ci", layers=None,
+                 max_images: int = DEFAULT_IMAGES, backend: str = "auto", input_size=None,
+                 progress: bool = True, engine: str = "auto", seed: int = 0, loss_fn=None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 1:
@@ -66,21 +77,42 @@ class CICollector:
         if layers is not None and not (isinstance(layers, (list, tuple))
                                        and all(isinstance(n, str) for n in layers)):
             raise TypeError(f"layers must be None or a list of layer names, got {layers!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {seed!r}")
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError(f"loss_fn must be None or a callable (output, labels) -> loss, "
+                            f"got {type(loss_fn).__name__}")
         self.model = unwrap_parallel(model)
+        self.criterion = check_criterion(criterion)
         self.backend = check_choice("backend", backend, backends.BACKENDS)
         self.max_images = max_images
         self.progress = progress
         self.engine = engine
+        self.seed = seed
+        self.loss_fn = loss_fn
         self._layers = list(layers) if layers is not None else None
         self.groups: dict[str, list[str]] = {}  # layer -> its site names
+        self.convs: dict[str, list[str]] = {}  # layer -> the convs writing its channels
+        self.widths: dict[str, int] = {}
         self.sites: list[Site] = []
         self._sums: dict[str, torch.Tensor] = {}
         self._seen: dict[str, int] = {}
+        self._pending: list = []  # taylor: [site, hooked output, its version, scored] per batch
         self.images = 0
         self._hooks: SiteHooks | None = None
+        self._attached = False
         self._active = False
         if input_size is not None:
             self._attach(tuple(input_size))
+
+    @property
+    def needs_data(self) -> bool:
+        """Whether the criterion scores activations (calibration images)."""
+        return self.criterion not in DATA_FREE
+
+    @property
+    def _what(self) -> str:
+        return "CI" if self.criterion == "ci" else f"{self.criterion} scores"
 
     # -- set-up ---------------------------------------------------------------------------
     def _attach(self, input_size) -> None:
@@ -100,12 +132,17 @@ class CICollector:
             raise ValueError(f"{type(self.model).__name__} has no scored layer (no ReLU module "
                              "after a Conv2d/BatchNorm2d)")
         self.groups = {g.name: [s.name for s in g.sites] for g in scored}
+        self.convs = {g.name: list(g.convs) for g in scored}
+        self.widths = {g.name: g.width for g in scored}
         sites = {}
         for g in scored:
             for s in g.sites:
                 sites.setdefault(s.name, s)
         self.sites = list(sites.values())
-        self._hooks = SiteHooks(self.model, self.sites, self._accumulate)
+        if self.needs_data:
+            self._hooks = SiteHooks(self.model, self.sites, self._accumulate,
+                                    raw=self.criterion == "taylor")
+        self._attached = True
 
     @property
     def layer_names(self) -> list[str]:
@@ -121,66 +158,141 @@ class CICollector:
     def _accumulate(self, site: Site, activation: torch.Tensor) -> None:
         if not self._active:
             return
-        ci = channel_independence(activation.detach(), backend=self.backend)  # (N, C) float64
-        total = ci.sum(0)
-        if site.name in self._sums:
-            self._sums[site.name] += total
-        else:
-            self._sums[site.name] = total
-        self._seen[site.name] = self._seen.get(site.name, 0) + ci.shape[0]
+        if self.criterion == "taylor":  # scored in backward, when dL/da arrives
+            index = len(self._pending)
+            self._pending.append([site, activation, activation._version, False])
+            if activation.requires_grad:
+                activation.register_hook(lambda grad, i=index: self._taylor_grad(i, grad))
+            return
+        self._add(site.name, per_image_scores(self.criterion, activation, backend=self.backend))
 
-    def update(self, images: torch.Tensor) -> int:
-        """Runs one calibration batch ``images: (N, C, H, W)``; returns how many images were
-        used (fewer once ``max_images`` is reached, 0 after)."""
+    def _add(self, site: str, per_image: torch.Tensor) -> None:
+        total = per_image.sum(0)  # (N, C) float64 -> (C,)
+        if site in self._sums:
+            self._sums[site] += total
+        else:
+            self._sums[site] = total
+        self._seen[site] = self._seen.get(site, 0) + per_image.shape[0]
+
+    def _taylor_grad(self, index: int, grad: torch.Tensor) -> None:
+        site, hooked, version, _ = self._pending[index]
+        if not site.apply_relu and hooked._version != version:
+            raise RuntimeError(f"taylor: the activation at {site.name} was changed in place "
+                               "after it was hooked, so activation x gradient is unknown")
+        # Where the model's own F.relu follows the hook, ``hooked`` is its input z (or, after an
+        # in-place ReLU, relu(z)) and ``grad`` is dL/dz: 0 where z <= 0, dL/da elsewhere, so
+        # hooked * grad = a * dL/da either way.
+        self._add(site.name, taylor_importance(hooked.detach(), grad))
+        self._pending[index][3] = True
+
+    def _taylor_batch(self, images: torch.Tensor, labels) -> None:
+        """One forward and one backward to the input (not to the weights: their .grad stays as
+        it was); each hooked activation is scored, |sum_hw a * dL/da| per image and channel, as
+        its gradient passes, so no gradient outlives its layer's backward."""
+        with torch.enable_grad():
+            x = images.detach().requires_grad_(True)
+            loss = self._loss(self.model(x), labels)
+            if not loss.requires_grad:
+                raise RuntimeError("taylor: the loss does not depend on the model's input")
+            torch.autograd.grad(loss, x, allow_unused=True)
+        for site, hooked, _, scored in self._pending:
+            if not scored:  # the loss does not depend on this activation
+                self._add(site.name, torch.zeros(hooked.shape[:2], dtype=torch.float64,
+                                                 device=hooked.device))
+
+    def _loss(self, output, labels) -> torch.Tensor:
+        if self.loss_fn is not None:
+            loss = self.loss_fn(output, labels)
+        else:
+            if not isinstance(output, torch.Tensor) or output.dim() != 2:
+                raise TypeError(f"taylor's default loss is the cross-entropy of logits (N, "
+                                f"classes); {type(self.model).__name__} returned "
+                                f"{getattr(output, 'shape', type(output).__name__)}: pass loss_fn")
+            loss = F.cross_entropy(output, labels, reduction="sum")
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise TypeError(f"loss_fn must return a scalar tensor, got {loss!r}")
+        return loss.reshape(())
+
+    def update(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> int:
+        """Runs one calibration batch ``images: (N, C, H, W)`` (``labels: (N,)`` class indices,
+        needed by ``taylor`` only); returns how many images were used (fewer once
+        ``max_images`` is reached, 0 after, and always 0 for ``l1`` and ``random``)."""
         check_float_tensor("images", images, (4,))
-        if self._hooks is None:
+        if not self._attached:
             self._attach((1,) + tuple(images.shape[1:]))
+        if not self.needs_data:
+            return 0
         take = min(images.shape[0], self.capacity)
         if take == 0:
             return 0
         param = next(self.model.parameters(), None)
-        if param is not None:
-            images = images[:take].to(param.device, non_blocking=True)
-        else:
-            images = images[:take]
+        device = param.device if param is not None else images.device
+        images = images[:take].to(device, non_blocking=True)
+        if self.criterion == "taylor":
+            labels = self._check_labels(labels, take, device)
         self._active = True
         try:
-            with eval_mode(self.model), torch.no_grad():
-                self.model(images)
+            with eval_mode(self.model):
+                if self.criterion == "taylor":
+                    self._taylor_batch(images, labels)
+                else:
+                    with torch.no_grad():
+                        self.model(images)
         finally:
             self._active = False
+            self._pending = []
         self.images += take
         return take
 
-    def run(self, loader, device=None) -> "CICollector":
-        """Feeds batches from ``loader`` (tensors, or tuples/lists whose first item is the
-        images) until ``max_images``, with a progress bar."""
+    def _check_labels(self, labels, take: int, device):
+        if self.loss_fn is not None and not isinstance(labels, torch.Tensor):
+            return labels  # the user's loss knows what it takes
+        if not isinstance(labels, torch.Tensor):
+            raise ValueError("criterion 'taylor' needs labels: update(images, labels) with "
+                             f"labels an (N,) tensor of class indices, got {type(labels).__name__}")
+        if self.loss_fn is None and (labels.dim() != 1 or labels.dtype.is_floating_point
+                                     or labels.dtype == torch.bool):
+            raise ValueError(f"labels must be an (N,) integer tensor of class indices, got "
+                             f"{labels.dtype} of shape {tuple(labels.shape)}")
+        entries = labels.shape[0] if labels.dim() else 0
+        if entries < take:
+            raise ValueError(f"labels has {entries} entries for {take} images")
+        return labels[:take].to(device, non_blocking=True)
+
+    def run(self, loader, device=None) -> "ScoreCollector":
+        """Feeds batches from ``loader`` (tensors, or tuples/lists of images and labels, or
+        dicts with "image(s)" and "label(s)") until ``max_images``, with a progress bar.
+        ``l1`` and ``random`` take the input size from the first batch and stop."""
         from tqdm.auto import tqdm
 
         rank, _ = _world()
         bar = tqdm(total=self.capacity + self.images, initial=self.images, unit="img",
-                   desc="CI", disable=not self.progress or rank != 0)
+                   desc=self._what.split()[0], disable=not self.progress or rank != 0)
+        seen_batch = False
         try:
             for batch in loader:
+                labels = None
                 if isinstance(batch, (tuple, list)):
-                    batch = batch[0]
+                    batch, labels = batch[0], (batch[1] if len(batch) > 1 else None)
                 elif isinstance(batch, dict):
+                    labels = batch.get("labels", batch.get("label"))
                     batch = batch.get("images", batch.get("image"))
                 if device is not None:
                     batch = batch.to(device)
-                used = self.update(batch)
+                seen_batch = True
+                used = self.update(batch, labels)
                 bar.update(used)
-                if self.capacity == 0:
+                if self.capacity == 0 or not self.needs_data:
                     break
         finally:
             bar.close()
-        if self.images == 0:
-            warnings.warn("CICollector.run: the loader gave no images", stacklevel=2)
+        if not seen_batch or (self.needs_data and self.images == 0):
+            warnings.warn(f"{type(self).__name__}.run: the loader gave no images", stacklevel=2)
         return self
 
     # -- results --------------------------------------------------------------------------
     def _reduced(self) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-        """Per-site CI sums and image counts, summed over the ranks under DDP."""
+        """Per-site sums and image counts, summed over the ranks under DDP."""
         import torch.distributed as dist
 
         names = [s.name for s in self.sites]
@@ -188,8 +300,9 @@ class CICollector:
         if missing:
             rank, world = _world()
             where = f"rank {rank} " if world > 1 else ""
-            raise RuntimeError(f"CICollector {where}has no CI yet: call update(images) (or "
-                               f"run(loader)) first (no activations seen at {missing[:3]})")
+            raise RuntimeError(f"{type(self).__name__} {where}has no {self._what} yet: call "
+                               f"update(images) (or run(loader)) first (no activations seen at "
+                               f"{missing[:3]})")
         sums = {n: self._sums[n] for n in names}
         seen = {n: self._seen[n] for n in names}
         if _world()[1] > 1:
@@ -205,30 +318,45 @@ class CICollector:
         return {n: v.to("cpu") for n, v in sums.items()}, seen
 
     def site_scores(self) -> dict[str, torch.Tensor]:
-        """site name -> (C,) float64 mean CI at that activation (all ranks)."""
+        """site name -> (C,) float64 mean score at that activation (all ranks); for the
+        activation criteria only."""
+        if not self.needs_data:
+            raise ValueError(f"criterion {self.criterion!r} scores no activations; use scores()")
         sums, seen = self._reduced()
         return {n: sums[n] / seen[n] for n in sums}
 
-    def scores(self) -> dict[str, torch.Tensor]:
-        """layer name -> (C,) float64 mean CI, the input of :func:`pccfast.prune`.
-
-        A conv's score is the mean CI of its scored activation; a residual stream's is the mean
-        over its activations (every block output of the stage) of their mean CI. Under DDP this
-        is a collective: every rank must call it.
-        """
-        per_site = self.site_scores()
-        return {layer: torch.stack([per_site[s] for s in sites]).mean(0)
-                for layer, sites in self.groups.items()}
-
-    def save(self, path) -> None:
-        """Writes :meth:`scores` (atomically) with the image count; rank 0 writes under DDP."""
+    def _scores_and_images(self) -> tuple[dict[str, torch.Tensor], int]:
+        if not self.needs_data:
+            if not self._attached:
+                raise RuntimeError(f"{type(self).__name__} does not know the model's layers "
+                                   "yet: give input_size or call update(images) once")
+            if self.criterion == "l1":
+                return {layer: filter_l1(self.model, convs, self.widths[layer])
+                        for layer, convs in self.convs.items()}, 0
+            return {layer: random_scores(layer, width, self.seed)
+                    for layer, width in self.widths.items()}, 0
         sums, seen = self._reduced()
         per_site = {n: sums[n] / seen[n] for n in sums}
-        scores = {layer: torch.stack([per_site[s] for s in sites]).mean(0)
-                  for layer, sites in self.groups.items()}
+        return ({layer: torch.stack([per_site[s] for s in sites]).mean(0)
+                 for layer, sites in self.groups.items()}, seen[self.sites[0].name])
+
+    def scores(self) -> dict[str, torch.Tensor]:
+        """layer name -> (C,) float64 scores, the input of :func:`pccfast.prune`.
+
+        A conv's score is the mean score of its scored activation; a residual stream's is the
+        mean over its activations (every block output of the stage) of their mean score (for
+        ``l1``: the mean over the convs writing the stream). Under DDP this is a collective
+        for the activation criteria: every rank must call it.
+        """
+        return self._scores_and_images()[0]
+
+    def save(self, path) -> None:
+        """Writes :meth:`scores` (atomically) with the image count and the criterion; rank 0
+        writes under DDP."""
+        scores, images = self._scores_and_images()
         if _world()[0] == 0:
-            save_scores(scores, path, images=seen[self.sites[0].name],
-                        model=type(self.model).__name__, sites=self.groups)
+            save_scores(scores, path, images=images, model=type(self.model).__name__,
+                        sites=self.groups, criterion=self.criterion)
 
     @staticmethod
     def load_scores(path) -> dict[str, torch.Tensor]:
@@ -245,15 +373,55 @@ class CICollector:
             self._hooks.remove()
             self._hooks = None
 
-    def __enter__(self) -> "CICollector":
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:
         self.remove()
 
     def __repr__(self) -> str:
+        return (f"{type(self).__name__}({type(self.model).__name__}, "
+                f"criterion={self.criterion!r}, layers={len(self.groups)}, "
+                f"images={self.images}/{self.max_images}, backend={self.backend!r})")
+
+
+class CICollector(ScoreCollector):
+    """Streams mean CI per channel for every scored layer of ``model``: a
+    :class:`ScoreCollector` with ``criterion="ci"`` (see there for the arguments)."""
+
+    def __init__(self, model: nn.Module, layers=None, max_images: int = DEFAULT_IMAGES,
+                 backend: str = "auto", input_size=None, progress: bool = True,
+                 engine: str = "auto"):
+        super().__init__(model, "ci", layers, max_images, backend, input_size, progress, engine)
+
+    def __repr__(self) -> str:
         return (f"CICollector({type(self.model).__name__}, layers={len(self.groups)}, "
                 f"images={self.images}/{self.max_images}, backend={self.backend!r})")
+
+
+def collect_scores(model: nn.Module, loader=None, criterion: str = "ci", *, layers=None,
+                   max_images: int = DEFAULT_IMAGES, input_size=None, device=None,
+                   seed: int = 0, backend: str = "auto", loss_fn=None, progress: bool = False,
+                   engine: str = "auto") -> dict[str, torch.Tensor]:
+    """``layer -> (C,) float64`` scores of one criterion, the input of :func:`pccfast.prune`.
+
+    loader: calibration batches (images, or (images, labels): ``taylor`` needs the labels);
+      ``l1`` and ``random`` need none when ``input_size`` is given, else they read the input
+      size from the first batch. Other arguments as :class:`ScoreCollector`.
+
+        scores = pccfast.scores(model, loader, criterion="hrank", max_images=500)
+    """
+    col = ScoreCollector(model, criterion, layers, max_images, backend, input_size, progress,
+                         engine, seed, loss_fn)
+    try:
+        if col.needs_data or input_size is None:
+            if loader is None:
+                need = "calibration images" if col.needs_data else "input_size"
+                raise ValueError(f"criterion {criterion!r} needs a loader ({need})")
+            col.run(loader, device)
+        return col.scores()
+    finally:
+        col.remove()
 
 
 def save_scores(scores: dict, path, **meta) -> None:
