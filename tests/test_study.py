@@ -19,7 +19,7 @@ TINY = {
     "prune": {"bn_images": 128},
     "finetune": {"epochs": 1, "batch_size": 64, "lr": 0.01},
     "run": {"device": "cpu"},
-    "study": {"seeds": [0, 1], "criteria": ["ci", "random"], "targets": [0.5, 0.6],
+    "study": {"seeds": [0, 1], "criteria": ["ci", "l1", "random"], "targets": [0.5, 0.6],
               "finetune_targets": [0.5]},
     "arms": {"no_pcc": {"pcc": {"weight": 0.0}}, "pcc": {}},
 }
@@ -48,8 +48,8 @@ def finished(tmp_path_factory):
 
 def test_every_cell_has_its_rows(finished):
     rows = read_rows(finished / "study.csv")
-    # per arm x seed: 1 pretrained + criteria x targets x (pruned, pruned_bn) + criteria x 1 fine-tuned
-    assert len(rows) == 2 * 2 * (1 + 2 * 2 * 2 + 2)
+    # per arm x seed: 1 pretrained + 3 criteria x 2 targets x (pruned, pruned_bn) + 3 fine-tuned
+    assert len(rows) == 2 * 2 * (1 + 3 * 2 * 2 + 3)
     for r in rows:
         if r["acc"] == "":
             assert "cannot be met" in r["note"]

@@ -85,6 +85,8 @@ def pretrained_model(work: Path, cfg, data, env, progress: bool) -> Pretrained:
 
 def scores(work: Path, criterion: str, model, cfg, data, env, seed: int) -> dict:
     """layer -> (C,) float64 scores of ``criterion``, cached in ``work``."""
+    from ..prune.scores import collect_scores
+
     path = work / f"scores-{criterion}.pt"
     if path.is_file():
         blob = read_torch_file(path, "study scores")
@@ -92,35 +94,11 @@ def scores(work: Path, criterion: str, model, cfg, data, env, seed: int) -> dict
             return blob["scores"]
     loader = data.calibration_loader(cfg.ci.images, cfg.ci.batch_size, seed=seed,
                                      device=env.device, workers=cfg.data.workers)
-    found = _compute_scores(copy.deepcopy(model).to(env.device), loader, criterion,
-                            max_images=cfg.ci.images, seed=seed)
+    found = collect_scores(copy.deepcopy(model).to(env.device), loader, criterion,
+                           max_images=cfg.ci.images, seed=seed)
     found = {name: s.detach().to("cpu", torch.float64) for name, s in found.items()}
     atomic_torch_save({"format": SCORES_FORMAT, "criterion": criterion, "scores": found}, path)
     return found
-
-
-def _compute_scores(model, loader, criterion, max_images, seed):  # TEMPORARY until criteria land
-    import pccfast
-
-    if criterion == "random":
-        col = pccfast.CICollector(model, max_images=1, progress=False)
-        for batch, _ in loader:
-            col.update(batch)
-            break
-        g = torch.Generator().manual_seed(seed)
-        out = {k: torch.rand(v.numel(), generator=g, dtype=torch.float64) for k, v in col.scores().items()}
-        col.remove()
-        return out
-    if criterion != "ci":
-        raise NotImplementedError(criterion)
-    col = pccfast.CICollector(model, max_images=max_images, progress=False)
-    with torch.no_grad():
-        for batch, _ in loader:
-            if not col.update(batch):
-                break
-    out = col.scores()
-    col.remove()
-    return out
 
 
 class Cell:

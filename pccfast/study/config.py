@@ -25,8 +25,7 @@ import re
 from dataclasses import dataclass, field
 
 from ..pipeline.config import RunConfig
-
-CRITERIA = ("ci", "l1", "hrank", "taylor", "random")
+from ..prune.criteria import CRITERIA
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
