@@ -132,6 +132,23 @@ def _study(args) -> int:
     return 0
 
 
+def prepare_out(out) -> None:
+    """Creates the run folder and proves it writable, as one-line errors naming --out."""
+    import tempfile
+
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out {out} is a file, not a run folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        where = f": {exc.filename}" if exc.filename else ""
+        raise ValueError(f"--out {out}: cannot write the run folder "
+                         f"({exc.strerror or exc}{where})") from exc
+
+
 def _info(args) -> int:
     from .info import format_info
 
@@ -153,8 +170,10 @@ def _stage(args) -> int:
     env = distributed.setup(cfg.run.device)
     try:
         pipe = Pipeline(cfg, args.out, env=env, progress=not args.no_progress)
+        for note in pipe.check(args.command, args.resume):  # before anything is written
+            pipe.echo(note)
         if env.is_main:
-            Path(args.out).mkdir(parents=True, exist_ok=True)
+            prepare_out(args.out)
             if fresh:
                 for name in ("summary.json", "metrics.jsonl"):
                     (Path(args.out) / name).unlink(missing_ok=True)
@@ -245,11 +264,12 @@ def main(argv=None) -> int:
 
     try:
         return args.run(args)
-    except (ValueError, TypeError, FileNotFoundError, StageError, ImportError) as exc:
+    except (ValueError, TypeError, OSError, StageError, ImportError) as exc:
         if os.environ.get("PCCFAST_DEBUG"):
             raise
         kind = "" if isinstance(exc, (ValueError, StageError)) else f"{type(exc).__name__}: "
-        print(f"pccfast {args.command}: error: {kind}{exc}", file=sys.stderr)
+        text = " ".join(str(exc).split("\n"))  # one line, whatever the message
+        print(f"pccfast {args.command}: error: {kind}{text}", file=sys.stderr)
         return 2
 
 

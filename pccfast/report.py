@@ -4,7 +4,8 @@ scored layer, and the channels kept per layer.
     write_report("runs/vgg")  ->  runs/vgg/report.md, runs/vgg/plots/*.png
 
 Everything is read back from the folder (summary.json, metrics.jsonl, plan.json, ci_scores.pt,
-config.json), so a report can be rebuilt at any time (``pccfast report --out DIR``).
+config.json), so a report can be rebuilt at any time (``pccfast report --out DIR``). Without
+matplotlib the report has its tables and no plots, and says so.
 """
 
 from __future__ import annotations
@@ -222,13 +223,25 @@ def write_report(out) -> Path:
     plan = json.loads(plan_path.read_text()) if plan_path.is_file() else None
     widths = layer_widths(plan) if plan is not None else []
     scores = _read_scores(folder)
+    from .pipeline.checks import plots_missing
+
+    no_plots = plots_missing()  # the report is still written, without its figures
+    if no_plots is None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError as exc:
+            no_plots = f"matplotlib does not import ({exc})"
     plots = folder.out / "plots"
-    plots.mkdir(exist_ok=True)
-    made = {
-        "training_curves.png": _plot_curves(records, plots / "training_curves.png"),
-        "ci_distribution.png": _plot_ci(scores, plots / "ci_distribution.png"),
-        "channels_kept.png": _plot_kept(widths, plots / "channels_kept.png"),
-    }
+    if no_plots is None:
+        plots.mkdir(exist_ok=True)
+        made = {
+            "training_curves.png": _plot_curves(records, plots / "training_curves.png"),
+            "ci_distribution.png": _plot_ci(scores, plots / "ci_distribution.png"),
+            "channels_kept.png": _plot_kept(widths, plots / "channels_kept.png"),
+        }
+    else:
+        made = dict.fromkeys(("training_curves.png", "ci_distribution.png", "channels_kept.png"),
+                             False)
     model = config.get("model", {})
     data = config.get("data", {})
     lines = [f"# pccfast run: {model.get('name', '?')}"
@@ -247,6 +260,8 @@ def write_report(out) -> Path:
             f"- fine-tuning: {fin.get('epochs')} epochs, batch {fin.get('batch_size')}, lr {fin.get('lr')}",
             "",
         ]
+    if no_plots is not None:
+        lines += [f"(No plots: {no_plots}.)", ""]
     lines += ["## Results", "", "| | |", "|---|---:|"]
     lines += [f"| {label} | {value} |" for label, value in summary_rows(summary)]
     lines.append("")
@@ -256,9 +271,11 @@ def write_report(out) -> Path:
         lines += ["## Channel independence", "",
                   "CI of every channel (mean over the calibration images), per scored layer; "
                   "the lowest go first.", "", "![CI distribution](plots/ci_distribution.png)", ""]
-    if made["channels_kept.png"]:
-        lines += ["## Channels kept", "", "![channels kept](plots/channels_kept.png)", "",
-                  "| layer | before | after | kept |", "|---|---:|---:|---:|"]
+    if widths:
+        lines += ["## Channels kept", ""]
+        if made["channels_kept.png"]:
+            lines += ["![channels kept](plots/channels_kept.png)", ""]
+        lines += ["| layer | before | after | kept |", "|---|---:|---:|---:|"]
         lines += [f"| {n} | {b} | {a} | {100 * a / b:.0f}% |" for n, b, a in widths if b]
         lines.append("")
     path = folder.out / "report.md"

@@ -217,3 +217,174 @@ def test_info_and_module_entry_point():
     done = subprocess.run([sys.executable, "-m", "pccfast", "info"], capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0 and "backends:" in done.stdout
+
+
+# ---------------------------------------------------------------- ordinary data, bad input
+
+@pytest.fixture(scope="module")
+def grey_npz(tmp_path_factory):
+    """MNIST-shaped data: x_train (N, 28, 28) uint8 (the digits, one channel, resized)."""
+    import torch.nn.functional as F
+
+    data = load_data("digits", train_limit=64, test_limit=32, seed=0)
+
+    def grey(images):
+        return F.interpolate(images[:, :1].float(), size=(28, 28)).round().byte()[:, 0].numpy()
+
+    path = tmp_path_factory.mktemp("grey") / "grey.npz"
+    np.savez(path, x_train=grey(data.train.images), y_train=data.train.labels.numpy(),
+             x_test=grey(data.test.images), y_test=data.test.labels.numpy())
+    return path
+
+
+def _tiny(npz):
+    return ["--data", f"npz:{npz}", "--model", "vgg16_cifar", "--width", "0.125", "--epochs", "1",
+            "--finetune-epochs", "1", "--batch-size", "32", "--calib-images", "32", "--no-progress"]
+
+
+def test_grey_28x28_images_run_every_stage(grey_npz, tmp_path):
+    """The issue's case: (N, 28, 28) images with the CIFAR VGG-16 (five 2x pools) used to die
+    in the first conv; the model now takes the data's channel and size."""
+    out = tmp_path / "grey"
+    assert main(["run", *_tiny(grey_npz), "--target-flops", "0.3", "--out", str(out)]) == 0
+    s = _summary(out)
+    assert abs(s["flops_removed"] - 0.3) <= 0.005 and isinstance(s["finetuned_acc"], float)
+    import pccfast
+
+    model = pccfast.load(out / "finetuned.pt")
+    assert model.features.conv0.in_channels == 1
+    assert pccfast.count(model, (1, 1, 28, 28))["flops"] == s["flops_after"]
+
+
+def rgb_only(num_classes, width=1.0):
+    """A model factory that knows nothing of in_channels."""
+    import pccfast
+
+    return pccfast.models.vgg16_cifar(num_classes=num_classes, width=width)
+
+
+def needs_32x32(num_classes, width=1.0, in_channels=3):
+    """A model factory whose head fits 32x32 images only."""
+    import torch
+
+    return torch.nn.Sequential(torch.nn.Conv2d(in_channels, 4, 3, padding=1), torch.nn.ReLU(),
+                               torch.nn.Flatten(), torch.nn.Linear(4 * 32 * 32, num_classes))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--rates", "[0.5]*11"], "prune.rates has 11 entries but VGGCifar expects 12"),
+    (["--rates", "[0.5]*12+"], "rates '[0.5]*12+': ended early"),
+    (["--rates", "[0.5]*99999999999999999999999"], "has about 10^23 entries, more than"),
+    (["--target-params", "0.999"], "prune.target_params=0.999 cannot be met"),
+    (["--config", "RATES_AND_TAU"], "config [prune] sets rates and tau"),
+    (["--set", "finetune.batch_size=1000"], "finetune.batch_size: batch_size (1000) exceeds the 64"),
+    (["--set", "pcc.backend='cuda'"], "pcc.backend: backend \"cuda\" is not implemented for pcc"),
+    (["--set", "pcc.orientation='rows'"], "pcc.orientation must be one of"),
+    (["--model", "test_cli:rgb_only"], "the data has 1-channel images, and rgb_only(..., in_channels=1) failed"),
+    (["--model", "test_cli:needs_32x32"], "model test_cli:needs_32x32 cannot take the data's 1x28x28 (C x H x W) images"),
+])
+def test_bad_settings_fail_before_the_first_stage(grey_npz, tmp_path, capsys, monkeypatch, flags,
+                                                   message):
+    """Found before any training (fit never runs) and before the run folder is written."""
+    import pccfast.pipeline.stages as stages
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a stage started before the settings were checked")
+
+    monkeypatch.setattr(stages, "fit", no_training)
+    toml = tmp_path / "both.toml"
+    toml.write_text('[prune]\nrates = "[0.5]*12"\ntau = 0.5\n')
+    flags = [str(toml) if f == "RATES_AND_TAU" else f for f in flags]
+    out = tmp_path / "run"
+    assert main(["run", *_tiny(grey_npz), *flags, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and err.count("\n") == 1, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--device", "tpu"], "run.device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'tpu'"),
+    (["--set", "run.seed=-1"], "run.seed must be a non-negative integer, got -1"),
+    (["--workers", "-1"], "data.workers must be a non-negative integer, got -1"),
+    (["--set", "data.crop=-5"], "data.crop must be a positive integer, got -5"),
+    (["--config", "BINARY"], "binary.toml is not a TOML text file (not UTF-8"),
+    (["--out", "A_FILE"], "is a file, not a run folder"),
+])
+def test_bad_input_is_one_line_naming_the_setting(grey_npz, tmp_path, capsys, argv, message):
+    (tmp_path / "binary.toml").write_bytes(bytes(range(128, 256)) * 3)
+    (tmp_path / "a_file").write_text("x")
+    argv = [str(tmp_path / "binary.toml") if a == "BINARY" else
+            str(tmp_path / "a_file") if a == "A_FILE" else a for a in argv]
+    out = [] if "--out" in argv else ["--out", str(tmp_path / "run")]
+    assert main(["run", *_tiny(grey_npz), *argv, *out]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and err.count("\n") == 1, err
+
+
+def test_read_only_run_folder_is_one_line(grey_npz, tmp_path, capsys, monkeypatch):
+    import errno
+    import os
+
+    real_mkdir = Path.mkdir
+
+    def read_only(self, *args, **kwargs):
+        if str(self).startswith(str(tmp_path / "ro")):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    assert main(["run", *_tiny(grey_npz), "--out", str(tmp_path / "ro" / "run")]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {tmp_path / 'ro' / 'run'}: cannot write the run folder (Read-only file system" \
+        in err and "Traceback" not in err and err.count("\n") == 1, err
+
+
+def test_weights_of_another_width_name_the_file_and_the_shapes(grey_npz, tmp_path, capsys):
+    """model.init and a resumed checkpoint written at width 0.25, run at width 0.125."""
+    import torch
+
+    import pccfast
+    from pccfast.train.checkpoint import save_checkpoint
+
+    wide = pccfast.models.vgg16_cifar(width=0.25, in_channels=1)
+    init = tmp_path / "wide.pt"
+    torch.save(wide.state_dict(), init)
+    assert main(["run", *_tiny(grey_npz), "--set", f"model.init='{init}'",
+                 "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert f"model.init {init} does not fit this VGGCifar" in err and err.count("\n") == 1, err
+    assert "features.conv0.weight (16, 1, 3, 3) vs (8, 1, 3, 3)" in err
+    assert not (tmp_path / "a").exists()
+
+    run = tmp_path / "b"
+    ckpt = RunFolder(run).checkpoint("pretrain")
+    save_checkpoint(ckpt, stage="pretrain", epoch=1, model=wide,
+                    optimizer=torch.optim.SGD(wide.parameters(), lr=0.1), scaler=None,
+                    history=[], config={})
+    assert main(["run", "--resume", *_tiny(grey_npz), "--out", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint {ckpt} does not fit this VGGCifar" in err and err.count("\n") == 1, err
+    assert "features.conv0.weight (16, 1, 3, 3) vs (8, 1, 3, 3)" in err
+
+
+def test_missing_matplotlib_gives_a_report_without_plots(tmp_path, capsys, monkeypatch):
+    """The report is the last stage: without matplotlib it is written without plots (and the
+    run says so before its first stage) instead of failing after everything else ran."""
+    import sys
+
+    from pccfast.pipeline import Pipeline, RunConfig
+
+    folder = RunFolder(tmp_path / "r")
+    folder.update_summary(pcc_acc=0.5, pruned_acc=0.4, finetuned_acc=0.45)
+    folder.log_metrics({"stage": "pretrain", "epoch": 1, "train_loss": 1.0, "test_acc": 0.5})
+    (folder.out / "plan.json").write_text(json.dumps(
+        {"layers": [{"name": "features.conv0", "width_before": 8, "width_after": 4}]}))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    assert main(["report", "--out", str(folder.out)]) == 0
+    report = (folder.out / "report.md").read_text()
+    assert "No plots: matplotlib is not installed" in report and ".png" not in report
+    assert "| features.conv0 | 8 | 4 | 50% |" in report and not (folder.out / "plots").exists()
+    notes = Pipeline(RunConfig(), tmp_path / "x").check("report")
+    assert notes == ["note: report.md will have no plots: matplotlib is not installed "
+                     "(pip install matplotlib)"]
+    assert "no plots" in capsys.readouterr().out

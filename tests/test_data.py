@@ -103,6 +103,48 @@ def test_npz_bad_arrays_are_clear_errors(tmp_path, change, message):
         load_data(f"npz:{tmp_path / 'd.npz'}")
 
 
+@pytest.mark.parametrize("layout", ["arrays", "jpeg", "jpeg+classes"])
+def test_npz_labels_must_number_the_classes_present(tmp_path, layout):
+    """A stray label (100000 among the classes) is an error, not a 100001-way classifier."""
+    if layout == "arrays":
+        y = np.arange(37) % 4
+        y[5] = 100000
+        _write_arrays_npz(tmp_path / "d.npz", y_train=y)
+        message = r"labels must number the classes 0\.\.4 \(5 classes are present\), but they use class index 100000"
+    else:
+        _jpeg_npz(tmp_path / "j.npz")
+        arrays = dict(np.load(tmp_path / "j.npz"))
+        arrays["train_labels"] = arrays["train_labels"].copy()
+        arrays["train_labels"][5] = 100000
+        if layout == "jpeg":
+            del arrays["classes"]
+            message = r"classes 0\.\.3 \(4 classes are present\), but they use class index 100000"
+        else:
+            message = "names 3 classes but its labels use class index 100000"
+        np.savez(tmp_path / "d.npz", **arrays)
+    with pytest.raises(DataError, match=message):
+        load_data(f"npz:{tmp_path / 'd.npz'}")
+
+
+def test_npz_class_count_comes_from_the_whole_file(tmp_path):
+    """Gaps in the labels need a 'classes' array; a limited subset that lacks a class still
+    gets every class (the count is taken before the limit)."""
+    _write_arrays_npz(tmp_path / "g.npz", y_train=(np.arange(37) % 2) * 2, y_test=np.full(11, 2))
+    with pytest.raises(DataError, match=r"no image has class \[1\]"):
+        load_data(f"npz:{tmp_path / 'g.npz'}")
+    np.savez(tmp_path / "n.npz", **np.load(tmp_path / "g.npz"), classes=np.array(["a", "b", "c"]))
+    data = load_data(f"npz:{tmp_path / 'n.npz'}")
+    assert data.num_classes == 3 and data.classes == ("a", "b", "c")
+    y = np.zeros(37, dtype=np.int64)
+    y[-1] = 3  # one image of class 3, which a small subset misses
+    y[-2], y[-3] = 1, 2
+    _write_arrays_npz(tmp_path / "r.npz", y_train=y, y_test=np.array([0, 1, 2, 3] * 2 + [3] * 3))
+    for seed in range(3):
+        data = load_data(f"npz:{tmp_path / 'r.npz'}", train_limit=5, seed=seed)
+        assert data.num_classes == 4
+    assert 3 not in data.train.labels.tolist()
+
+
 def test_npz_missing_truncated_and_foreign(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_data(f"npz:{tmp_path / 'nope.npz'}")

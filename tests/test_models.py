@@ -83,3 +83,67 @@ def test_create_by_name():
     assert model(torch.randn(2, 3, 64, 64)).shape == (2, 5)
     with pytest.raises(ValueError, match="vgg16_cifar"):
         create("vgg19")
+
+
+# ---------------------------------------------------------------- other images than CIFAR's
+
+@pytest.mark.parametrize("builder", [vgg16_cifar, resnet56_cifar, resnet50])
+@pytest.mark.parametrize("shape", [(1, 28, 28), (1, 5, 7), (4, 1, 1), (3, 64, 48)])
+def test_zoo_models_take_the_images_channels_and_any_size(builder, shape):
+    torch.manual_seed(0)
+    model = builder(num_classes=7, width=0.125, in_channels=shape[0]).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, *shape))
+    assert out.shape == (2, 7) and torch.isfinite(out).all()
+    first = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert first.in_channels == shape[0]
+    with pytest.raises(ValueError, match="in_channels"):
+        builder(in_channels=0)
+
+
+def test_vgg_is_chips_network_exactly_at_32x32():
+    """ceil_mode pools and the global last pool change nothing on CIFAR's images."""
+    torch.manual_seed(0)
+    model = vgg16_cifar(width=0.25).eval()
+    chip = vgg16_cifar(width=0.25).eval()
+    chip.load_state_dict(model.state_dict())
+    for m in chip.features:
+        if isinstance(m, torch.nn.MaxPool2d):
+            m.ceil_mode = False
+    with torch.no_grad():
+        x = torch.randn(3, 3, 32, 32)
+        chip.avgpool = torch.nn.AvgPool2d(2)  # CHIP's: 2x2 maps -> 1x1
+        assert torch.equal(model(x), chip(x))
+    assert pccfast.count(vgg16_cifar(), (1, 3, 32, 32))["flops"] == 313463808
+
+
+def test_grey_28x28_models_prune_and_save(tmp_path):
+    """The MNIST-shaped case end to end at the model level: CI, pruning (the pruned forward
+    is checked against the masked original) and a saved file that rebuilds 1-channel."""
+    torch.manual_seed(0)
+    for model in (vgg16_cifar(width=0.125, in_channels=1), resnet56_cifar(width=0.25, in_channels=1)):
+        col = pccfast.CICollector(model, max_images=4, progress=False)
+        col.update(torch.randn(4, 1, 28, 28))
+        pruned, plan = pccfast.prune(model, col.scores(), target_flops=0.4, input_size=(1, 1, 28, 28))
+        assert abs(plan.removed["flops"] - 0.4) <= 0.005
+        pccfast.save(pruned, tmp_path / "m.pt")
+        again = pccfast.load(tmp_path / "m.pt")
+        x = torch.randn(2, 1, 28, 28)
+        with torch.no_grad():
+            torch.testing.assert_close(again(x), pruned.eval()(x))
+
+
+def test_state_dict_of_another_width_is_one_line_naming_the_shapes():
+    from pccfast.models._common import load_state_checked
+
+    small, wide = vgg16_cifar(width=0.125), vgg16_cifar(width=0.25)
+    with pytest.raises(ValueError) as exc:
+        load_state_checked(small, wide.state_dict(), "checkpoint X.pt")
+    text = str(exc.value)
+    assert "\n" not in text and text.startswith("checkpoint X.pt does not fit this VGGCifar")
+    assert "features.conv0.weight (16, 3, 3, 3) vs (8, 3, 3, 3)" in text
+    fewer = dict(small.state_dict())
+    del fewer["classifier.linear2.bias"]
+    with pytest.raises(ValueError, match=r"1 missing: classifier.linear2.bias"):
+        load_state_checked(small, fewer, "F")
+    load_state_checked(small, vgg16_cifar(width=0.125).state_dict(), "F")  # fits: loads

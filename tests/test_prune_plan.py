@@ -209,3 +209,26 @@ def test_plan_json_roundtrip_and_replay(vgg, tmp_path):
     other = resnet56_cifar(width=0.25)
     with pytest.raises(ValueError, match="does not have"):
         pccfast.prune.apply_plan(other, Plan.from_dict({**data, "input_size": [1, 3, 32, 32]}))
+
+
+@pytest.mark.parametrize("count", ["3000000", "99999999999999999999999", "9" * 5000])
+def test_repeat_counts_are_bounded_before_anything_is_expanded(vgg, count):
+    """'[0.5]*10**9' used to build the list (gigabytes) before the length check; a 23-digit
+    count was an OverflowError. Now both are ValueErrors found from the counts alone."""
+    import tracemalloc
+
+    model, _, scores = vgg
+    text = f"[0.5]*{count}+[0.1]"
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match=r"rates has (\d+|about 10\^\d+) entries but VGGCifar expects 12"):
+            pccfast.prune(model, scores, rates=text, verify=False)
+        with pytest.raises(ValueError, match=r"more than the 100000 a rate list may have"):
+            parse_rates(text)
+        with pytest.raises(ValueError, match=r"more than the 12 a rate list may have"):
+            parse_rates("[0.5]*13", max_entries=12)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2_000_000  # bytes: nothing of the repeat count's size was built
+    assert parse_rates("[0.5]*12", max_entries=12) == [0.5] * 12

@@ -4,7 +4,8 @@ Arrays: ``x_train``, ``y_train``, ``x_test``, ``y_test``, the images uint8 NHWC 
 JPEG bytes (the layout of the shared CIFAR-10 copy): ``train_jpeg``/``test_jpeg`` (uint8, the
 files concatenated), ``train_offsets``/``test_offsets`` (int64, n+1 each; image i is
 ``jpeg[offsets[i]:offsets[i+1]]``), ``train_labels``/``test_labels``. Either may carry
-``classes`` (the class names). Only the images asked for are decoded (``limit``).
+``classes`` (the class names). Labels number the classes 0..K-1, K = the classes present or
+the length of ``classes``. Only the images asked for are decoded (``limit``).
 """
 
 from __future__ import annotations
@@ -87,45 +88,69 @@ def _read(archive, key: str, path: Path) -> np.ndarray:
         raise DataError(f"npz: {path} array {key!r} is unreadable, the file may be truncated ({exc})") from exc
 
 
-def _class_names(archive, path: Path, num_seen: int) -> tuple[str, ...] | None:
-    if "classes" not in archive.files:
-        return None
-    names = tuple(str(c) for c in _read(archive, "classes", path).reshape(-1))
-    if len(names) < num_seen:
-        raise DataError(f"npz: {path} names {len(names)} classes but its labels use {num_seen}")
-    return names
+def _class_names(archive, path: Path, train_labels: np.ndarray,
+                 test_labels: np.ndarray) -> tuple[str, ...]:
+    """The class names: the ``classes`` array, else "0".."K-1" for the K classes the labels use.
+
+    Labels must number the classes 0..K-1: a stray label (say 100000 among ten classes) would
+    otherwise silently build a 100001-way classifier. The check runs on the whole file, before
+    any limit, so a random subset lacking a class is fine."""
+    present = np.union1d(np.unique(train_labels), np.unique(test_labels))
+    top = int(present[-1])
+    if "classes" in archive.files:
+        names = tuple(str(c) for c in _read(archive, "classes", path).reshape(-1))
+        if top >= len(names):
+            raise DataError(f"npz: {path} names {len(names)} classes but its labels use class "
+                            f"index {top} (labels must be 0..{len(names) - 1})")
+        return names
+    count = len(present)
+    if top != count - 1:
+        gaps = np.setdiff1d(np.arange(min(top, count + 4) + 1), present)[:3].tolist()
+        raise DataError(
+            f"npz: {path} labels must number the classes 0..{count - 1} ({count} classes are "
+            f"present), but they use class index {top} (no image has class {gaps}); renumber "
+            "them, or add a 'classes' array naming every class"
+        )
+    only_test = np.setdiff1d(np.unique(test_labels), np.unique(train_labels))
+    if only_test.size:
+        raise DataError(
+            f"npz: {path}: the test labels hold class {int(only_test[0])}, which no training "
+            "image has (mislabelled data?); add a 'classes' array if that is intended"
+        )
+    return tuple(str(c) for c in range(count))
 
 
 def load_npz_arrays(path: str | Path, limits: tuple[int | None, int | None] = (None, None), seed: int = 0):
-    """-> (train, test, class names or None). ``limits`` caps (train, test) at seeded random subsets."""
+    """-> (train, test, class names). ``limits`` caps (train, test) at seeded random subsets."""
     path = Path(path).expanduser()
     archive = _open(path)
     with archive:
         keys = set(archive.files)
         if set(ARRAY_KEYS) <= keys:
-            loaded = []
-            for split, limit in zip(("train", "test"), limits):
-                x = _read(archive, f"x_{split}", path)
-                y = check_labels(f"npz y_{split}", _read(archive, f"y_{split}", path), len(x))
-                keep = _pick(len(y), limit, seed)
-                loaded.append(make_arrays(f"npz {split}", x[keep], y[keep]))
+            images = {split: _read(archive, f"x_{split}", path) for split in ("train", "test")}
+            labels = {split: check_labels(f"npz y_{split}", _read(archive, f"y_{split}", path),
+                                          len(images[split])) for split in ("train", "test")}
         elif set(JPEG_KEYS) <= keys:
-            loaded = []
-            for split, limit in zip(("train", "test"), limits):
-                offsets = _read(archive, f"{split}_offsets", path)
-                labels = check_labels(f"npz {split}_labels", _read(archive, f"{split}_labels", path),
-                                      len(offsets) - 1)
-                keep = _pick(len(labels), limit, seed)
-                blob = _read(archive, f"{split}_jpeg", path)
-                images = _decode_jpegs(split, blob, offsets, keep)
-                loaded.append(make_arrays(f"npz {split}", images, labels[keep]))
+            images = {}
+            labels = {split: check_labels(f"npz {split}_labels",
+                                          _read(archive, f"{split}_labels", path),
+                                          len(_read(archive, f"{split}_offsets", path)) - 1)
+                      for split in ("train", "test")}
         else:
             raise DataError(
                 f"npz: {path} holds {sorted(keys)}; expected the arrays {', '.join(ARRAY_KEYS)} "
                 f"or the JPEG layout {', '.join(JPEG_KEYS)}"
             )
-        seen = max(int(loaded[0].labels.max()), int(loaded[1].labels.max())) + 1
-        classes = _class_names(archive, path, seen)
+        classes = _class_names(archive, path, labels["train"], labels["test"])
+        loaded = []
+        for split, limit in zip(("train", "test"), limits):
+            keep = _pick(len(labels[split]), limit, seed)
+            if images:
+                x = images[split][keep]
+            else:
+                x = _decode_jpegs(split, _read(archive, f"{split}_jpeg", path),
+                                  _read(archive, f"{split}_offsets", path), keep)
+            loaded.append(make_arrays(f"npz {split}", x, labels[split][keep], len(classes)))
     return loaded[0], loaded[1], classes
 
 

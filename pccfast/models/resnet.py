@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ._common import init_resnet_weights, record_recipe, scaled
+from ._common import channel_kwargs, checked_channels, init_resnet_weights, record_recipe, scaled
 
 
 class Bottleneck(nn.Module):
@@ -43,11 +43,13 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
-    """x: (N, 3, H, W) -> logits (N, num_classes). layers: bottleneck blocks per stage."""
+    """x: (N, in_channels, H, W) -> logits (N, num_classes), any H, W (the pool is global).
+    layers: bottleneck blocks per stage."""
 
-    def __init__(self, layers=(3, 4, 6, 3), num_classes: int = 1000, base_width: int = 64):
+    def __init__(self, layers=(3, 4, 6, 3), num_classes: int = 1000, base_width: int = 64,
+                 in_channels: int = 3):
         super().__init__()
-        self.conv1 = nn.Conv2d(3, base_width, 7, 2, 3, bias=False)
+        self.conv1 = nn.Conv2d(in_channels, base_width, 7, 2, 3, bias=False)
         self.bn1 = nn.BatchNorm2d(base_width)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
@@ -74,10 +76,12 @@ class ResNet(nn.Module):
         return self.fc(self.avgpool(x).flatten(1))
 
 
-def resnet50(num_classes: int = 1000, width: float = 1.0) -> ResNet:
+def resnet50(num_classes: int = 1000, width: float = 1.0, in_channels: int = 3) -> ResNet:
     """ResNet-50 (25.56M params with BN, 4.09G MACs at 224x224, width 1).
 
     width: multiplies the base width 64 (small test models); 1.0 is torchvision's network.
+    in_channels: of the images (1: grey).
     """
-    model = ResNet((3, 4, 6, 3), num_classes, scaled(64, width))
-    return record_recipe(model, "resnet50", num_classes=num_classes, width=width)
+    model = ResNet((3, 4, 6, 3), num_classes, scaled(64, width), checked_channels(in_channels))
+    return record_recipe(model, "resnet50", num_classes=num_classes, width=width,
+                         **channel_kwargs(in_channels))

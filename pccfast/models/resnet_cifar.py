@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._common import init_resnet_weights, record_recipe, scaled
+from ._common import channel_kwargs, checked_channels, init_resnet_weights, record_recipe, scaled
 
 
 class PadShortcut(nn.Module):
@@ -74,14 +74,16 @@ class BasicBlock(nn.Module):
 
 
 class ResNetCifar(nn.Module):
-    """x: (N, 3, H, W) -> logits (N, num_classes); depth = 6n + 2 (n blocks per stage)."""
+    """x: (N, in_channels, H, W) -> logits (N, num_classes), any H, W (stride-2 convs round
+    up, as the shortcuts do; the pool is global); depth = 6n + 2 (n blocks per stage)."""
 
-    def __init__(self, depth: int = 56, num_classes: int = 10, widths=(16, 32, 64)):
+    def __init__(self, depth: int = 56, num_classes: int = 10, widths=(16, 32, 64),
+                 in_channels: int = 3):
         super().__init__()
         if (depth - 2) % 6 != 0 or depth < 8:
             raise ValueError(f"depth must be 6n+2 (20, 32, 44, 56, 110, ...), got {depth}")
         blocks = (depth - 2) // 6
-        self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
         self.relu = nn.ReLU(inplace=True)
         channels = widths[0]
@@ -102,14 +104,18 @@ class ResNetCifar(nn.Module):
         return self.fc(self.avgpool(x).flatten(1))
 
 
-def resnet_cifar(depth: int = 56, num_classes: int = 10, width: float = 1.0) -> ResNetCifar:
-    """CIFAR ResNet of the given depth; width multiplies the stage widths 16/32/64."""
+def resnet_cifar(depth: int = 56, num_classes: int = 10, width: float = 1.0,
+                 in_channels: int = 3) -> ResNetCifar:
+    """CIFAR ResNet of the given depth; width multiplies the stage widths 16/32/64;
+    in_channels: of the images (1: grey)."""
     widths = tuple(scaled(c, width) for c in (16, 32, 64))
-    model = ResNetCifar(depth, num_classes, widths)
-    return record_recipe(model, "resnet_cifar", depth=depth, num_classes=num_classes, width=width)
+    model = ResNetCifar(depth, num_classes, widths, checked_channels(in_channels))
+    return record_recipe(model, "resnet_cifar", depth=depth, num_classes=num_classes, width=width,
+                         **channel_kwargs(in_channels))
 
 
-def resnet56_cifar(num_classes: int = 10, width: float = 1.0) -> ResNetCifar:
+def resnet56_cifar(num_classes: int = 10, width: float = 1.0, in_channels: int = 3) -> ResNetCifar:
     """ResNet-56 for CIFAR (0.85M params, 125.49M MACs at width 1)."""
-    model = resnet_cifar(56, num_classes, width)
-    return record_recipe(model, "resnet56_cifar", num_classes=num_classes, width=width)
+    model = resnet_cifar(56, num_classes, width, in_channels)
+    return record_recipe(model, "resnet56_cifar", num_classes=num_classes, width=width,
+                         **channel_kwargs(in_channels))

@@ -37,12 +37,36 @@ class DataSection:
     crop: int = 224
     workers: int = 4
 
+    def __post_init__(self):
+        from ..data import AUGMENTS, parse_spec
+
+        parse_spec(self.spec)
+        _check_int("data.train_limit", self.train_limit, 1, optional=True)
+        _check_int("data.test_limit", self.test_limit, 1, optional=True)
+        _check_bool("data.download", self.download)
+        if self.augment not in AUGMENTS:
+            raise ValueError(f"data.augment must be one of {AUGMENTS}, got {self.augment!r}")
+        _check_int("data.pad", self.pad, 0, optional=True)
+        _check_int("data.crop", self.crop, 1)
+        _check_int("data.workers", self.workers, 0)
+
 
 @dataclass
 class ModelSection:
     name: str = "vgg16_cifar"
     width: float | None = None
     init: str = ""  # a state-dict file loaded before pre-training (e.g. torchvision's weights)
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"model.name must be a zoo name or 'package.module:factory', "
+                             f"got {self.name!r}")
+        w = self.width
+        if w is not None and (isinstance(w, bool) or not isinstance(w, (int, float))
+                              or not 0 < w < float("inf")):
+            raise ValueError(f"model.width must be a positive number, got {w!r}")
+        if not isinstance(self.init, str):
+            raise ValueError(f"model.init must be a file name (a string), got {self.init!r}")
 
 
 @dataclass
@@ -82,6 +106,8 @@ class PruneSection:
             v = getattr(self, k)
             if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1):
                 raise ValueError(f"prune.{k} must be a fraction in (0, 1), got {v!r}")
+        if self.rates is not None:
+            _check_rates_syntax(self.rates)
 
     @property
     def criterion(self) -> dict:
@@ -94,6 +120,11 @@ class RunSection:
     baseline: bool = False
     device: str = "auto"
     seed: int = 0
+
+    def __post_init__(self):
+        _check_bool("run.baseline", self.baseline)
+        _check_device(self.device)
+        _check_int("run.seed", self.seed, 0)
 
 
 @dataclass
@@ -121,6 +152,11 @@ class RunConfig:
                 raise ValueError(f"config has no section [{section}] (known: {', '.join(current)})")
             if not isinstance(values, dict):
                 raise TypeError(f"config [{section}] must be a table, got {values!r}")
+            if section == "prune":
+                given = [k for k in PRUNE_KEYS if values.get(k) is not None]
+                if len(given) > 1:
+                    raise ValueError(f"config [prune] sets {' and '.join(given)}: give one of "
+                                     f"{', '.join(PRUNE_KEYS)}")
             for key, value in values.items():
                 if key not in current[section]:
                     raise ValueError(
@@ -161,6 +197,59 @@ def load_toml(path: str | Path) -> dict:
             return tomllib.load(f)
     except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"config file {path} is not valid TOML: {exc}") from exc
+    except UnicodeDecodeError as exc:  # tomllib reads UTF-8 text only
+        raise ValueError(f"config file {path} is not a TOML text file (not UTF-8: byte "
+                         f"{exc.object[exc.start]:#04x} at offset {exc.start})") from exc
+    except OSError as exc:
+        raise ValueError(f"config file {path} cannot be read ({exc.strerror or exc})") from exc
+
+
+def _check_int(name: str, value, minimum: int, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        kind = {0: "a non-negative integer", 1: "a positive integer"}.get(
+            minimum, f"an integer >= {minimum}")
+        raise ValueError(f"{name} must be {kind}{' or unset' if optional else ''}, got {value!r}")
+
+
+def _check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+
+
+def _check_device(device) -> None:
+    """'auto', 'cpu', 'cuda' or 'cuda:N' (what the training loop runs on), before torch's own
+    RuntimeError could surface after the data has loaded."""
+    import torch
+
+    if device == "auto":
+        return
+    try:
+        kind = torch.device(device).type if isinstance(device, str) else None
+    except (RuntimeError, ValueError):
+        kind = None
+    if kind not in ("cpu", "cuda"):
+        raise ValueError(f"run.device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+
+
+def _check_rates_syntax(rates) -> None:
+    """A rate list that parses, with every rate in [0, 1); its length is checked against the
+    model before the first stage (Pipeline.check)."""
+    from ..prune.plan import parse_rates
+
+    if isinstance(rates, str):
+        values = parse_rates(rates)
+    elif isinstance(rates, list):
+        values = rates
+    elif isinstance(rates, (int, float)) and not isinstance(rates, bool):
+        values = [rates]
+    else:
+        raise ValueError(f"prune.rates must be a rate list such as '[0.21]*7+[0.75]*5', "
+                         f"got {rates!r}")
+    for i, v in enumerate(values):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
+            raise ValueError(f"prune.rates[{i}] must be a rate in [0, 1), got {v!r}")
 
 
 def parse_assignment(text: str) -> dict:

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ..io import read_torch_file
+from ..models._common import load_state_checked
 from ..train import distributed as dist_utils
 from ..train.checkpoint import atomic_torch_save
 from ..train.distributed import DistEnv
@@ -31,8 +32,9 @@ class StageError(RuntimeError):
     """A stage cannot start: an earlier stage's output is missing."""
 
 
-def build_model(cfg: RunConfig, num_classes: int) -> torch.nn.Module:
-    """A zoo model by name, or ``package.module:factory`` called as factory(num_classes=, width=)."""
+def build_model(cfg: RunConfig, num_classes: int, in_channels: int = 3) -> torch.nn.Module:
+    """A zoo model by name, or ``package.module:factory`` called as factory(num_classes=, width=,
+    and in_channels= for images that are not RGB). in_channels: of the data's images."""
     kwargs = {"num_classes": num_classes}
     if cfg.model.width is not None:
         kwargs["width"] = cfg.model.width
@@ -43,7 +45,14 @@ def build_model(cfg: RunConfig, num_classes: int) -> torch.nn.Module:
             factory = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as exc:
             raise ValueError(f"model {name!r}: cannot import {attr} from {module_name} ({exc})") from exc
-        return factory(**kwargs)
+        if in_channels == 3:
+            return factory(**kwargs)
+        try:
+            return factory(**kwargs, in_channels=in_channels)
+        except TypeError as exc:
+            raise TypeError(f"model {name!r}: the data has {in_channels}-channel images, and "
+                            f"{attr}(..., in_channels={in_channels}) failed ({exc})") from exc
+    kwargs["in_channels"] = in_channels
     from .. import models
 
     if hasattr(models, "create"):
@@ -59,10 +68,7 @@ def load_init(model: torch.nn.Module, path: str) -> None:
     state = read_torch_file(file, "model.init state dict")
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise ValueError(f"model.init: {file} does not fit {type(model).__name__}: {exc}") from exc
+    load_state_checked(model, state, f"model.init {file}")
 
 
 def save_model(model: torch.nn.Module, path: Path) -> None:
@@ -163,7 +169,7 @@ class Pipeline:
                 continue
             started = time.perf_counter()
             torch.manual_seed(self.cfg.run.seed)
-            model = build_model(self.cfg, self.data.num_classes)
+            model = build_model(self.cfg, self.data.num_classes, self.data.input_size[1])
             if self.cfg.model.init:
                 load_init(model, self.cfg.model.init)
             pcc = None if stage == "baseline" else self.cfg.pcc
@@ -357,9 +363,21 @@ class Pipeline:
         self.echo(f"report    {path}")
         return path
 
+    def check(self, command: str = "run", resume: bool = False) -> list[str]:
+        """Checks the settings against the data and the model before any stage runs
+        (:mod:`pccfast.pipeline.checks`); returns notes to print (e.g. no plots)."""
+        from .checks import check_run
+
+        notes = check_run(self, command, resume)
+        self._checked = True
+        return notes
+
     def run(self, resume: bool = False) -> dict:
         """Every stage in order; with ``resume``, finished stages are skipped and an interrupted
         training stage continues from its checkpoint."""
+        if not getattr(self, "_checked", False):
+            for note in self.check("run", resume):
+                self.echo(note)
         self.pretrain(resume)
         summary = self.folder.read_summary()
         if not (resume and summary.get("pruned_acc") is not None

@@ -31,17 +31,47 @@ BUDGET_TOLERANCE = 0.005  # budgets are met to within half a percentage point
 PLAN_FORMAT = "pccfast.plan"
 PLAN_VERSION = 1
 
+MAX_RATE_ENTRIES = 100_000  # far beyond any network's prunable layers; bounds the parser
 _TOKEN = re.compile(r"\s*(?:(?P<number>\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?|(?P<op>[\[\],*+]))")
 
 
 # ----------------------------------------------------------------------------- rate lists
-def parse_rates(text: str) -> list[float]:
+def parse_rates(text: str, max_entries: int = MAX_RATE_ENTRIES) -> list[float]:
     """A CHIP rate list ``"[0.21]*7+[0.75]*5"`` -> ``[0.21, ..., 0.75, ...]`` (12 floats).
 
     Grammar (whitespace allowed): ``list ('*' int)? ('+' list ('*' int)?)*`` with
     ``list = '[' number (',' number)* ']'``. Nothing is evaluated; anything else is a
-    ValueError that points at the offending character.
+    ValueError that points at the offending character. A list longer than ``max_entries`` is a
+    ValueError too, found from the repeat counts before anything is expanded (``[0.5]*10**9``
+    would otherwise take gigabytes before a length check could reject it).
     """
+    pieces = _rate_pieces(text)
+    total = rates_length(pieces)
+    if total > max_entries:
+        raise ValueError(f"rates {_shown(text)} has {_entries(total)}, more than the {max_entries} "
+                         "a rate list may have (one per prunable layer)")
+    out: list[float] = []
+    for values, repeat in pieces:
+        out += values * repeat
+    return out
+
+
+def rates_length(pieces) -> int:
+    """Entries of a parsed rate list, counted without expanding it."""
+    return sum(len(values) * repeat for values, repeat in pieces)
+
+
+def _entries(total: int) -> str:
+    return f"{total} entries" if total < 10**15 else f"about 10^{int(math.log10(total))} entries"
+
+
+def _shown(text: str) -> str:
+    """``text`` for an error message, cut to a readable length."""
+    return repr(text) if len(text) <= 60 else repr(text[:50]) + f"... ({len(text)} characters)"
+
+
+def _rate_pieces(text: str) -> list[tuple[list[float], int]]:
+    """``"[0.21]*7+[0.75]*5"`` -> ``[([0.21], 7), ([0.75], 5)]`` (the grammar of parse_rates)."""
     if not isinstance(text, str):
         raise TypeError(f"rates must be a string such as '[0.21]*7+[0.75]*5', got {type(text).__name__}")
     tokens: list[tuple[str, str, int]] = []
@@ -50,22 +80,23 @@ def parse_rates(text: str) -> list[float]:
     while pos < len(stripped):
         m = _TOKEN.match(stripped, pos)
         if m is None or m.end() == pos:
-            raise ValueError(f"rates {text!r}: unexpected character {stripped[pos:].lstrip()[:1]!r} "
-                             f"at position {pos}; expected a form like '[0.21]*7+[0.75]*5'")
+            raise ValueError(f"rates {_shown(text)}: unexpected character "
+                             f"{stripped[pos:].lstrip()[:1]!r} at position {pos}; expected a "
+                             "form like '[0.21]*7+[0.75]*5'")
         kind = "number" if m.group("number") is not None else m.group("op")
         tokens.append((kind, m.group(0).strip(), m.start()))
         pos = m.end()
     if not tokens:
         raise ValueError("rates is empty; expected a form like '[0.21]*7+[0.75]*5'")
-    out: list[float] = []
+    pieces: list[tuple[list[float], int]] = []
     i = 0
 
     def expect(kind):
         nonlocal i
         if i >= len(tokens):
-            raise ValueError(f"rates {text!r}: ended early, expected {kind!r}")
+            raise ValueError(f"rates {_shown(text)}: ended early, expected {kind!r}")
         if tokens[i][0] != kind:
-            raise ValueError(f"rates {text!r}: expected {kind!r} at position {tokens[i][2]}, "
+            raise ValueError(f"rates {_shown(text)}: expected {kind!r} at position {tokens[i][2]}, "
                              f"got {tokens[i][1]!r}")
         i += 1
         return tokens[i - 1][1]
@@ -82,11 +113,13 @@ def parse_rates(text: str) -> list[float]:
             i += 1
             count = expect("number")
             if not count.isdigit():
-                raise ValueError(f"rates {text!r}: a repeat count must be an integer, got {count!r}")
-            repeat = int(count)
-        out += values * repeat
+                raise ValueError(f"rates {_shown(text)}: a repeat count must be an integer, "
+                                 f"got {count!r}")
+            # (Python refuses int() of more than 4300 digits)
+            repeat = int(count) if len(count) <= 100 else 10**len(count)
+        pieces.append((values, repeat))
         if i == len(tokens):
-            return out
+            return pieces
         expect("+")
 
 
@@ -136,18 +169,21 @@ def rate_layout(graph) -> list[RateSlot]:
 
 def _check_rates(rates, slots: list[RateSlot], model_name: str) -> list[float]:
     if isinstance(rates, str):
-        values = parse_rates(rates)
+        count = rates_length(_rate_pieces(rates))  # counted before expanding anything
+        values = parse_rates(rates) if count == len(slots) else []
     elif isinstance(rates, (int, float)) and not isinstance(rates, bool):
         values = [float(rates)] * len(slots)
+        count = len(values)
     elif isinstance(rates, (list, tuple)):
         values = list(rates)
+        count = len(values)
     else:
         raise TypeError(f"rates must be a string like '[0.21]*7+[0.75]*5', a list of floats or "
                         f"one float, got {type(rates).__name__}")
-    if len(values) != len(slots):
+    if count != len(slots):
         labels = [s.label for s in slots]
         shown = ", ".join(labels) if len(labels) <= 8 else ", ".join(labels[:4] + ["..."] + labels[-2:])
-        raise ValueError(f"rates has {len(values)} entries but {model_name} expects {len(slots)} "
+        raise ValueError(f"rates has {_entries(count)} but {model_name} expects {len(slots)} "
                          f"(one per prunable layer, CHIP's order: {shown})")
     out = []
     for i, v in enumerate(values):

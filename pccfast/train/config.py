@@ -23,6 +23,15 @@ class PCCConfig:
         _check_number("pcc.weight", self.weight, minimum=0.0)
         if self.mode not in PCC_MODES:
             raise ValueError(f"pcc.mode must be one of {PCC_MODES}, got {self.mode!r}")
+        from ..ops.backends import BACKENDS
+        from ..ops.pcc_options import PCCOptions
+
+        if self.backend not in BACKENDS:  # (availability on the device: Pipeline.check)
+            raise ValueError(f"pcc.backend must be one of {BACKENDS}, got {self.backend!r}")
+        try:
+            PCCOptions(self.orientation, self.group, self.penalty)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"pcc.{exc}") from exc
 
     @property
     def enabled(self) -> bool:

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models._common import load_state_checked
 from . import distributed as dist_utils
 from .checkpoint import load_checkpoint, save_checkpoint, set_rng_state
 from .config import PCCConfig, TrainConfig
@@ -132,7 +133,7 @@ def fit(model: nn.Module, data, cfg: TrainConfig, *, env: DistEnv | None = None,
     start_epoch = 0
     if resume and checkpoint is not None and _exists(checkpoint):
         ckpt = load_checkpoint(checkpoint, stage=stage)
-        model.load_state_dict(ckpt["model"])
+        load_state_checked(model, ckpt["model"], f"checkpoint {checkpoint}")
         optimizer.load_state_dict(ckpt["optimizer"])
         if scaler is not None and ckpt["scaler"] is not None:
             scaler.load_state_dict(ckpt["scaler"])
