@@ -19,7 +19,7 @@ import torch
 from ..atomic import atomic_write_json
 from ..io import read_torch_file
 from ..train.checkpoint import atomic_torch_save
-from .config import settings_hash
+from .config import non_default, settings_hash
 
 SCORES_FORMAT = "pccfast-study-scores"
 
@@ -33,8 +33,8 @@ def _read_json(path: Path):
 
 def pretrain_settings(cfg) -> dict:
     """What the pre-trained model depends on."""
-    tree = cfg.to_dict()
-    return {k: tree[k] for k in ("data", "model", "pretrain", "pcc")} | {"seed": cfg.run.seed}
+    tree = non_default(cfg.to_dict())
+    return {k: tree.get(k, {}) for k in ("data", "model", "pretrain", "pcc")} | {"seed": cfg.run.seed}
 
 
 @dataclass

@@ -105,6 +105,15 @@ def settings_hash(obj) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def non_default(tree: dict) -> dict:
+    """The settings of a run-config tree that differ from the defaults. Hashing these, not the
+    whole tree, keeps a study's committed rows valid when a later pccfast adds a setting."""
+    defaults = RunConfig().to_dict()
+    return {section: changed for section, values in tree.items()
+            if (changed := {k: v for k, v in values.items()
+                            if defaults.get(section, {}).get(k, object()) != v})}
+
+
 def _int_list(name: str, value) -> list[int]:
     if not isinstance(value, list) or not value:
         raise ValueError(f"{name} must be a non-empty list of integers, got {value!r}")

@@ -29,7 +29,7 @@ import torch
 
 from ..atomic import atomic_write_text
 from ..train.checkpoint import atomic_torch_save
-from .config import Arm, StudyConfig, settings_hash
+from .config import Arm, StudyConfig, non_default, settings_hash
 
 COLUMNS = ("arm", "seed", "criterion", "target", "stage", "acc", "flops_removed",
            "params_removed", "seconds", "arm_hash", "note")
@@ -55,7 +55,7 @@ class StudyError(ValueError):
 
 
 def arm_hash(arm: Arm) -> str:
-    return settings_hash(arm.config.to_dict())
+    return settings_hash(non_default(arm.config.to_dict()))
 
 
 def read_rows(path: Path) -> list[dict]:
