@@ -70,7 +70,11 @@ def _common_parser() -> argparse.ArgumentParser:
     common.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override any config value, e.g. --set finetune.weight_decay=0.005")
     common.add_argument("--resume", action="store_true",
-                        help="continue an interrupted run from its checkpoints")
+                        help="continue an interrupted run with its own settings: finished stages "
+                             "are skipped, an interrupted one continues from its checkpoint; "
+                             "outputs made with other settings are refused (without --resume, "
+                             "run replaces the folder's results and a stage command redoes its "
+                             "stage and removes what read from it)")
     common.add_argument("--no-progress", action="store_true", help="no progress bars")
     group = common.add_argument_group("settings (override the config)")
     for flag, _, kw in FLAGS:
@@ -172,12 +176,13 @@ def _stage(args) -> int:
         pipe = Pipeline(cfg, args.out, env=env, progress=not args.no_progress)
         for note in pipe.check(args.command, args.resume):  # before anything is written
             pipe.echo(note)
-        if env.is_main:
-            prepare_out(args.out)
-            if fresh:
-                for name in ("summary.json", "metrics.jsonl"):
-                    (Path(args.out) / name).unlink(missing_ok=True)
-            pipe.folder.write_config(cfg.to_dict())
+        if args.command not in ("eval", "report"):  # read-only commands write no config.json
+            if env.is_main:
+                prepare_out(args.out)
+            distributed.barrier()
+            pipe.prepare(args.command, resume=args.resume)  # refusals before anything is written
+            if env.is_main:
+                pipe.folder.write_config(cfg.to_dict())
         distributed.barrier()
         command = args.command
         if command in ("run", "demo"):

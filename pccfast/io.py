@@ -4,8 +4,12 @@ A pruned model's architecture is its per-layer widths, which no state dict recor
 models (:mod:`pccfast.models`) the file holds the recipe (builder name and keywords, and every
 pruning plan applied since, with its kept indices) beside the state dict: loading rebuilds the
 network, replays the plans and loads the weights, with ``torch.load(weights_only=True)`` only,
-in a fresh process and without any calibration data. Other models are stored as a pickled
-module, which loads only with ``allow_pickle=True`` (unpickling runs code: trusted files only).
+in a fresh process and without any calibration data. A model marked with
+:func:`pccfast.models._common.record_description` (the pipeline's ``package.module:factory``
+models) is stored the same way with the caller's description instead of a zoo builder, and
+loads with ``build=`` (the caller, not the file, says which code builds it). Other models are
+stored as a pickled module, which loads only with ``allow_pickle=True`` (unpickling runs code:
+trusted files only).
 
 Every write goes to a temporary file in the target's directory, then ``os.replace``: a crash
 leaves the old file or the new one, never half of one.
@@ -20,7 +24,7 @@ import torch
 from torch import nn
 
 from .atomic import atomic_torch_save
-from .models._common import RECIPE_ATTRIBUTE, unwrap_parallel
+from .models._common import RECIPE_ATTRIBUTE, record_description, unwrap_parallel
 
 MODEL_FORMAT = "pccfast.model"
 MODEL_VERSION = 1
@@ -50,7 +54,10 @@ def save(model: nn.Module, path) -> None:
     state = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
     recipe = getattr(model, RECIPE_ATTRIBUTE, None)
     payload = {"format": MODEL_FORMAT, "version": MODEL_VERSION, "class": type(model).__name__}
-    if isinstance(recipe, dict):
+    if isinstance(recipe, dict) and "external" in recipe:
+        payload.update(kind="external", description=dict(recipe["external"]),
+                       plans=list(recipe.get("plans", [])), state_dict=state)
+    elif isinstance(recipe, dict):
         payload.update(kind="recipe", builder=recipe["builder"], kwargs=dict(recipe["kwargs"]),
                        plans=list(recipe.get("plans", [])), state_dict=state)
     else:
@@ -61,11 +68,13 @@ def save(model: nn.Module, path) -> None:
     atomic_torch_save(payload, path)
 
 
-def load(path, allow_pickle: bool = False, map_location="cpu") -> nn.Module:
+def load(path, allow_pickle: bool = False, map_location="cpu", build=None) -> nn.Module:
     """The model written by :func:`save`, on ``map_location``, in eval mode.
 
     allow_pickle: also load files that hold a pickled module (models outside the zoo); only
-    for trusted files. A truncated, damaged or foreign file is a ValueError.
+    for trusted files. build: ``build(description) -> nn.Module``, the unpruned model of a file
+    saved with a description (see the module docstring). A truncated, damaged or foreign file
+    is a ValueError.
     """
     payload = read_torch_file(path, "pccfast model")
     if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
@@ -78,6 +87,8 @@ def load(path, allow_pickle: bool = False, map_location="cpu") -> nn.Module:
     kind = payload.get("kind")
     if kind == "recipe":
         model = _rebuild(payload, path)
+    elif kind == "external":
+        model = _rebuild_external(payload, path, build)
     elif kind == "module":
         if not allow_pickle:
             raise ValueError(f"{path} holds a pickled {payload.get('class')} (not a pccfast zoo "
@@ -88,6 +99,28 @@ def load(path, allow_pickle: bool = False, map_location="cpu") -> nn.Module:
     else:
         raise ValueError(f"{path}: unknown pccfast model kind {kind!r}")
     return model.to(map_location).eval()
+
+
+def _rebuild_external(payload: dict, path, build) -> nn.Module:
+    from .prune.plan import Plan
+    from .prune.surgery import apply_plan
+
+    description = payload.get("description")
+    if build is None:
+        raise ValueError(f"{path} holds the weights of a model built outside the zoo "
+                         f"({description}); pass build= (description -> the unpruned model) "
+                         "to load it")
+    model = build(description)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"build returned a {type(model).__name__}, not a torch.nn.Module")
+    record_description(model, description)
+    for plan in payload["plans"]:
+        model = apply_plan(model, Plan.from_dict(plan))
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError as exc:
+        raise ValueError(f"{path}: the weights do not fit the rebuilt model: {exc}") from exc
+    return model
 
 
 def _rebuild(payload: dict, path) -> nn.Module:

@@ -114,3 +114,30 @@ def test_writes_are_atomic(tmp_path, monkeypatch):
     assert path.read_bytes() == before  # the old file is intact
     assert os.listdir(tmp_path) == ["m.pt"]  # and no temporary file is left
     same_outputs(pccfast.load(path), model, torch.randn(2, 3, 32, 32))
+
+
+def test_described_models_load_through_build_without_pickle(tmp_path):
+    """A model outside the zoo marked with a description: stored as description + plans +
+    weights (weights_only), rebuilt by the caller's build(), never by code the file names."""
+    from pccfast.models._common import record_description
+
+    def build(description=None):
+        model = vgg16_cifar(width=0.125)
+        del model._pccfast_recipe  # no zoo recipe: pccfast.save would pickle it
+        return record_description(model, {"model": "mine:vgg", "width": 0.125})
+
+    torch.manual_seed(0)
+    model = build()
+    pruned, _ = pccfast.prune(model, random_scores(model), tau=0.8)
+    pccfast.save(pruned, tmp_path / "m.pt")
+    payload = torch.load(tmp_path / "m.pt", weights_only=True)
+    assert payload["kind"] == "external" and "module" not in payload
+    assert payload["description"] == {"model": "mine:vgg", "width": 0.125}
+    with pytest.raises(ValueError, match="build="):
+        pccfast.load(tmp_path / "m.pt")
+    seen = []
+    loaded = pccfast.load(tmp_path / "m.pt", build=lambda d: seen.append(d) or build())
+    assert seen == [{"model": "mine:vgg", "width": 0.125}]
+    same_outputs(loaded, pruned, torch.randn(2, 3, 32, 32))
+    with pytest.raises(TypeError, match="not a torch.nn.Module"):
+        pccfast.load(tmp_path / "m.pt", build=lambda d: None)

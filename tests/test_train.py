@@ -182,6 +182,51 @@ def test_checkpoint_errors(tmp_path):
         load_checkpoint(tmp_path / "none.pt")
 
 
+def test_checkpoints_hold_only_tensors_and_numbers(tmp_path):
+    """Every part (optimiser, scaler, torch/NumPy/Python RNG states) round-trips through
+    torch.load(weights_only=True), and the RNG states restore the exact next draws."""
+    import random
+
+    import numpy as np
+
+    from pccfast.train.checkpoint import set_rng_state
+
+    model = small_cnn()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    opt.step()  # momentum buffers in the optimiser state
+    scaler = torch.amp.GradScaler("cpu")
+    random.seed(5), np.random.seed(6), torch.manual_seed(7)
+    random.gauss(0, 1), np.random.randn()  # both cache a second Gaussian in their state
+    save_checkpoint(tmp_path / "x.pt", stage="pretrain", epoch=1, model=model, optimizer=opt,
+                    scaler=scaler, history=[{"epoch": 1, "lr": 0.1}], config={"lr": 0.1},
+                    origin={"fingerprint": "abc", "settings": {"pretrain.lr": 0.1}})
+    expected = (random.random(), random.gauss(0, 1), np.random.randn(4), torch.rand(4))
+    raw = torch.load(tmp_path / "x.pt", weights_only=True)
+    assert raw["optimizer"]["state"] and raw["scaler"]["scale"] > 0
+    random.seed(0), np.random.seed(0), torch.manual_seed(0)
+    set_rng_state(raw["rng"])
+    again = (random.random(), random.gauss(0, 1), np.random.randn(4), torch.rand(4))
+    assert again[:2] == expected[:2] and np.array_equal(again[2], expected[2])
+    assert torch.equal(again[3], expected[3])
+    assert load_checkpoint(tmp_path / "x.pt", fingerprint="abc")["epoch"] == 1
+    with pytest.raises(ValueError, match="other settings"):
+        load_checkpoint(tmp_path / "x.pt", fingerprint="abd")
+
+
+def test_a_planted_pickle_in_a_checkpoint_never_runs(digits, tmp_path):
+    from planted import planted_checkpoint
+
+    marker = tmp_path / "ran"
+    planted_checkpoint(tmp_path / "p.pt", marker, "pretrain")
+    with pytest.raises(ValueError, match="tensors and numbers"):
+        load_checkpoint(tmp_path / "p.pt")
+    with pytest.raises(ValueError, match="tensors and numbers"):
+        fit(small_cnn(), digits, TrainConfig(epochs=1, batch_size=64), stage="pretrain",
+            checkpoint=tmp_path / "p.pt", resume=True, progress=False)
+    assert not marker.exists()
+
+
 def test_bf16_autocast_and_channels_last(digits):
     torch.manual_seed(0)
     model = small_cnn(dropout=0.0)

@@ -82,6 +82,14 @@ def record_recipe(model: nn.Module, builder: str, **kwargs) -> nn.Module:
     return model
 
 
+def record_description(model: nn.Module, description: dict) -> nn.Module:
+    """Marks a model built outside the zoo: pccfast.save stores ``description`` (JSON data saying
+    how the caller builds it), the pruning plans since and the state dict, and no pickle;
+    ``pccfast.load(path, build=...)`` rebuilds it with the caller's own ``build(description)``."""
+    setattr(model, RECIPE_ATTRIBUTE, {"external": dict(description), "plans": []})
+    return model
+
+
 def unwrap_parallel(model):
     """The module inside DataParallel / DistributedDataParallel wrappers."""
     from torch.nn.parallel import DataParallel, DistributedDataParallel

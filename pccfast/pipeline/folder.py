@@ -10,7 +10,10 @@
     DIR/pruned.pt         the physically pruned model, before fine-tuning
     DIR/finetuned.pt      after fine-tuning
     DIR/checkpoints/      one training checkpoint per stage (for --resume)
+    DIR/stages.json       per finished stage: the settings its outputs were made with (records.py)
     DIR/report.md         the report, with its plots in DIR/plots/*.png
+
+A fresh run (:meth:`RunFolder.clear`) removes only these files, never anything else in DIR.
 """
 
 from __future__ import annotations
@@ -21,9 +24,24 @@ from pathlib import Path
 
 from ..atomic import atomic_write_text
 from .config import save_json
+from .records import STAGES, downstream, fingerprint
 
 SUMMARY_KEYS = ("baseline_acc", "pcc_acc", "pruned_acc", "pruned_bn_acc", "finetuned_acc",
                 "params_removed", "flops_removed")
+# what each stage writes: files and summary.json fields (its seconds and metrics too)
+STAGE_FILES = {"baseline": ("baseline.pt",), "pretrain": ("pretrained.pt",),
+               "ci": ("ci_scores.pt",), "prune": ("pruned.pt", "plan.json"),
+               "finetune": ("finetuned.pt",)}
+STAGE_SUMMARY = {
+    "baseline": ("baseline_acc",),
+    "pretrain": ("pcc_acc", "pcc_weight", "params_before", "flops_before"),
+    "ci": ("ci_images", "ci_layers"),
+    "prune": ("pruned_acc", "pruned_bn_acc", "params_removed", "flops_removed", "params_after",
+              "flops_after", "criterion"),
+    "finetune": ("finetuned_acc",),
+}
+REPORT_FILES = ("report.md", "plots/training_curves.png", "plots/ci_distribution.png",
+                "plots/channels_kept.png")
 
 
 class RunFolder:
@@ -47,6 +65,10 @@ class RunFolder:
 
     def checkpoint(self, stage: str) -> Path:
         return self.out / "checkpoints" / f"{stage}.pt"
+
+    @property
+    def records_path(self) -> Path:
+        return self.out / "stages.json"
 
     def model_path(self, stage: str) -> Path:
         return self.out / {"baseline": "baseline.pt", "pretrain": "pretrained.pt",
@@ -108,11 +130,60 @@ class RunFolder:
             latest[(record.get("stage"), record.get("epoch"))] = record
         return list(latest.values())
 
-    def reset_stage(self, stage: str) -> None:
-        """Drops a stage's metrics and checkpoint before it starts afresh."""
-        records = [r for r in self.read_metrics() if r.get("stage") != stage]
-        if self.metrics_path.is_file():
-            atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in records))
-        ckpt = self.checkpoint(stage)
-        if ckpt.is_file():
-            ckpt.unlink()
+    def _drop_metrics(self, stages: set) -> None:
+        if not self.metrics_path.is_file():
+            return
+        records = [r for r in self.read_metrics() if r.get("stage") not in stages]
+        atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in records))
+
+    # ------------------------------------------------------------ stage records
+
+    def read_records(self) -> dict:
+        """stage -> {"fingerprint", "settings"} of every finished stage (DIR/stages.json)."""
+        if not self.records_path.is_file():
+            return {}
+        try:
+            records = json.loads(self.records_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{self.records_path} is not valid JSON ({exc})") from exc
+        if not isinstance(records, dict):
+            raise ValueError(f"{self.records_path} is not a table of stages")
+        return records
+
+    def write_record(self, stage: str, settings: dict) -> None:
+        """Marks ``stage`` finished, made with ``settings`` (the last write of a stage)."""
+        records = self.read_records()
+        records[stage] = {"fingerprint": fingerprint(settings), "settings": settings}
+        save_json(self.records_path, records)
+
+    def invalidate(self, stage: str, keep_checkpoint: bool = False) -> None:
+        """Removes the outputs of ``stage`` and of every stage reading from it, and the report.
+
+        Their records go first: a crash half-way leaves files without a record, which no stage
+        reads. keep_checkpoint: keep ``stage``'s checkpoint and metrics (it resumes)."""
+        stages = downstream(stage)
+        records = self.read_records()
+        if any(s in records for s in stages):
+            save_json(self.records_path, {k: v for k, v in records.items() if k not in stages})
+        for s in stages:
+            for name in STAGE_FILES[s]:
+                self.path(name).unlink(missing_ok=True)
+            if not (keep_checkpoint and s == stage):
+                self.checkpoint(s).unlink(missing_ok=True)
+        self._drop_metrics(set(stages) - ({stage} if keep_checkpoint else set()))
+        if self.summary_path.is_file():
+            summary = self.read_summary()
+            for s in stages:
+                for key in STAGE_SUMMARY[s]:
+                    summary.pop(key, None)
+                summary.get("seconds", {}).pop(s, None)
+            save_json(self.summary_path, summary)
+        for name in REPORT_FILES:
+            self.path(name).unlink(missing_ok=True)
+
+    def clear(self) -> None:
+        """Removes every file pccfast writes here except config.json (a fresh run)."""
+        for stage in STAGES:
+            self.invalidate(stage)
+        for path in (self.summary_path, self.metrics_path, self.records_path):
+            path.unlink(missing_ok=True)

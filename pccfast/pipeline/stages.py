@@ -8,6 +8,10 @@
 
 Under torchrun the training stages run on every process; CI and pruning run on rank 0 while
 the others wait, and every rank then loads what rank 0 wrote.
+
+Every stage reads earlier outputs only when they were made with the current settings, and
+records its own (records.py); models are stored as an architecture description and a state
+dict, read with ``weights_only=True``, so nothing in a run folder is unpickled.
 """
 
 from __future__ import annotations
@@ -19,13 +23,18 @@ from pathlib import Path
 import torch
 
 from ..io import read_torch_file
-from ..models._common import load_state_checked
+from ..models._common import RECIPE_ATTRIBUTE, load_state_checked, record_description
 from ..train import distributed as dist_utils
-from ..train.checkpoint import atomic_torch_save
+from ..train.checkpoint import atomic_torch_save, load_checkpoint
 from ..train.distributed import DistEnv
 from ..train.loop import evaluate, fit
 from .config import RunConfig, save_json
-from .folder import RunFolder
+from .folder import STAGE_FILES, RunFolder
+from .records import (COMMAND, STAGES, chain, differences, downstream, file_digest,
+                      fingerprint, stage_settings)
+
+TRAINED = ("baseline", "pretrain", "finetune")  # the stages with checkpoints
+NEEDS = {"ci": ("pretrain",), "prune": ("pretrain", "ci"), "finetune": ("prune",)}
 
 
 class StageError(RuntimeError):
@@ -46,12 +55,20 @@ def build_model(cfg: RunConfig, num_classes: int, in_channels: int = 3) -> torch
         except (ImportError, AttributeError) as exc:
             raise ValueError(f"model {name!r}: cannot import {attr} from {module_name} ({exc})") from exc
         if in_channels == 3:
-            return factory(**kwargs)
-        try:
-            return factory(**kwargs, in_channels=in_channels)
-        except TypeError as exc:
-            raise TypeError(f"model {name!r}: the data has {in_channels}-channel images, and "
-                            f"{attr}(..., in_channels={in_channels}) failed ({exc})") from exc
+            model = factory(**kwargs)
+        else:
+            try:
+                model = factory(**kwargs, in_channels=in_channels)
+            except TypeError as exc:
+                raise TypeError(f"model {name!r}: the data has {in_channels}-channel images, and "
+                                f"{attr}(..., in_channels={in_channels}) failed ({exc})") from exc
+            kwargs["in_channels"] = in_channels
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model {name!r}: {attr}() returned a {type(model).__name__}, "
+                            "not a torch.nn.Module")
+        if getattr(model, RECIPE_ATTRIBUTE, None) is None:  # saved as description + weights
+            record_description(model, {"model": name, **kwargs})
+        return model
     kwargs["in_channels"] = in_channels
     from .. import models
 
@@ -77,12 +94,13 @@ def save_model(model: torch.nn.Module, path: Path) -> None:
     pccfast.save(model, path)
 
 
-def load_model(path: Path, trusted: bool = True) -> torch.nn.Module:
-    """A model written by pccfast.save. ``trusted``: the file may hold a pickled module (a model
-    outside the zoo), as the run folder's own files do; unpickling runs code."""
+def load_model(path: Path, build=None, allow_pickle: bool = False) -> torch.nn.Module:
+    """A model written by pccfast.save. build: rebuilds a model saved with a description (a
+    ``package.module:factory`` model). allow_pickle: only for a user's own file (--trust-pickle),
+    never for a run folder's: unpickling runs code."""
     import pccfast
 
-    return pccfast.load(path, allow_pickle=trusted)
+    return pccfast.load(path, allow_pickle=allow_pickle, build=build)
 
 
 def count(model: torch.nn.Module, input_size) -> dict:
@@ -109,6 +127,7 @@ class Pipeline:
         self.progress = progress
         self._echo = echo
         self._data = None
+        self._digest = None  # (model.init path, its SHA-256)
 
     def echo(self, text: str) -> None:
         if self.env.is_main and self._echo is not None:
@@ -138,21 +157,142 @@ class Pipeline:
     def _seconds(self, stage: str, started: float) -> float:
         return round(time.perf_counter() - started, 3)
 
-    def _need(self, path: Path, stage_cmd: str) -> Path:
+    # ------------------------------------------------------------ settings records
+
+    def settings(self, stage: str) -> dict:
+        """The settings ``stage``'s outputs depend on (records.py), from this run's config."""
+        return stage_settings(self.cfg.to_dict(), stage, self._init_digest())
+
+    def _init_digest(self) -> str | None:
+        if not self.cfg.model.init:
+            return None
+        path = Path(self.cfg.model.init).expanduser()
         if not path.is_file():
-            raise StageError(f"{path} is missing: run `pccfast {stage_cmd} --out {self.folder.out}` first")
+            return None
+        if self._digest is None or self._digest[0] != str(path):
+            self._digest = (str(path), file_digest(path))
+        return self._digest[1]
+
+    def _mismatch(self, stage: str) -> list | None:
+        """None: ``stage`` has no record; else how its record differs from these settings."""
+        record = self.folder.read_records().get(stage)
+        if not isinstance(record, dict):
+            return None
+        return differences(record.get("settings") or {}, self.settings(stage))
+
+    def _require(self, stage: str) -> Path:
+        """The output of an earlier stage, made with these settings; else a clear error."""
+        path = self.folder.path(STAGE_FILES[stage][0])
+        cmd = f"pccfast {COMMAND[stage]} --out {self.folder.out}"
+        if not all(self.folder.path(name).is_file() for name in STAGE_FILES[stage]):
+            raise StageError(f"{path} is missing: run `{cmd}` first")
+        diff = self._mismatch(stage)
+        if diff is None:
+            raise StageError(f"{path} has no record in {self.folder.records_path} of the settings "
+                             f"it was made with (left by an interrupted or older run): run "
+                             f"`{cmd}` again")
+        if diff:
+            recorded = self.folder.read_records()[stage].get("settings") or {}
+            for first in chain(stage):  # the earliest stage whose settings changed
+                now = self.settings(first)
+                if differences({k: recorded.get(k) for k in now}, now):
+                    break
+            raise ValueError(f"{path} was made with other settings: {', '.join(diff)}; run "
+                             f"`pccfast {COMMAND[first]} --out {self.folder.out}` (and the stages "
+                             f"after it) with these settings first, or drop what changes them")
         return path
 
+    def _finished(self, stage: str, resume: bool) -> bool:
+        """Whether ``--resume`` skips ``stage`` (it finished with these settings). Refuses when
+        its outputs or its checkpoint were made with other settings."""
+        if not resume:
+            return False
+        diff = self._mismatch(stage)
+        if diff:
+            raise ValueError(self._refusal(self.folder.path(STAGE_FILES[stage][0]), diff))
+        if diff is not None and all(self.folder.path(n).is_file() for n in STAGE_FILES[stage]):
+            return True
+        ckpt = self.folder.checkpoint(stage)
+        if stage in TRAINED and ckpt.is_file():
+            origin = load_checkpoint(ckpt, stage=stage).get("origin") or {}
+            diff = differences(origin.get("settings") or {}, self.settings(stage))
+            if diff:
+                raise ValueError(self._refusal(ckpt, diff))
+        return False
+
+    def _refusal(self, path: Path, diff: list) -> str:
+        epochs = any(d.split("=")[0].endswith(".epochs") for d in diff)
+        why = " (more epochs are a new run: the learning-rate schedule spans them all)" \
+            if epochs else ""
+        return (f"cannot resume: {path} was made with other settings: {', '.join(diff)}; "
+                f"--resume continues a run with its own settings{why}, so drop what changes "
+                f"them, or start over: a new --out, or --out {self.folder.out} without --resume "
+                "(replaces its results)")
+
+    def prepare(self, command: str, resume: bool = False) -> None:
+        """What the CLI does before it writes config.json: refuses what ``command`` cannot do
+        with these settings (missing or other-settings inputs, a resume that would reuse
+        outputs made with other settings), then (rank 0) clears the folder for a fresh run, or
+        removes outputs made with other settings that the command neither reuses nor redoes."""
+        fresh = command in ("run", "demo") and not resume
+        for stage in () if fresh else NEEDS.get(command, ()):
+            self._require(stage)
+        redone: list = []
+        if resume:
+            reused = {"run": STAGES, "demo": STAGES, "train": ("baseline", "pretrain"),
+                      "finetune": ("finetune",)}.get(command, ())
+            for stage in reused:
+                if stage == "baseline":
+                    if self.cfg.run.baseline:
+                        self._finished(stage, True)
+                elif not self._finished(stage, True):
+                    break  # it and the stages after it are redone
+        elif command == "train":
+            redone = downstream("pretrain") + (["baseline"] if self.cfg.run.baseline else [])
+        elif command in NEEDS:
+            redone = downstream(command)
+        if self.env.is_main:
+            if fresh:
+                self.folder.clear()
+            else:
+                for stage in STAGES:
+                    diff = None if stage in redone else self._mismatch(stage)
+                    if diff:
+                        self.echo(f"{stage:<9} was made with other settings ({', '.join(diff)}): "
+                                  "its outputs are removed")
+                        self.folder.invalidate(stage)
+        dist_utils.barrier()
+
+    def _origin(self, stage: str) -> dict:
+        settings = self.settings(stage)
+        return {"fingerprint": fingerprint(settings), "settings": settings}
+
+    def _record(self, stage: str) -> None:
+        """Marks ``stage`` finished with these settings (rank 0; after all its outputs)."""
+        if self.env.is_main:
+            self.folder.write_record(stage, self.settings(stage))
+
+    def _load(self, path: Path, allow_pickle: bool = False) -> torch.nn.Module:
+        return load_model(path, build=self._build_described, allow_pickle=allow_pickle)
+
+    def _build_described(self, description) -> torch.nn.Module:
+        """The unpruned model of a file saved with a description, built from these settings
+        (the trusted config names the code, never the file)."""
+        model = build_model(self.cfg, self.data.num_classes)
+        expected = (getattr(model, RECIPE_ATTRIBUTE, None) or {}).get("external")
+        if description != expected:
+            raise ValueError(f"the model file was built as {description}, these settings build "
+                             f"{expected or self.cfg.model.name}")
+        return model
+
     def _train(self, stage: str, model, train_cfg, pcc, resume: bool):
-        if not resume and self.env.is_main:
-            self.folder.reset_stage(stage)
+        if self.env.is_main:
+            self.folder.invalidate(stage, keep_checkpoint=resume)
         dist_utils.barrier()
         return fit(model, self.data, train_cfg, env=self.env, pcc=pcc, stage=stage,
                    checkpoint=self.folder.checkpoint(stage), resume=resume,
-                   log=self.folder.log_metrics, progress=self.progress, workers=self.cfg.data.workers)
-
-    def _done(self, key: str, path: Path, resume: bool) -> bool:
-        return resume and path.is_file() and self.folder.read_summary().get(key) is not None
+                   log=self.folder.log_metrics, progress=self.progress,
+                   workers=self.cfg.data.workers, origin=self._origin(stage))
 
     # ------------------------------------------------------------ stages
 
@@ -163,7 +303,7 @@ class Pipeline:
         for stage in stages:
             key = "baseline_acc" if stage == "baseline" else "pcc_acc"
             path = self.folder.model_path(stage)
-            if self._done(key, path, resume):
+            if self._finished(stage, resume):
                 results[key] = self.folder.read_summary()[key]
                 self.echo(f"{stage:<9} done before ({100 * results[key]:.2f}%), skipped")
                 continue
@@ -183,6 +323,7 @@ class Pipeline:
                     fields.update(params_before=counts["params"], flops_before=counts["flops"],
                                   pcc_weight=self.cfg.pcc.weight)
                 self.folder.update_summary(seconds={stage: seconds}, **fields)
+                self._record(stage)
             results[key] = result.test_acc
             label = "with PCC" if pcc is not None and pcc.enabled else "without PCC"
             self.echo(f"{stage:<9} {self.cfg.pretrain.epochs} epochs {label}: test accuracy "
@@ -198,9 +339,11 @@ class Pipeline:
         all-reduces the sums; rank 0 writes the file."""
         import pccfast
 
-        source = self._need(self.folder.model_path("pretrain"), "train")
+        source = self._require("pretrain")
+        if self.env.is_main:
+            self.folder.invalidate("ci")
         started = time.perf_counter()
-        model = load_model(source).to(self.env.device).eval()
+        model = self._load(source).to(self.env.device).eval()
         channels_last = self.cfg.pretrain.channels_last
         if channels_last:
             model.to(memory_format=torch.channels_last)
@@ -228,12 +371,13 @@ class Pipeline:
                                "criterion": criterion}, self.folder.path("ci_scores.pt"))
             self.folder.update_summary(seconds={"ci": seconds}, ci_images=images,
                                        ci_layers=len(scores), ci_criterion=criterion)
+            self._record("ci")
         self.echo(f"ci        {criterion}: {len(scores)} layers over {images} images ({seconds:.1f} s)")
         dist_utils.barrier()
         return scores
 
     def read_scores(self) -> dict:
-        path = self._need(self.folder.path("ci_scores.pt"), "ci")
+        path = self._require("ci")
         blob = read_torch_file(path, "CI scores")
         if not isinstance(blob, dict) or blob.get("format") != "pccfast-ci-scores":
             raise ValueError(f"{path} is not a pccfast CI score file")
@@ -247,14 +391,16 @@ class Pipeline:
         """Plan from the CI scores and the criterion, remove channels -> pruned.pt, plan.json."""
         import pccfast
 
-        source = self._need(self.folder.model_path("pretrain"), "train")
+        source = self._require("pretrain")
+        self._require("ci")
         criterion = self.cfg.prune.criterion
         if not criterion:
             raise ValueError("prune needs one of --rates, --tau, --target-flops, --target-params")
         started = time.perf_counter()
         if self.env.is_main:
+            self.folder.invalidate("prune")
             scores = self.read_scores()
-            model = load_model(source).eval()
+            model = self._load(source).eval()
             size = self.data.input_size
             before = count(model, size)
             pruned, plan = pccfast.prune(model, scores, input_size=size, **criterion)
@@ -263,7 +409,7 @@ class Pipeline:
             save_json(self.folder.path("plan.json"),
                       {**_plan_json(plan), "criterion": self.cfg.ci.criterion})
         dist_utils.barrier()
-        pruned = load_model(self.folder.model_path("prune")).to(self.env.device)
+        pruned = self._load(self.folder.model_path("prune")).to(self.env.device)
         acc = evaluate(pruned, self._test_loader())["acc"]
         out = {"pruned_acc": acc, "pruned_bn_acc": None}
         if self.cfg.prune.bn_images:
@@ -276,6 +422,7 @@ class Pipeline:
                        params_after=after["params"], flops_after=after["flops"],
                        criterion=criterion)
             self.folder.update_summary(seconds={"prune": seconds}, **out)
+            self._record("prune")
             bn = out["pruned_bn_acc"]
             bn_text = "" if bn is None else f", {100 * bn:.2f}% with BN statistics re-estimated"
             self.echo(f"prune     {self.cfg.ci.criterion} scores, {_criterion_text(criterion)}: "
@@ -309,39 +456,42 @@ class Pipeline:
         return evaluate(model, self._test_loader())["acc"]
 
     def finetune(self, resume: bool = False) -> dict:
-        source = self._need(self.folder.model_path("prune"), "prune")
+        source = self._require("prune")
         path = self.folder.model_path("finetune")
-        if self._done("finetuned_acc", path, resume):
+        if self._finished("finetune", resume):
             acc = self.folder.read_summary()["finetuned_acc"]
             self.echo(f"finetune  done before ({100 * acc:.2f}%), skipped")
             return {"finetuned_acc": acc}
         started = time.perf_counter()
-        model = load_model(source)
+        model = self._load(source)
         result = self._train("finetune", model, self.cfg.finetune, None, resume)
         seconds = self._seconds("finetune", started)
         if self.env.is_main:
             save_model(model.cpu(), path)
             self.folder.update_summary(seconds={"finetune": seconds}, finetuned_acc=result.test_acc)
+            self._record("finetune")
         self.echo(f"finetune  {self.cfg.finetune.epochs} epochs: test accuracy "
                   f"{100 * result.test_acc:.2f}% ({seconds:.1f} s)")
         dist_utils.barrier()
         return {"finetuned_acc": result.test_acc}
 
     def evaluate(self, path: Path | None = None, trusted: bool = False) -> dict:
-        """Test accuracy, params and FLOPs of ``path`` (default: the latest model of the run).
+        """Test accuracy, params and FLOPs of ``path`` (default: the latest model of the run,
+        which must have been made with these settings).
 
-        trusted: allow a file outside the run folder to hold a pickled module."""
+        trusted: allow ``path`` (a user's own file, never the run folder's) to hold a pickled
+        module."""
         if path is not None:
             path = Path(path)
         else:
-            trusted = True
+            trusted = False
             for stage in ("finetune", "prune", "pretrain"):
                 if self.folder.model_path(stage).is_file():
-                    path = self.folder.model_path(stage)
+                    path = self._require(stage)
                     break
             else:
                 raise StageError(f"{self.folder.out} holds no model yet: run `pccfast train` first")
-        model = load_model(path, trusted).to(self.env.device)
+        model = self._load(path, allow_pickle=trusted).to(self.env.device)
         scores = evaluate(model, self.data.test_loader(self.cfg.finetune.batch_size,
                                                        device=self.env.device, rank=self.env.rank,
                                                        world_size=self.env.world_size,
@@ -373,19 +523,18 @@ class Pipeline:
         return notes
 
     def run(self, resume: bool = False) -> dict:
-        """Every stage in order; with ``resume``, finished stages are skipped and an interrupted
-        training stage continues from its checkpoint."""
+        """Every stage in order; with ``resume``, stages finished with these settings are skipped
+        and an interrupted training stage continues from its checkpoint (outputs or checkpoints
+        made with other settings are refused)."""
         if not getattr(self, "_checked", False):
             for note in self.check("run", resume):
                 self.echo(note)
         self.pretrain(resume)
-        summary = self.folder.read_summary()
-        if not (resume and summary.get("pruned_acc") is not None
-                and self.folder.model_path("prune").is_file()):
-            self.ci()
-            self.prune()
-        else:
-            self.echo("ci/prune  done before, skipped")
+        for stage in ("ci", "prune"):
+            if self._finished(stage, resume):
+                self.echo(f"{stage:<9} done before, skipped")
+            else:
+                getattr(self, stage)()
         self.finetune(resume)
         self.report()
         return self.folder.read_summary()

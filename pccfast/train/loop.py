@@ -109,12 +109,14 @@ def _progress(total: int, desc: str, enabled: bool):
 
 def fit(model: nn.Module, data, cfg: TrainConfig, *, env: DistEnv | None = None,
         pcc: PCCConfig | None = None, stage: str = "train", checkpoint=None, resume: bool = False,
-        log=None, progress: bool = True, workers: int = 0) -> FitResult:
+        log=None, progress: bool = True, workers: int = 0, origin: dict | None = None) -> FitResult:
     """Trains ``model`` in place for ``cfg.epochs`` epochs on ``data`` (an ArraySplits/FolderSplits).
 
     checkpoint: path of the stage's checkpoint, rewritten atomically after every epoch (rank 0).
     resume: continue from that checkpoint when it exists (model, optimiser, scaler, epoch,
     history, RNG), else start afresh. log: called with each epoch's metrics record on rank 0.
+    origin: stored in the checkpoint ({"fingerprint": ..., ...}); resume refuses a checkpoint
+    whose fingerprint differs (one left by a run with other settings).
     """
     env = env or DistEnv()
     if cfg.sync_bn and env.distributed:
@@ -132,7 +134,8 @@ def fit(model: nn.Module, data, cfg: TrainConfig, *, env: DistEnv | None = None,
     history: list = []
     start_epoch = 0
     if resume and checkpoint is not None and _exists(checkpoint):
-        ckpt = load_checkpoint(checkpoint, stage=stage)
+        ckpt = load_checkpoint(checkpoint, stage=stage,
+                               fingerprint=(origin or {}).get("fingerprint"))
         load_state_checked(model, ckpt["model"], f"checkpoint {checkpoint}")
         optimizer.load_state_dict(ckpt["optimizer"])
         if scaler is not None and ckpt["scaler"] is not None:
@@ -166,7 +169,7 @@ def fit(model: nn.Module, data, cfg: TrainConfig, *, env: DistEnv | None = None,
                 if checkpoint is not None:
                     save_checkpoint(checkpoint, stage=stage, epoch=epoch + 1, model=model,
                                     optimizer=optimizer, scaler=scaler, history=history,
-                                    config=asdict(cfg))
+                                    config=asdict(cfg), origin=origin)
             dist_utils.barrier()
     finally:
         if reg is not None:
