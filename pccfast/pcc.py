@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ._checks import check_choice, is_compiling
-from .ops import backends
+from .ops import backends, pcc_cpu
 from .ops.pcc_options import DEFAULT_EPS, PCCOptions, check_pcc_input
 from .ops.pcc_reference import pcc_matrix_reference, pcc_reference
 
@@ -15,12 +15,10 @@ def _run_backend(name: str, x: torch.Tensor, opts: PCCOptions) -> torch.Tensor:
     if name == "torch":
         return pcc_reference(x, opts)
     if name == "cpu":
-        from .ops.pcc_cpu import pcc_cpu
+        return pcc_cpu.pcc_cpu(x, opts)
+    from .ops import pcc_triton  # imported (and its ops registered) with pccfast.ops
 
-        return pcc_cpu(x, opts)
-    from .ops.pcc_triton import pcc_triton
-
-    return pcc_triton(x, opts)
+    return pcc_triton.pcc_triton(x, opts)
 
 
 def pcc(

@@ -216,3 +216,60 @@ def test_autocast_does_not_lower_the_arithmetic(backend, dtype):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     got.backward()
     assert xa.grad.dtype == dtype and torch.isfinite(xa.grad).all()
+
+
+def _fresh_python(code: str, env: dict | None = None) -> str:
+    """Runs code in a new interpreter (nothing of pccfast imported or registered yet)."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(pccfast.__file__)))
+    full_env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    full_env.pop("TRITON_INTERPRET", None)
+    full_env.update(env or {})
+    out = subprocess.run([sys.executable, "-c", code], env=full_env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    return out.stdout
+
+
+FIRST_CALL_COMPILED = """
+import torch, pccfast
+from pccfast.ops import ci_compiled
+conv = torch.nn.Conv2d(3, 5, 3, padding=1)
+
+def step(x):
+    f = torch.relu(conv(x))
+    s = pccfast.pcc(f, backend=BACKEND, check_finite=False)
+    if BACKEND == "cpu":  # the compiled CI op too
+        s = s + 0 * ci_compiled.channel_independence(f.detach().flatten(2)).sum()
+    return s
+
+x = torch.randn(2, 3, 6, 7)
+out = torch.compile(step, fullgraph=True, backend=COMPILER)(x)
+(g,) = torch.autograd.grad(out, conv.weight)
+want = step(x)
+(g_want,) = torch.autograd.grad(want, conv.weight)
+torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+torch.testing.assert_close(g, g_want, rtol=1e-4, atol=1e-6)
+print("ok")
+"""
+
+
+@needs_ext
+def test_first_call_of_the_process_inside_torch_compile_fullgraph():
+    """The ops get their fake/autograd implementations at import: registering them at the first
+    call, inside the trace, broke the graph (fullgraph=True failed)."""
+    code = "BACKEND, COMPILER = 'cpu', 'inductor'\n" + FIRST_CALL_COMPILED
+    assert _fresh_python(code).strip().endswith("ok")
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("triton") is None, reason="triton is not installed")
+def test_first_call_of_the_process_inside_torch_compile_fullgraph_triton_interpreted():
+    from pccfast.ops.backends import interpreter_unavailable_reason
+
+    if (reason := interpreter_unavailable_reason()) is not None:
+        pytest.skip(reason)
+    code = "BACKEND, COMPILER = 'triton', 'aot_eager'\n" + FIRST_CALL_COMPILED
+    assert _fresh_python(code, {"TRITON_INTERPRET": "1"}).strip().endswith("ok")
