@@ -276,6 +276,28 @@ def test_statistics_outputs():
         torch.testing.assert_close(rstd.cpu().double(), want_rstd, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("options", [dict(), dict(orientation="pixel", penalty="square"),
+                                     dict(group="batch", include_diagonal=True)], ids=str)
+def test_double_backward_is_the_references(options):
+    """create_graph=True: the backward runs through the reference, so second derivatives are
+    exact (the kernels themselves are not differentiable)."""
+    x = torch.randn(2, 5, 3, 3, generator=torch.Generator().manual_seed(14))
+    v = torch.randn(x.shape, generator=torch.Generator().manual_seed(15))
+
+    def second(t, backend):
+        t = t.detach().clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(pccfast.pcc(t, backend=backend, **options), t, create_graph=True)
+        (h,) = torch.autograd.grad((g * v.to(g)).sum(), t)
+        return g.detach(), h
+
+    g, h = second(on_device(x), "triton")
+    g_want, h_want = second(x.double(), "torch")
+    assert h_want.abs().max() > 0
+    scale = float(h_want.abs().max())
+    torch.testing.assert_close(h.cpu().double(), h_want, rtol=1e-4, atol=1e-5 * scale)
+    torch.testing.assert_close(g.cpu().double(), g_want, rtol=1e-4, atol=1e-5 * float(g_want.abs().max()))
+
+
 # ---- autograd plumbing ----
 
 

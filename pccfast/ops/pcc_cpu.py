@@ -4,7 +4,9 @@ The operators are defined in csrc/ (TORCH_LIBRARY). This module gives them what 
 dispatcher needs from Python: fake (meta) implementations, so ``torch.compile`` can trace them,
 and a registered autograd formula. Forward returns the score plus per-row statistics
 ``(mean, rstd)`` of shape (G, M); backward recomputes everything else from ``x`` chunk by chunk,
-so nothing activation- or Gram-sized is kept in between.
+so nothing activation- or Gram-sized is kept in between. Under ``create_graph=True`` the backward
+runs through the reference instead, so higher derivatives are exact (and cost the reference's
+memory).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch
 
 from . import _C
 from .pcc_options import PCCOptions, compute_dtype, pcc_shape
+from .pcc_reference import pcc_input_gradient
 
 def _fake_forward(x, orientation, group, penalty, include_diagonal, eps):
     opts = PCCOptions(orientation, group, penalty, include_diagonal, eps)
@@ -35,7 +38,10 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_score, grad_mean, grad_rstd):
     x, mean, rstd = ctx.saved_tensors
-    grad_x = torch.ops.pccfast.pcc_backward(grad_score, x, mean, rstd, *ctx.options)
+    if torch.is_grad_enabled():  # create_graph=True: the backward must be differentiable itself
+        grad_x = pcc_input_gradient(grad_score, x, PCCOptions(*ctx.options))
+    else:
+        grad_x = torch.ops.pccfast.pcc_backward(grad_score, x, mean, rstd, *ctx.options)
     return grad_x, None, None, None, None, None
 
 

@@ -50,3 +50,15 @@ def pcc_reference(x: torch.Tensor, opts: PCCOptions) -> torch.Tensor:
         off_diagonal = ~torch.eye(m, dtype=torch.bool, device=r.device)
         phi = phi * off_diagonal
     return phi.sum() / (g * pair_count(m, opts.include_diagonal))
+
+
+def pcc_input_gradient(grad_score: torch.Tensor, x: torch.Tensor, opts: PCCOptions) -> torch.Tensor:
+    """``grad_score * dS/dx`` as a differentiable function of ``x`` and ``grad_score``, through
+    this reference: the fused backends' backward under ``create_graph=True`` (double backward,
+    gradient penalties), where their own kernels are not differentiable. Materialises ``R``."""
+    with torch.enable_grad():
+        if not x.requires_grad:
+            x = x.detach().requires_grad_(True)
+        score = pcc_reference(x, opts)
+        (grad_x,) = torch.autograd.grad(score, x, grad_score, create_graph=True)
+    return grad_x

@@ -61,7 +61,9 @@ so always in fp32. fp64 input is rejected (TypeError): it runs on the "torch" an
 
 Registered as ``torch.ops.pccfast.pcc_triton_forward`` (-> score, mean, rstd) and
 ``pccfast.pcc_triton_backward`` via ``torch.library.triton_op``, so ``torch.compile`` sees the
-kernels, with the autograd formula registered on the forward op.
+kernels, with the autograd formula registered on the forward op. Under ``create_graph=True``
+that formula differentiates the reference instead (pcc_reference.pcc_input_gradient), so
+double backward is exact, at the reference's memory cost.
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ from torch.library import triton_op, wrap_triton
 
 from .backends import interpreter_unavailable_reason
 from .pcc_options import PCCOptions, check_pcc_input, pair_count, pcc_shape
+from .pcc_reference import pcc_input_gradient
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "") == "1"
 
@@ -998,7 +1001,10 @@ def _backward(ctx, grad_score, grad_mean, grad_rstd):
     x, mean, rstd = ctx.saved_tensors
     if grad_score is None:
         return None, None, None, None, None, None
-    grad_x = torch.ops.pccfast.pcc_triton_backward(grad_score, x, mean, rstd, *ctx.options)
+    if torch.is_grad_enabled():  # create_graph=True: the kernels are not differentiable
+        grad_x = pcc_input_gradient(grad_score, x, PCCOptions(*ctx.options))
+    else:
+        grad_x = torch.ops.pccfast.pcc_triton_backward(grad_score, x, mean, rstd, *ctx.options)
     return grad_x, None, None, None, None, None
 
 
