@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -302,3 +303,38 @@ def test_first_call_of_the_process_inside_torch_compile_fullgraph_triton_interpr
         pytest.skip(reason)
     code = "BACKEND, COMPILER = 'triton', 'aot_eager'\n" + FIRST_CALL_COMPILED
     assert _fresh_python(code, {"TRITON_INTERPRET": "1"}).strip().endswith("ok")
+
+
+EXTREME_CASES = [  # (dtype, largest |x|): variances that overflow unless rows are scaled
+    (torch.float32, 1e19), (torch.float32, 1e37), (torch.bfloat16, 1e20), (torch.bfloat16, 1e37),
+    (torch.float64, 1e160), (torch.float64, 1e300),
+]
+
+
+@pytest.mark.parametrize("backend", ["torch"] + (["cpu"] if _C.extension() is not None else []))
+@pytest.mark.parametrize("dtype,magnitude", EXTREME_CASES, ids=str)
+def test_values_near_the_top_of_the_dtype_range(backend, dtype, magnitude):
+    """Every backend takes the dtype's whole range: the score of x equals that of x scaled down
+    by a power of two (eps scaled alike), where it used to be a silent 0 or NaN; constant rows
+    at that magnitude still give vhat = 0."""
+    g = torch.Generator().manual_seed(32)
+    base = torch.randn(3, 4, 3, 5, generator=g, dtype=torch.float64).clamp(-3, 3)
+    base[:, 1] = 0.5  # constant rows
+    shift = int(math.floor(math.log2(magnitude / 3)))
+    x = (base * 2.0**shift).to(dtype)
+    for options in (dict(), dict(group="batch"), dict(orientation="pixel", penalty="square"),
+                    dict(group="batch_mean")):
+        got = pccfast.pcc(x, backend=backend, **options)
+        # the same values scaled by 2^-shift (exact), eps by 4^-shift (below any variance here)
+        small = x.double() * 2.0**-shift
+        want = pccfast.pcc(small, eps=max(1e-5 * 4.0**-shift, 1e-300), backend="torch", **options)
+        assert got.item() == pytest.approx(want.item(), rel=1e-5, abs=1e-7), options
+        if dtype != torch.float64 and magnitude < 1e30:  # fp32 gradients still normal floats
+            t = x.detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(pccfast.pcc(t, backend=backend, **options), t)
+            s = small.requires_grad_(True)
+            (grad_want,) = torch.autograd.grad(pccfast.pcc(s, backend="torch", **options), s)
+            torch.testing.assert_close(grad.double() * 2.0**shift, grad_want, rtol=2e-2,
+                                       atol=1e-5 * float(grad_want.abs().max()))
+    r = pccfast.pcc_matrix(x)
+    assert torch.isfinite(r).all() and r[:, 0, 2].abs().max() > 0 and (r[:, 1] == 0).all()
