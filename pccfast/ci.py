@@ -5,19 +5,40 @@ from __future__ import annotations
 import torch
 
 from ._checks import check_choice, check_finite_tensor, check_float_tensor
-from .ops import backends
+from .ops import backends, ci_compiled
 from .ops.ci_reference import ci_bruteforce, ci_fast
 
 METHODS = ("fast", "bruteforce")
 
 
 def _ci_rows(name: str, rows: torch.Tensor) -> torch.Tensor:
-    """rows: (B, C, P) -> (B, C) float64 on the named backend."""
+    """rows: (B, C, P) -> (B, C) float64 on the named backend, cleaned of rounding noise."""
     if name == "torch":
-        return ci_fast(rows.to(torch.float64))
-    from .ops import ci_compiled
+        ci = ci_fast(rows.to(torch.float64))
+    else:
+        ci = ci_compiled.channel_independence(rows)
+    return clean_scores(ci, rows)
 
-    return ci_compiled.channel_independence(rows)
+
+def snap_threshold(rows: torch.Tensor) -> torch.Tensor:
+    """rows: (B, C, P) -> (B,) float64: ``m * eps * ||A||_F`` per image (``m = min(C, P)``,
+    ``eps = 2^-52``), the level below which a CI is rounding noise. It lies far below the
+    accuracy bar ``1e-7 * ||A||_*`` (``||A||_F <= ||A||_*``), so no score that the bar resolves
+    is touched."""
+    m = min(rows.shape[1], rows.shape[2])
+    norm = torch.linalg.vector_norm(rows, dim=(1, 2), dtype=torch.float64)
+    return m * torch.finfo(torch.float64).eps * norm
+
+
+def clean_scores(ci: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """CI (B, C) clamped to its bounds ``0 <= CI_c <= ||a_c||_2`` and set to exactly 0 below
+    :func:`snap_threshold`. An exactly zero row (a dead channel) then scores exactly 0, where
+    the fast paths leave rounding noise (1e-21 and up, more next to near-null directions of
+    the map), so dead channels tie and pruning keeps the lower index among them, as documented,
+    instead of a noise winner."""
+    row_norms = torch.linalg.vector_norm(rows, dim=2, dtype=torch.float64)
+    ci = torch.minimum(ci.clamp_min(0.0), row_norms)
+    return torch.where(ci < snap_threshold(rows)[:, None], torch.zeros_like(ci), ci)
 
 
 # fp64 maps whose largest entry lies beyond 2^(+-256) would give Gram entries that overflow or
@@ -57,8 +78,15 @@ def channel_independence(
     fmap: (C, H, W) -> (C,), or (N, C, H, W) -> (N, C), always float64 (any float input).
     ``method="bruteforce"`` computes one nuclear norm per channel (C+1 SVDs per image, the CHIP
     way) on the reference backend; it exists to check the fast path.
+
+    The result is a score, not a training signal: it is detached (no gradient) on every
+    backend. On every backend and method the scores are clamped to ``0 <= CI_c <= ||a_c||_2``
+    and those below ``m * eps * ||A||_F`` of their image (``m = min(C, H*W)``, ``eps = 2^-52``;
+    :func:`snap_threshold`) are rounding noise, returned as exactly 0: a dead channel scores
+    exactly 0, and dead channels tie (pruning keeps the lower index among them).
     """
     check_float_tensor("fmap", fmap, (3, 4))
+    fmap = fmap.detach()
     check_choice("method", method, METHODS)
     name = backends.resolve("ci", backend, fmap.device)
     check_finite_tensor("fmap", fmap)
@@ -71,7 +99,8 @@ def channel_independence(
             raise ValueError(
                 f'method="bruteforce" runs on the "torch" backend only, got backend="{backend}"'
             )
-        out = ci_bruteforce(rows.to(torch.float64))
+        rows = rows.to(torch.float64)
+        out = clean_scores(ci_bruteforce(rows), rows)
     else:
         shifts = _power_of_two_shifts(rows)
         if shifts is None:

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ._checks import check_choice, is_compiling
-from .ops import backends
+from .ops import backends, pcc_cpu
 from .ops.pcc_options import DEFAULT_EPS, PCCOptions, check_pcc_input
 from .ops.pcc_reference import pcc_matrix_reference, pcc_reference
 
@@ -15,12 +15,10 @@ def _run_backend(name: str, x: torch.Tensor, opts: PCCOptions) -> torch.Tensor:
     if name == "torch":
         return pcc_reference(x, opts)
     if name == "cpu":
-        from .ops.pcc_cpu import pcc_cpu
+        return pcc_cpu.pcc_cpu(x, opts)
+    from .ops import pcc_triton  # imported (and its ops registered) with pccfast.ops
 
-        return pcc_cpu(x, opts)
-    from .ops.pcc_triton import pcc_triton
-
-    return pcc_triton(x, opts)
+    return pcc_triton.pcc_triton(x, opts)
 
 
 def pcc(
@@ -48,8 +46,21 @@ def pcc(
     name = backends.resolve("pcc", backend, x.device, x.dtype)
     score = _run_backend(name, x, opts)
     if check_finite and not is_compiling() and not bool(torch.isfinite(score.detach())):
-        raise ValueError("x contains NaN or Inf (the PCC score is not finite)")
+        raise not_finite_error(x, "score", name)
     return score
+
+
+def not_finite_error(x: torch.Tensor, what: str, backend: str) -> ValueError:
+    """Why a PCC result is NaN/Inf: NaN/Inf in x, or finite values that overflow a backend
+    (every backend takes the dtype's whole range, but "triton" sums the products of 16-bit
+    inputs in fp32 accumulators, which bf16 values around 1e19 overflow)."""
+    if not bool(torch.isfinite(x).all()):
+        return ValueError(f"x contains NaN or Inf (the PCC {what} is not finite)")
+    largest = float(x.detach().abs().max())
+    return ValueError(
+        f'x is finite but its PCC {what} is not: its values (|x| up to {largest:.3g}) overflow '
+        f'the arithmetic of backend "{backend}"; scale x down or use backend="torch"'
+    )
 
 
 def pcc_matrix(
@@ -66,7 +77,7 @@ def pcc_matrix(
     check_pcc_input(x, opts)
     r = pcc_matrix_reference(x, opts)
     if not is_compiling() and not bool(torch.isfinite(r).all()):
-        raise ValueError("x contains NaN or Inf (the PCC matrix is not finite)")
+        raise not_finite_error(x, "matrix", "torch")
     return r
 
 

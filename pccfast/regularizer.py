@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import math
+import sys
+import warnings
+
 import torch
 from torch import nn
 
 from ._checks import check_choice, is_compiling
 from .ops import backends
-from .ops.pcc_options import DEFAULT_EPS, PCCOptions
+from .ops.pcc_options import DEFAULT_EPS, PCCOptions, pcc_shape
 from .pcc import pcc
 from .sites import Site, SiteHooks, select_sites
 
@@ -30,6 +34,12 @@ class PCCRegularizer:
 
     layers: None (every ReLU after a Conv2d/BatchNorm2d), names, or a predicate; see
     :func:`pccfast.sites.select_sites`. Other keywords are those of :func:`pccfast.pcc`.
+
+    A layer whose rows have a single feature (1x1 maps in the channel orientation, e.g. the last
+    stage of a ResNet at 32x32 input) has PCC 0 whatever its activations: it is left out of the
+    mean, with a warning the first time (not inside a ``torch.compile`` trace).
+    Create the regulariser before compiling the model: hooks added to a model that has already
+    run compiled are not seen.
     """
 
     def __init__(
@@ -51,8 +61,8 @@ class PCCRegularizer:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if isinstance(weight, bool) or not isinstance(weight, (int, float)):
             raise TypeError(f"weight must be a float, got {type(weight).__name__}")
-        if not weight >= 0:
-            raise ValueError(f"weight must be >= 0, got {weight}")
+        if not (math.isfinite(weight) and weight >= 0):
+            raise ValueError(f"weight must be a finite number >= 0, got {weight}")
         self.sign = MODES[check_choice("mode", mode, MODES)]
         self.weight = float(weight)
         self.mode = mode
@@ -68,6 +78,8 @@ class PCCRegularizer:
                 "name the layers with layers=[...]"
             )
         self._latest: dict[str, torch.Tensor] = {}
+        self._single_feature: set[str] = set()  # sites left out: rows of one feature
+        self._compiled_model = _was_compiled(model)
         self._hooks = SiteHooks(model, self.sites, self._score, on_start=self._new_pass)
 
     @property
@@ -82,24 +94,60 @@ class PCCRegularizer:
         if not self.enabled or not (self.always or torch.is_grad_enabled()):
             return
         o = self.options
+        if activation.dim() == 4 and pcc_shape(activation.shape, o).features == 1:
+            self._leave_out(site, activation.shape)
+            return
         self._latest[site.name] = pcc(
             activation, o.orientation, o.group, o.penalty, o.include_diagonal, o.eps,
             backend=self.backend, check_finite=False,
         )
 
+    def _leave_out(self, site: Site, shape) -> None:
+        """A site whose rows have one feature: vhat = 0, so its PCC is 0 by definition and would
+        only dilute the mean over layers."""
+        if is_compiling() or site.name in self._single_feature:
+            return
+        self._single_feature.add(site.name)
+        rows = "1x1 maps" if self.options.orientation == "channel" else "a single channel"
+        warnings.warn(
+            f"PCCRegularizer: {site.name} has {rows} (activation shape {tuple(shape)}), so each "
+            f"{self.options.orientation} row is one value and its PCC is 0 by definition; the "
+            "layer is left out of the loss",
+            stacklevel=2,
+        )
+
     def loss(self) -> torch.Tensor:
         """The regularisation term of the latest forward pass (a differentiable 0-d tensor)."""
         if not self._latest:
-            raise RuntimeError(
-                "PCCRegularizer.loss() needs a forward pass of the model first "
-                "(with gradients enabled, or always=True)"
-            )
+            raise RuntimeError(self._no_scores_message())
         values = list(self._latest.values())
         mean = torch.stack([v.to(values[0].dtype) for v in values]).mean()
         if self.check_finite and not is_compiling() and not bool(torch.isfinite(mean.detach())):
             bad = [n for n, v in self._latest.items() if not bool(torch.isfinite(v))]
-            raise ValueError(f"the activations of {', '.join(bad)} contain NaN or Inf")
+            raise ValueError(
+                f"the PCC scores of {', '.join(bad)} are not finite: their activations contain "
+                f'NaN or Inf, or values that overflow backend "{self.backend}" (see pccfast.pcc)'
+            )
         return (self.sign * self.weight) * mean
+
+    def _no_scores_message(self) -> str:
+        if self._single_feature and set(self.layer_names) <= self._single_feature:
+            return (
+                "PCCRegularizer.loss(): every hooked layer has rows of a single feature (PCC 0 by "
+                "definition): use larger inputs, group=\"batch\" or other layers=[...]"
+            )
+        if self._compiled_model:
+            return (
+                "PCCRegularizer.loss() saw no activations: the model is compiled (torch.compile), "
+                "and hooks added after it has run compiled are not seen; create the "
+                "PCCRegularizer before compiling the model (and run a forward pass with "
+                "gradients enabled, or always=True)"
+            )
+        return (
+            "PCCRegularizer.loss() needs a forward pass of the model first (with gradients "
+            "enabled, or always=True); hooks added after the model has run under torch.compile "
+            "are not seen: create the PCCRegularizer before compiling the model"
+        )
 
     @property
     def scores(self) -> dict[str, torch.Tensor]:
@@ -122,3 +170,11 @@ class PCCRegularizer:
             f"PCCRegularizer(layers={len(self.sites)}, weight={self.weight}, mode={self.mode!r}, "
             f"{self.options})"
         )
+
+
+def _was_compiled(model: nn.Module) -> bool:
+    """torch.compile(model) (an OptimizedModule) or model.compile(); looked up without importing
+    torch._dynamo (no compiled module exists before it is imported)."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    optimized = getattr(eval_frame, "OptimizedModule", ())
+    return isinstance(model, optimized) or getattr(model, "_compiled_call_impl", None) is not None

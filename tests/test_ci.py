@@ -137,6 +137,38 @@ def test_bruteforce_method_is_the_definition():
     torch.testing.assert_close(pccfast.channel_independence(as_maps(rows), method="bruteforce")[0], want)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_dead_channels_score_exactly_zero_and_tie_to_the_lower_index(backend):
+    """Exactly-zero rows among live ones: the fast paths' rounding noise on them is snapped to 0
+    (below m * eps * ||A||_F), so the dead channels tie and pruning keeps the lowest of them."""
+    from pccfast.prune.plan import kept_indices
+
+    rows = ci_maps(seed=21, n=4, c=16, p=64, kind="relu")
+    dead = [3, 7, 12]
+    rows[:, dead] = 0.0
+    rows[:, 9] *= 1e-6  # tiny but alive: far above the threshold, not snapped
+    ci = pccfast.channel_independence(as_maps(rows, 8), backend=backend)
+    live = [c for c in range(16) if c not in dead]
+    assert (ci[:, dead] == 0).all(), ci[:, dead]
+    assert (ci[:, live] > 0).all()
+    assert (ci[:, 9] > 1e3 * pccfast.ci.snap_threshold(rows)).all()
+    assert kept_indices(ci.mean(0), len(live) + 1) == sorted(live + [3])
+    assert kept_indices(ci.mean(0), len(live) + 2) == sorted(live + [3, 7])
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("method", ["fast", "bruteforce"])
+def test_scores_are_detached(backend, method):
+    """CI is a score, not a training signal: no gradient on any backend (the compiled op has
+    no autograd formula, so a requires_grad result would be a gradient that is not there)."""
+    if method == "bruteforce" and backend != "torch":
+        pytest.skip("bruteforce runs on the torch backend")
+    x = torch.randn(2, 5, 3, 4).relu().requires_grad_(True)
+    ci = pccfast.channel_independence(x, backend=backend, method=method)
+    assert not ci.requires_grad and ci.grad_fn is None
+    assert not pccfast.channel_independence(x[0], backend=backend, method=method).requires_grad
+
+
 CIFAR = cifar10_copy()
 
 

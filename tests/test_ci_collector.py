@@ -193,3 +193,33 @@ def test_cuda_collection_matches_cpu(vgg_and_images):
     col.update(images.cuda())
     for k, v in col.scores().items():
         torch.testing.assert_close(v, expected[k], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_dead_channels_tie_at_zero_and_the_plan_keeps_the_lower_index(backend):
+    """Channels a ReLU always zeroes score exactly 0 through the collector (CI's rounding noise
+    is snapped in pccfast.channel_independence, which every backend passes through), so the
+    plan's "ties to the lower index" decides among them, not noise."""
+    from pccfast.ops import _C
+
+    if backend == "cpu" and _C.extension() is None:
+        pytest.skip(str(_C.unavailable_reason()))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 12, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(12, 8, 3, padding=1),
+        torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 4))
+    dead = [2, 5, 9]
+    with torch.no_grad():
+        model[0].weight[dead] = 0.0
+        model[0].bias[dead] = -1.0
+    images = torch.randn(6, 3, 10, 10)
+    col = pccfast.CICollector(model, backend=backend, progress=False)
+    col.update(images)
+    scores = col.scores()
+    col.remove()
+    assert (scores["0"][dead] == 0).all(), scores["0"][dead]
+    assert (scores["0"][[c for c in range(12) if c not in dead]] > 0).all()
+    _, plan = pccfast.prune(model, scores, rates=[2 / 12], input_size=(1, 3, 10, 10))
+    kept = {layer.name: layer.kept_indices for layer in plan.layers}["0"]
+    assert kept == [c for c in range(12) if c not in (5, 9)]
+

@@ -32,6 +32,12 @@ GOOD = torch.randn(2, 3, 4, 4)
         (GOOD, dict(eps=float("nan")), ValueError, "eps must be a positive"),
         (GOOD, dict(eps="small"), TypeError, "eps must be a float"),
         (GOOD, dict(include_diagonal=1), TypeError, "include_diagonal must be a bool"),
+        # eps must be a normal number of the compute dtype (fp32 here): 5e-324 underflows to 0
+        # in fp32, 1e-45 is subnormal, 1e300 rounds to inf
+        (GOOD, dict(eps=5e-324), ValueError, "eps must be a normal positive float32"),
+        (GOOD, dict(eps=1e-45), ValueError, "eps must be a normal positive float32"),
+        (GOOD, dict(eps=1e300), ValueError, "eps must be a normal positive float32"),
+        (GOOD.double(), dict(eps=5e-324), ValueError, "eps must be a normal positive float64"),
     ],
 )
 def test_pcc_bad_input(backend, x, kwargs, error, match):
@@ -46,6 +52,25 @@ def test_pcc_nonfinite_input(backend, value):
     x[1, 2, 3, 0] = value
     with pytest.raises(ValueError, match="NaN or Inf"):
         pccfast.pcc(x, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eps_at_the_bottom_of_the_normal_range(backend):
+    """The smallest normal eps is accepted (fp64 takes far smaller ones than fp32), and a
+    constant channel still gets vhat = 0 and a zero, not NaN, gradient (the reference divides
+    by sqrt(var + eps): the derivative of rsqrt, rsqrt^3, would overflow to inf * 0)."""
+    for dtype, eps in ((torch.float32, torch.finfo(torch.float32).tiny), (torch.float32, 1e-30),
+                       (torch.float64, 1e-300)):
+        x = torch.randn(2, 3, 4, 4, dtype=dtype)
+        x[:, 1] = 0.75
+        x.requires_grad_(True)
+        s = pccfast.pcc(x, eps=eps, backend=backend)
+        (g,) = torch.autograd.grad(s, x)
+        assert torch.isfinite(s) and torch.isfinite(g).all(), (dtype, eps)
+        assert (g[:, 1] == 0).all() and g.abs().max() > 0
+        # eps this small is negligible next to the other rows' variance: the eps -> 0 limit
+        want = pccfast.pcc(x.detach().double(), eps=1e-300, backend="torch")
+        assert s.item() == pytest.approx(want.item(), rel=1e-5)
 
 
 def test_single_row_allowed_with_diagonal():

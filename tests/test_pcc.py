@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -216,3 +217,124 @@ def test_autocast_does_not_lower_the_arithmetic(backend, dtype):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     got.backward()
     assert xa.grad.dtype == dtype and torch.isfinite(xa.grad).all()
+
+
+SECOND_ORDER_OPTIONS = [dict(), dict(penalty="square"), dict(orientation="pixel", include_diagonal=True),
+                        dict(group="batch"), dict(group="batch_mean", penalty="square")]
+
+
+@needs_ext
+@pytest.mark.parametrize("options", SECOND_ORDER_OPTIONS, ids=lambda o: "-".join(map(str, o.values())) or "default")
+def test_cpu_backend_double_backward(options):
+    """create_graph=True through the cpu backend (gradient penalties, second-order methods): its
+    backward is then differentiable through the reference, so second derivatives are exact,
+    not zeros with a torch warning."""
+    g = torch.Generator().manual_seed(31)
+    x = torch.randn(2, 3, 3, 5, generator=g, dtype=torch.float64)
+    v = torch.randn(x.shape, generator=g, dtype=torch.float64)
+
+    def second(backend):
+        t = x.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(pccfast.pcc(t, backend=backend, **options), t, create_graph=True)
+        (hv,) = torch.autograd.grad((grad * v).sum(), t)
+        return grad.detach(), hv
+
+    grad_cpu, hv_cpu = second("cpu")
+    grad_ref, hv_ref = second("torch")
+    assert hv_ref.abs().max() > 1e-3 * hv_ref.numel() ** -0.5 * grad_ref.abs().max()
+    torch.testing.assert_close(grad_cpu, grad_ref, **TOL[torch.float64])
+    torch.testing.assert_close(hv_cpu, hv_ref, **TOL[torch.float64])
+    small = x[:, :, :2, :3].clone().requires_grad_(True)
+    assert torch.autograd.gradgradcheck(lambda t: pccfast.pcc(t, backend="cpu", **options), (small,))
+
+
+def _fresh_python(code: str, env: dict | None = None) -> str:
+    """Runs code in a new interpreter (nothing of pccfast imported or registered yet)."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(pccfast.__file__)))
+    full_env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    full_env.pop("TRITON_INTERPRET", None)
+    full_env.update(env or {})
+    out = subprocess.run([sys.executable, "-c", code], env=full_env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    return out.stdout
+
+
+FIRST_CALL_COMPILED = """
+import torch, pccfast
+from pccfast.ops import ci_compiled
+conv = torch.nn.Conv2d(3, 5, 3, padding=1)
+
+def step(x):
+    f = torch.relu(conv(x))
+    s = pccfast.pcc(f, backend=BACKEND, check_finite=False)
+    if BACKEND == "cpu":  # the compiled CI op too
+        s = s + 0 * ci_compiled.channel_independence(f.detach().flatten(2)).sum()
+    return s
+
+x = torch.randn(2, 3, 6, 7)
+out = torch.compile(step, fullgraph=True, backend=COMPILER)(x)
+(g,) = torch.autograd.grad(out, conv.weight)
+want = step(x)
+(g_want,) = torch.autograd.grad(want, conv.weight)
+torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+torch.testing.assert_close(g, g_want, rtol=1e-4, atol=1e-6)
+print("ok")
+"""
+
+
+@needs_ext
+def test_first_call_of_the_process_inside_torch_compile_fullgraph():
+    """The ops get their fake/autograd implementations at import: registering them at the first
+    call, inside the trace, broke the graph (fullgraph=True failed)."""
+    code = "BACKEND, COMPILER = 'cpu', 'inductor'\n" + FIRST_CALL_COMPILED
+    assert _fresh_python(code).strip().endswith("ok")
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("triton") is None, reason="triton is not installed")
+def test_first_call_of_the_process_inside_torch_compile_fullgraph_triton_interpreted():
+    from pccfast.ops.backends import interpreter_unavailable_reason
+
+    if (reason := interpreter_unavailable_reason()) is not None:
+        pytest.skip(reason)
+    code = "BACKEND, COMPILER = 'triton', 'aot_eager'\n" + FIRST_CALL_COMPILED
+    assert _fresh_python(code, {"TRITON_INTERPRET": "1"}).strip().endswith("ok")
+
+
+EXTREME_CASES = [  # (dtype, largest |x|): variances that overflow unless rows are scaled
+    (torch.float32, 1e19), (torch.float32, 1e37), (torch.bfloat16, 1e20), (torch.bfloat16, 1e37),
+    (torch.float64, 1e160), (torch.float64, 1e300),
+]
+
+
+@pytest.mark.parametrize("backend", ["torch"] + (["cpu"] if _C.extension() is not None else []))
+@pytest.mark.parametrize("dtype,magnitude", EXTREME_CASES, ids=str)
+def test_values_near_the_top_of_the_dtype_range(backend, dtype, magnitude):
+    """Every backend takes the dtype's whole range: the score of x equals that of x scaled down
+    by a power of two (eps scaled alike), where it used to be a silent 0 or NaN; constant rows
+    at that magnitude still give vhat = 0."""
+    g = torch.Generator().manual_seed(32)
+    base = torch.randn(3, 4, 3, 5, generator=g, dtype=torch.float64).clamp(-3, 3)
+    base[:, 1] = 0.5  # constant rows
+    shift = int(math.floor(math.log2(magnitude / 3)))
+    x = (base * 2.0**shift).to(dtype)
+    for options in (dict(), dict(group="batch"), dict(orientation="pixel", penalty="square"),
+                    dict(group="batch_mean")):
+        got = pccfast.pcc(x, backend=backend, **options)
+        # the same values scaled by 2^-shift (exact), eps by 4^-shift (below any variance here)
+        small = x.double() * 2.0**-shift
+        want = pccfast.pcc(small, eps=max(1e-5 * 4.0**-shift, 1e-300), backend="torch", **options)
+        assert got.item() == pytest.approx(want.item(), rel=1e-5, abs=1e-7), options
+        if dtype != torch.float64 and magnitude < 1e30:  # fp32 gradients still normal floats
+            t = x.detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(pccfast.pcc(t, backend=backend, **options), t)
+            s = small.requires_grad_(True)
+            (grad_want,) = torch.autograd.grad(pccfast.pcc(s, backend="torch", **options), s)
+            torch.testing.assert_close(grad.double() * 2.0**shift, grad_want, rtol=2e-2,
+                                       atol=1e-5 * float(grad_want.abs().max()))
+    r = pccfast.pcc_matrix(x)
+    assert torch.isfinite(r).all() and r[:, 0, 2].abs().max() > 0 and (r[:, 1] == 0).all()

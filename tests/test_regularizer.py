@@ -160,6 +160,8 @@ def test_nan_activation_is_reported_by_layer():
     "kwargs, error, match",
     [
         (dict(weight=-1.0), ValueError, "weight"),
+        (dict(weight=float("inf")), ValueError, "weight must be a finite"),
+        (dict(weight=float("nan")), ValueError, "weight"),
         (dict(weight="big"), TypeError, "weight"),
         (dict(mode="boost"), ValueError, "mode"),
         (dict(orientation="row"), ValueError, "orientation"),
@@ -176,3 +178,49 @@ def test_model_without_scored_layers():
         pccfast.PCCRegularizer(nn.Sequential(nn.Linear(3, 3), nn.ReLU()))
     with pytest.raises(TypeError, match="model"):
         pccfast.PCCRegularizer("resnet")
+
+
+def test_layers_with_single_feature_rows_are_left_out_with_one_warning():
+    """At 2x2 input the last conv of small_cnn gives 1x1 maps: its channel-orientation PCC is 0
+    by definition (each row is one value), so it is left out of the mean instead of diluting it."""
+    import warnings
+
+    torch.manual_seed(0)
+    model = small_cnn()
+    x = torch.randn(4, 3, 2, 2)
+    reg = pccfast.PCCRegularizer(model, weight=0.1, backend="torch")
+    with pytest.warns(UserWarning, match=r"8 has 1x1 maps.*PCC is 0 by definition"):
+        model(x)
+    assert set(reg.scores) == {"2", "4"}
+    mean = torch.stack(list(reg.scores.values())).mean()
+    assert reg.loss().item() == pytest.approx(-0.1 * mean.item(), rel=1e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per layer, not every step
+        model(x)
+    reg.remove()
+    # group="batch" rows run over the N*P values of the batch: those layers are scored
+    with pccfast.PCCRegularizer(model, group="batch", backend="torch") as batch:
+        model(x)
+        assert set(batch.scores) == {"2", "4", "8"} and batch.scores["8"] > 0
+    with pccfast.PCCRegularizer(model, layers=["8"], backend="torch") as only:
+        with pytest.warns(UserWarning, match="1x1 maps"):
+            model(x)
+        with pytest.raises(RuntimeError, match="every hooked layer has rows of a single feature"):
+            only.loss()
+
+
+@pytest.mark.filterwarnings("ignore:torch.fx could not trace OptimizedModule")
+def test_regularizer_created_after_the_model_ran_compiled_says_so():
+    """Hooks added after a model has run under torch.compile are not seen: loss() says to
+    create the regulariser before compiling, not just "needs a forward pass"."""
+    torch._dynamo.reset()
+    model = small_cnn()
+    compiled = torch.compile(model, backend="eager")
+    x = torch.randn(2, 3, 8, 8)
+    compiled(x)
+    reg = pccfast.PCCRegularizer(compiled, backend="torch")
+    compiled(x)
+    with pytest.raises(RuntimeError, match="create the PCCRegularizer before compiling"):
+        reg.loss()
+    reg.remove()
+    torch._dynamo.reset()

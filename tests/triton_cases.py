@@ -276,6 +276,55 @@ def test_statistics_outputs():
         torch.testing.assert_close(rstd.cpu().double(), want_rstd, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("magnitude", [1e19, 1e37])
+def test_fp32_values_near_the_top_of_the_range(magnitude):
+    """The statistics kernel scales rows whose values reach 2^32 by a power of two (eps alike),
+    so variances of fp32 values up to ~1e38 do not overflow into a silent 0; every group mode,
+    split statistics (group="batch" over several programs) included."""
+    x = torch.randn(5, 6, 3, 5, generator=torch.Generator().manual_seed(12)).clamp(-3, 3)
+    x = x * (magnitude / 3)
+    x[:, 2] = 2.0 ** 60  # a constant row far above 1: still exactly vhat = 0
+    with pt.tuning(**SMALL):
+        for options in PCC_OPTION_GRID[::3]:
+            got = pccfast.pcc(on_device(x), backend="triton", **options)
+            want = pccfast.pcc(x.double(), backend="torch", **options)
+            assert got.item() == pytest.approx(want.item(), rel=1e-5, abs=1e-6), options
+    if magnitude == 1e19:  # gradients (~1e-21) are normal floats
+        for options in (dict(), dict(orientation="pixel", penalty="square"), dict(group="batch")):
+            compare(x, options)
+
+
+def test_bf16_values_that_overflow_the_fp32_products_raise():
+    """bf16 inputs are multiplied raw (16-bit products summed in fp32): values whose products
+    overflow that raise a ValueError that says so, never a silent or NaN score."""
+    x = (torch.randn(2, 3, 4, 5, generator=torch.Generator().manual_seed(13)) * 1e37)
+    with pytest.raises(ValueError, match="overflow"):
+        pccfast.pcc(on_device(x.to(torch.bfloat16)), backend="triton")
+    assert pccfast.pcc(x.to(torch.bfloat16), backend="torch").item() > 0
+
+
+@pytest.mark.parametrize("options", [dict(), dict(orientation="pixel", penalty="square"),
+                                     dict(group="batch", include_diagonal=True)], ids=str)
+def test_double_backward_is_the_references(options):
+    """create_graph=True: the backward runs through the reference, so second derivatives are
+    exact (the kernels themselves are not differentiable)."""
+    x = torch.randn(2, 5, 3, 3, generator=torch.Generator().manual_seed(14))
+    v = torch.randn(x.shape, generator=torch.Generator().manual_seed(15))
+
+    def second(t, backend):
+        t = t.detach().clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(pccfast.pcc(t, backend=backend, **options), t, create_graph=True)
+        (h,) = torch.autograd.grad((g * v.to(g)).sum(), t)
+        return g.detach(), h
+
+    g, h = second(on_device(x), "triton")
+    g_want, h_want = second(x.double(), "torch")
+    assert h_want.abs().max() > 0
+    scale = float(h_want.abs().max())
+    torch.testing.assert_close(h.cpu().double(), h_want, rtol=1e-4, atol=1e-5 * scale)
+    torch.testing.assert_close(g.cpu().double(), g_want, rtol=1e-4, atol=1e-5 * float(g_want.abs().max()))
+
+
 # ---- autograd plumbing ----
 
 

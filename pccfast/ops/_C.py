@@ -65,16 +65,16 @@ def has_cuda_kernels() -> bool:
 
 def registration(fn):
     """Decorates the function that gives compiled ops their Python side (fake implementations,
-    autograd): the returned ``register()`` runs it once, only when the extension is loaded, and
-    says whether the ops are usable."""
+    autograd) and runs it at once, when the extension is loaded: at the import of the module
+    that defines it, never later (registering inside a ``torch.compile`` trace would break the
+    graph). The returned ``register()`` says whether the ops are usable."""
     done = False
+    if _MODULE is not None:
+        fn()
+        done = True
 
     @functools.wraps(fn)
     def register() -> bool:
-        nonlocal done
-        if not done and _MODULE is not None:
-            fn()
-            done = True
         return done
 
     return register

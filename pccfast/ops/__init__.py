@@ -16,3 +16,19 @@ Plumbing:
     _C               loads the compiled extension and remembers why it is missing
     backends         turns backend="auto" | "torch" | "cpu" | "triton" | "cuda" into a choice
 """
+
+# Every op module is imported here, so that its ops have their fake and autograd implementations
+# from `import pccfast` on: registering them at the first call, inside a torch.compile trace,
+# would break the graph (and fail fullgraph=True). The Triton kernels (whose import pulls in
+# torch._inductor, ~1 s) only where they can run: with a GPU or under TRITON_INTERPRET=1.
+import torch as _torch  # noqa: E402
+
+from . import backends, ci_compiled, ci_cuda, pcc_cpu  # noqa: E402,F401
+
+if backends.triton_unavailable_reason(None) is None and (
+    backends.triton_interpreted() or _torch.cuda.is_available()
+):
+    try:
+        from . import pcc_triton  # noqa: F401
+    except Exception as exc:  # a Triton/torch mismatch must not break pccfast; "triton" says why
+        backends.triton_failed(f"pccfast's Triton kernels failed to import ({exc})")

@@ -37,6 +37,12 @@ def _find_triton() -> str | None:
 _TRITON_MISSING = _find_triton()
 
 
+def triton_failed(reason: str) -> None:
+    """Marks the Triton backend unusable (pccfast's kernels failed to import), with why."""
+    global _TRITON_MISSING
+    _TRITON_MISSING = reason
+
+
 def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "") == "1"
 
@@ -59,8 +65,9 @@ def interpreter_unavailable_reason() -> str | None:
     return None
 
 
-def triton_unavailable_reason(device: torch.device) -> str | None:
-    if _TRITON_MISSING is not None:
+def triton_unavailable_reason(device: torch.device | None) -> str | None:
+    """Why the Triton kernels cannot run on ``device`` (None: whether triton imports at all)."""
+    if _TRITON_MISSING is not None or device is None:
         return _TRITON_MISSING
     if device.type == "cuda":
         return None

@@ -19,11 +19,10 @@ def _fake(fmaps):
 
 @_C.registration
 def register() -> None:
-    """Registers the fake implementation (once; only with the extension)."""
+    """Registers the fake implementation (at import; only with the extension)."""
     torch.library.register_fake("pccfast::channel_independence")(_fake)
 
 
 def channel_independence(rows: torch.Tensor) -> torch.Tensor:
     """rows: (B, C, P), any float dtype, CPU or CUDA -> CI: (B, C) float64."""
-    register()
     return torch.ops.pccfast.channel_independence(rows)

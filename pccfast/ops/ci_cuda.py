@@ -45,20 +45,20 @@ def _fake_ci(fmaps, chunk=0):
     return fmaps.new_empty((b, c), dtype=torch.float64)
 
 
+def has_cuda_ops() -> bool:
+    """True when the extension was built with the CUDA kernels (the CUDA-only ops exist)."""
+    return _C.extension() is not None and hasattr(torch.ops.pccfast, "batched_eigh")
+
+
 @_C.registration
 def register() -> None:
-    """Adds fake implementations (for torch.compile) once; only with the extension."""
+    """Adds fake implementations (for torch.compile) at import; only with the extension."""
     if has_cuda_ops():
         torch.library.register_fake("pccfast::batched_eigh")(_fake_eigh)
         torch.library.register_fake("pccfast::small_side_gram")(_fake_gram)
     torch.library.register_fake("pccfast::jacobi_eigh_emulation")(_fake_eigh_emulation)
     torch.library.register_fake("pccfast::small_side_gram_emulation")(_fake_gram)
     torch.library.register_fake("pccfast::channel_independence_emulation")(_fake_ci)
-
-
-def has_cuda_ops() -> bool:
-    """True when the extension was built with the CUDA kernels (the CUDA-only ops exist)."""
-    return _C.extension() is not None and hasattr(torch.ops.pccfast, "batched_eigh")
 
 
 def _check_tensor(name: str, x, ndim: int, device_type: str, float64: bool) -> None:
@@ -86,7 +86,6 @@ def _need_extension(what: str, cuda: bool) -> None:
         reason = "pccfast._C was built without CUDA kernels (PCCFAST_CUDA=1 builds them)"
     if reason is not None:
         raise ValueError(f"{what} is unavailable: {reason}")
-    register()
 
 
 def batched_eigh(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

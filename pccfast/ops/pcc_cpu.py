@@ -4,15 +4,19 @@ The operators are defined in csrc/ (TORCH_LIBRARY). This module gives them what 
 dispatcher needs from Python: fake (meta) implementations, so ``torch.compile`` can trace them,
 and a registered autograd formula. Forward returns the score plus per-row statistics
 ``(mean, rstd)`` of shape (G, M); backward recomputes everything else from ``x`` chunk by chunk,
-so nothing activation- or Gram-sized is kept in between.
+so nothing activation- or Gram-sized is kept in between. Under ``create_graph=True`` the backward
+runs through the reference instead, so higher derivatives are exact (and cost the reference's
+memory).
 """
 
 from __future__ import annotations
 
 import torch
 
+from .._checks import is_compiling
 from . import _C
 from .pcc_options import PCCOptions, compute_dtype, pcc_shape
+from .pcc_reference import pcc_input_gradient, pcc_reference
 
 def _fake_forward(x, orientation, group, penalty, include_diagonal, eps):
     opts = PCCOptions(orientation, group, penalty, include_diagonal, eps)
@@ -35,13 +39,16 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_score, grad_mean, grad_rstd):
     x, mean, rstd = ctx.saved_tensors
-    grad_x = torch.ops.pccfast.pcc_backward(grad_score, x, mean, rstd, *ctx.options)
+    if torch.is_grad_enabled():  # create_graph=True: the backward must be differentiable itself
+        grad_x = pcc_input_gradient(grad_score, x, PCCOptions(*ctx.options))
+    else:
+        grad_x = torch.ops.pccfast.pcc_backward(grad_score, x, mean, rstd, *ctx.options)
     return grad_x, None, None, None, None, None
 
 
 @_C.registration
 def register() -> None:
-    """Registers the fake and autograd implementations (once; only with the extension)."""
+    """Registers the fake and autograd implementations (at import; only with the extension)."""
     torch.library.register_fake("pccfast::pcc_forward")(_fake_forward)
     torch.library.register_fake("pccfast::pcc_backward")(_fake_backward)
     torch.library.register_autograd(
@@ -50,9 +57,16 @@ def register() -> None:
 
 
 def pcc_cpu(x: torch.Tensor, opts: PCCOptions) -> torch.Tensor:
-    """x: (N, C, H, W) on the CPU -> S (0-d, fp32 or fp64), differentiable."""
-    register()
-    score, _, _ = torch.ops.pccfast.pcc_forward(
+    """x: (N, C, H, W) on the CPU -> S (0-d, fp32 or fp64), differentiable.
+
+    The kernels sum squares in fp64, which covers every fp32/16-bit value, but fp64 input near
+    the top of its range (|x| ~ 1e154) or fp32 input with group="batch" (an fp32 Gram matrix)
+    can overflow a variance: that shows as rstd = 0 (1/sqrt(inf)) or a non-finite score, and
+    such inputs are computed by the reference instead, which scales its rows (outside
+    torch.compile, where the check would break the graph)."""
+    score, _, rstd = torch.ops.pccfast.pcc_forward(
         x, opts.orientation, opts.group, opts.penalty, opts.include_diagonal, opts.eps
     )
+    if not is_compiling() and (not bool(torch.isfinite(score)) or bool((rstd == 0).any())):
+        return pcc_reference(x, opts)
     return score

@@ -71,6 +71,7 @@ def pcc_shape(x_shape, opts: PCCOptions) -> PCCShape:
 def check_pcc_input(x, opts: PCCOptions, name: str = "x") -> PCCShape:
     """Checks x: (N, C, H, W) and the option combination; returns the problem sizes."""
     check_float_tensor(name, x, (4,))
+    check_eps(opts.eps, compute_dtype(x.dtype))
     shape = pcc_shape(x.shape, opts)
     if shape.rows == 1 and not opts.include_diagonal:
         what = "channel (C=1)" if opts.orientation == "channel" else "pixel (H*W=1)"
@@ -79,6 +80,17 @@ def check_pcc_input(x, opts: PCCOptions, name: str = "x") -> PCCShape:
             "pass include_diagonal=True or use the other orientation"
         )
     return shape
+
+
+def check_eps(eps: float, dtype: torch.dtype) -> None:
+    """eps must be a normal number of the compute dtype: a subnormal or underflowing eps would
+    make a constant row 0/0 (NaN) or leave its gradient NaN, a huge one would round to inf."""
+    info = torch.finfo(dtype)
+    if not info.tiny <= eps <= info.max:
+        raise ValueError(
+            f"eps must be a normal positive {str(dtype).replace('torch.', '')} number (the "
+            f"arithmetic's dtype here), between {info.tiny:.4g} and {info.max:.4g}; got {eps:g}"
+        )
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

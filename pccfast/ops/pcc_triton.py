@@ -61,7 +61,9 @@ so always in fp32. fp64 input is rejected (TypeError): it runs on the "torch" an
 
 Registered as ``torch.ops.pccfast.pcc_triton_forward`` (-> score, mean, rstd) and
 ``pccfast.pcc_triton_backward`` via ``torch.library.triton_op``, so ``torch.compile`` sees the
-kernels, with the autograd formula registered on the forward op.
+kernels, with the autograd formula registered on the forward op. Under ``create_graph=True``
+that formula differentiates the reference instead (pcc_reference.pcc_input_gradient), so
+double backward is exact, at the reference's memory cost.
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ from torch.library import triton_op, wrap_triton
 
 from .backends import interpreter_unavailable_reason
 from .pcc_options import PCCOptions, check_pcc_input, pair_count, pcc_shape
+from .pcc_reference import pcc_input_gradient
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "") == "1"
 
@@ -209,14 +212,22 @@ def _phi_grad(r, rows_i, rows_j, SQUARE: tl.constexpr, INCLUDE_DIAGONAL: tl.cons
 
 
 @triton.jit
+def _exp2i(k):
+    """2.0 ** k for int32 k in [-126, 127], exactly (built from the exponent bits)."""
+    return ((k + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _pcc_stats_kernel(
-    x_ptr, mean_ptr, m2_ptr,
+    x_ptr, mean_ptr, m2_ptr, shift_ptr,
     M, KP, NSUB, n_per_split, s_g, s_n, s_m, s_k,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SCALE_EXPONENT: tl.constexpr,
 ):
     """Grid (row blocks, G, splits): mean and M2 = sum (v - mean)^2 of each row over the features
     [n_lo, n_hi) x [0, KP) of its split, chunk by chunk with Chan's combination (no cancellation
-    even when |mean| >> std). Output (splits, G, M)."""
+    even when |mean| >> std). A row whose values reach 2^SCALE_EXPONENT is summed divided by 2^shift
+    (a power of two, raised online as larger values come), so M2 cannot overflow in fp32 (rows
+    below that are summed as they are). Output (splits, G, M): mean, M2 / 4^shift, shift."""
     pid_m = tl.program_id(0)
     g = tl.program_id(1)
     s = tl.program_id(2)
@@ -227,6 +238,7 @@ def _pcc_stats_kernel(
     count = 0.0
     mean = tl.zeros((BLOCK_M,), tl.float32)
     m2 = tl.zeros((BLOCK_M,), tl.float32)
+    shift = tl.zeros((BLOCK_M,), tl.int32)
     n_lo = s * n_per_split
     n_hi = tl.minimum(n_lo + n_per_split, NSUB)
     for n in range(n_lo, n_hi):
@@ -237,6 +249,15 @@ def _pcc_stats_kernel(
             mask = row_mask[:, None] & feat_mask[None, :]
             v = tl.load(ptr + rows[:, None] * s_m + feats[None, :] * s_k, mask=mask, other=0.0)
             v = v.to(tl.float32)
+            # frexp exponent of the largest |v| of each row (|v| < 2^e), from its bits
+            largest = tl.max(tl.abs(v), 1).to(tl.int32, bitcast=True)
+            e = ((largest >> 23) & 0xFF) - 126
+            new_shift = tl.maximum(shift, tl.maximum(e - SCALE_EXPONENT, 0))
+            down = _exp2i(shift - new_shift)
+            mean = mean * down
+            m2 = m2 * down * down
+            shift = new_shift
+            v = v * _exp2i(-shift)[:, None]
             nb = tl.sum(tl.where(feat_mask, 1.0, 0.0), 0)
             block_mean = tl.sum(v, 1) / nb
             centered = tl.where(mask, v - block_mean[:, None], 0.0)
@@ -247,8 +268,9 @@ def _pcc_stats_kernel(
             m2 += block_m2 + delta * delta * (count * nb / total)
             count = total
     out = (s * n_groups + g) * M + rows
-    tl.store(mean_ptr + out, mean, mask=row_mask)
+    tl.store(mean_ptr + out, mean * _exp2i(shift), mask=row_mask)
     tl.store(m2_ptr + out, m2, mask=row_mask)
+    tl.store(shift_ptr + out, shift, mask=row_mask)
 
 
 @triton.jit
@@ -647,8 +669,8 @@ def _problem(t: torch.Tensor, opts: PCCOptions) -> _Problem:
 def _source(x: torch.Tensor, opts: PCCOptions) -> torch.Tensor:
     """What the groups are drawn from: x (read in place when it has a pixel stride), or the fp32
     batch-mean map (1, C, H, W) for group="batch_mean"."""
-    if opts.group == "batch_mean":
-        x = x.mean(dim=0, keepdim=True, dtype=torch.float32)
+    if opts.group == "batch_mean":  # summed in fp64, which no fp32/16-bit batch can overflow
+        x = x.sum(dim=0, keepdim=True, dtype=torch.float64).div_(x.shape[0]).to(torch.float32)
     if _pixel_stride(x) is None or _sample_span(x) > MAX_INT32_OFFSET:
         x = x.contiguous()
     return x
@@ -680,8 +702,13 @@ def backward_regime(rows: int, features: int, opts: PCCOptions) -> str:
     return "rows"
 
 
+# Rows whose largest |entry| reaches 2^STATS_SCALE_EXPONENT are summed scaled down by a power of
+# two (so their M2 stays below ~2^(2*33) * K), with eps scaled alike: every fp32 value works.
+STATS_SCALE_EXPONENT = 32
+
+
 def _stats(src: torch.Tensor, prob: _Problem, eps: float):
-    """(mean, var, rstd): (G, M) fp32 each."""
+    """(mean, rstd, r_ii): (G, M) fp32 each; r_ii = var / (var + eps), R's diagonal."""
     g, m = prob.groups, prob.rows
     block_k = _pow2(prob.kp, lo=16, hi=256)
     block_m = _clamp(2048 // block_k, 1, _pow2(m, lo=1, hi=128))
@@ -693,25 +720,34 @@ def _stats(src: torch.Tensor, prob: _Problem, eps: float):
     splits = triton.cdiv(prob.nsub, n_per)
     mean = torch.empty((splits, g, m), device=src.device, dtype=torch.float32)
     m2 = torch.empty_like(mean)
+    shift = torch.empty_like(mean, dtype=torch.int32)
     _launcher(_pcc_stats_kernel)[(row_blocks, g, splits)](
-        src, mean, m2, m, prob.kp, prob.nsub, n_per, prob.s_g, prob.s_n, prob.s_m, prob.s_k,
-        BLOCK_M=block_m, BLOCK_K=block_k, num_warps=4,
+        src, mean, m2, shift, m, prob.kp, prob.nsub, n_per, prob.s_g, prob.s_n, prob.s_m,
+        prob.s_k, BLOCK_M=block_m, BLOCK_K=block_k, SCALE_EXPONENT=STATS_SCALE_EXPONENT,
+        num_warps=4,
     )
     k = prob.features
+    shift = shift.to(torch.float32)
     if splits == 1:
-        mean, m2 = mean[0], m2[0]
-    else:  # Chan's combination of the splits' (count, mean, M2)
+        mean, m2, shift = mean[0], m2[0], shift[0]
+    else:  # Chan's combination of the splits' (count, mean, M2), in units of the largest scale
         # per-split feature counts, filled on the device (a host tensor would be a blocking copy)
         w = torch.full((splits, 1, 1), float(n_per * prob.kp), device=src.device)
         w[-1] = float((prob.nsub - (splits - 1) * n_per) * prob.kp)
-        total_mean = (w * mean).sum(0) / k
-        m2 = (m2 + w * (mean - total_mean).square()).sum(0)
-        mean = total_mean
-    var = m2 / k
+        top = shift.amax(0)
+        down = torch.exp2(shift - top)
+        m2 = m2 * down * down
+        scaled_mean = mean * torch.exp2(-top)
+        total_mean = (w * scaled_mean).sum(0) / k
+        m2 = (m2 + w * (scaled_mean - total_mean).square()).sum(0)
+        mean, shift = total_mean * torch.exp2(top), top
+    var = m2 / k  # var / 4^shift
     # An exactly constant row has vhat = 0 whatever its rstd; rstd = 0 makes that exact in the
     # raw-product path too (acc/K - mu_i mu_j is only zero up to rounding).
-    rstd = torch.where(var > 0, torch.rsqrt(var + eps), torch.zeros_like(var))
-    return mean, var, rstd
+    scaled_eps = eps * torch.exp2(-2 * shift)
+    rstd = torch.where(var > 0, torch.rsqrt(var + scaled_eps), torch.zeros_like(var))
+    r_ii = var * rstd.square()
+    return mean, rstd * torch.exp2(-shift), r_ii
 
 
 def uses_raw_products(dtype: torch.dtype) -> bool:
@@ -748,7 +784,7 @@ def _feature_blocks(prob):
     return _pow2(prob.kp, hi=t.tile), _pow2(prob.rows, hi=t.reduce)
 
 
-def _forward_square_features(src, prob, mean, var, rstd, opts, kind) -> torch.Tensor:
+def _forward_square_features(src, prob, mean, r_ii, rstd, opts, kind) -> torch.Tensor:
     """sum_ij R_ij^2 = ||F||_F^2 / K^2 with F = Vhat^T Vhat (K x K), minus sum_i R_ii^2."""
     block, block_r = _feature_blocks(prob)
     nb = triton.cdiv(prob.kp, block)
@@ -762,8 +798,7 @@ def _forward_square_features(src, prob, mean, var, rstd, opts, kind) -> torch.Te
     )
     total = partial.sum(dtype=torch.float64)
     if not opts.include_diagonal:
-        r_ii = var.double() * rstd.double().square()  # var / (var + eps)
-        total = total - r_ii.square().sum()
+        total = total - r_ii.double().square().sum()
     return total
 
 
@@ -815,13 +850,13 @@ def _forward_impl(x: torch.Tensor, opts: PCCOptions):
     _check_dtype(x)
     src = _source(x, opts)
     prob = _problem(src, opts)
-    mean, var, rstd = _stats(src, prob, opts.eps)
+    mean, rstd, r_ii = _stats(src, prob, opts.eps)
     kind = dot_kind(src.dtype)
     if opts.group == "batch":
         r, _ = _batch_gram(src, prob, mean, rstd, kind)
         total = _masked_phi(r, opts).sum(dtype=torch.float64)
     elif uses_feature_gram(prob.rows, prob.features, opts):
-        total = _forward_square_features(src, prob, mean, var, rstd, opts, kind)
+        total = _forward_square_features(src, prob, mean, r_ii, rstd, opts, kind)
     else:
         total = _forward_rows(src, prob, mean, rstd, opts, kind)
     pairs = prob.groups * pair_count(prob.rows, opts.include_diagonal)
@@ -998,7 +1033,10 @@ def _backward(ctx, grad_score, grad_mean, grad_rstd):
     x, mean, rstd = ctx.saved_tensors
     if grad_score is None:
         return None, None, None, None, None, None
-    grad_x = torch.ops.pccfast.pcc_triton_backward(grad_score, x, mean, rstd, *ctx.options)
+    if torch.is_grad_enabled():  # create_graph=True: the kernels are not differentiable
+        grad_x = pcc_input_gradient(grad_score, x, PCCOptions(*ctx.options))
+    else:
+        grad_x = torch.ops.pccfast.pcc_triton_backward(grad_score, x, mean, rstd, *ctx.options)
     return grad_x, None, None, None, None, None
 
 
