@@ -6,8 +6,9 @@
   taylor, random);
 - :mod:`~pccfast.prune.plan`: how many and which channels (rate lists, tau, budgets);
 - :mod:`~pccfast.prune.surgery`: the physical removal;
-plus :mod:`~pccfast.prune.counting` (params/FLOPs) and :mod:`~pccfast.prune.tp_engine`
-(Torch-Pruning for models outside the zoo).
+plus :mod:`~pccfast.prune.counting` (params/FLOPs), :mod:`~pccfast.prune.tp_engine`
+(Torch-Pruning for models outside the zoo) and :mod:`~pccfast.prune.tp_importance` (CI as a
+Torch-Pruning importance).
 
 This package is also callable: ``pccfast.prune(model, scores, rates=...)`` is
 :func:`pccfast.prune.pruner.prune`, so ``pccfast.prune.Plan`` and ``pccfast.prune(...)`` both work.
@@ -25,9 +26,11 @@ from .plan import Plan, make_plan, parse_rates, rate_layout
 from .pruner import prune
 from .scores import CICollector, ScoreCollector, collect_scores, load_scores, save_scores
 from .surgery import apply_plan
+from .tp_importance import CIImportance
 
 __all__ = [
     "CICollector",
+    "CIImportance",
     "CRITERIA",
     "ChannelGroup",
     "Plan",
