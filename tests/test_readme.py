@@ -25,7 +25,7 @@ def batches(n_batches: int, batch: int = 64, seed: int = 0):
 
 def test_readme_examples_run(tmp_path, monkeypatch):
     blocks = python_blocks()
-    assert len(blocks) == 2, "the README's Python examples changed: update this test"
+    assert len(blocks) == 3, "the README's Python examples changed: update this test"
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
     model = pccfast.models.vgg16_cifar(width=0.125)
@@ -43,3 +43,16 @@ def test_readme_examples_run(tmp_path, monkeypatch):
     assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
     assert isinstance(namespace["model"], torch.nn.Module) and (tmp_path / "pruned.pt").is_file()
     assert namespace["ci"].shape == (2, 6) and namespace["ci"].dtype == torch.float64
+
+
+def test_readme_torch_pruning_example_runs():
+    """The CIImportance example: Torch-Pruning's MetaPruner halves every group by CI."""
+    import pytest
+
+    pytest.importorskip("torch_pruning")
+    pytest.importorskip("torchvision")
+    namespace: dict = {}
+    exec(compile(python_blocks()[2], "README.md (Torch-Pruning)", "exec"), namespace)
+    model = namespace["model"]
+    assert model.layer1[0].conv1.out_channels == 32 and model.fc.out_features == 10
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 10)
