@@ -133,6 +133,40 @@ def ci_maps(seed: int, n: int, c: int, p: int, kind: str = "relu") -> torch.Tens
     return a
 
 
+# SPEC section 2: |CI - CI_bruteforce_fp64| <= 1e-7 * ||A||_* for every channel.
+CI_BAR = 1e-7
+
+
+def ci_tolerance(maps: torch.Tensor, results: int = 1) -> torch.Tensor:
+    """The SPEC section 2 bar for the CI of ``maps`` (B, C, ...): (B, 1) float64 absolute
+    bounds that broadcast against (B, C) scores (``.mean()`` of it bounds a mean score).
+
+    The only accuracy a CI result carries from one host, BLAS/LAPACK path or thread count to
+    another: forming the Gram matrix limits near-null directions to about sqrt(eps) * sigma_max
+    (a tiny channel's CI moved by 1.1e-10 * ||A||_* under a pixel permutation on one Xeon).
+    Pass ``results=2`` to compare two computed results (each within the bar of the exact CI:
+    twice the bar apart), such as the scores before and after a permutation or of two backends.
+    """
+    rows = maps.detach().reshape(maps.shape[0], maps.shape[1], -1).double().cpu()
+    return results * CI_BAR * torch.linalg.svdvals(rows).sum(-1)[:, None]
+
+
+def assert_within(got: torch.Tensor, want: torch.Tensor, bound) -> None:
+    """|got - want| <= bound elementwise (bound broadcasts); the message gives the worst
+    |got - want| / bound, so a failure says how far past its bound it is."""
+    err = (got.detach().cpu().double() - want.detach().cpu().double()).abs()
+    bound = torch.as_tensor(bound, dtype=torch.float64).cpu().expand_as(err)
+    bad = ~(err <= bound)  # NaN fails too
+    if bool(bad.any()):
+        ratio = (err / bound.clamp_min(torch.finfo(torch.float64).tiny)).flatten()
+        worst = int(ratio.nan_to_num(float("inf")).argmax())
+        raise AssertionError(
+            f"|got - want| > bound at {int(bad.sum())} of {err.numel()} elements; worst "
+            f"{float(err.flatten()[worst]):.4g} > {float(bound.flatten()[worst]):.4g} "
+            f"({float(ratio[worst]):.3g}x, flat index {worst})"
+        )
+
+
 CI_KINDS = ("relu", "dead", "tiny", "duplicated", "combination", "lowrank", "mixed")
 # (C, P): C <= P and P < C, squares, single rows and single pixels.
 CI_SHAPES = [(1, 9), (9, 1), (3, 3), (5, 12), (12, 5), (16, 64), (64, 16), (33, 31), (7, 40)]

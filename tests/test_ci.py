@@ -13,11 +13,10 @@ import pccfast
 from pccfast.ops import _C
 from pccfast.ops.ci_reference import ci_bruteforce, ci_fast
 
-from cases import CI_KINDS, CI_SHAPES, ci_maps, cifar10_copy
+from cases import CI_KINDS, CI_SHAPES, assert_within, ci_maps, ci_tolerance, cifar10_copy
 
 needs_ext = pytest.mark.skipif(_C.extension() is None, reason=str(_C.unavailable_reason()))
 CPU_BACKENDS = ["torch"] + (["cpu"] if _C.extension() is not None else [])
-ACCURACY_BAR = 1e-7  # |CI - CI_bruteforce| <= 1e-7 * ||A||_*
 
 
 def nuclear_norm(a: torch.Tensor) -> torch.Tensor:
@@ -39,8 +38,7 @@ def test_accuracy_bar_against_bruteforce(backend, kind, shape):
     got = pccfast.channel_independence(as_maps(rows), backend=backend)
     want = ci_bruteforce(rows)
     assert got.dtype == torch.float64 and got.shape == (3, c)
-    bar = ACCURACY_BAR * nuclear_norm(rows)[:, None]
-    assert ((got - want).abs() <= bar).all(), float(((got - want).abs() / bar).max())
+    assert_within(got, want, ci_tolerance(rows))
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -48,18 +46,18 @@ def test_properties(backend):
     rows = ci_maps(seed=7, n=2, c=12, p=30, kind="mixed")
     ci = pccfast.channel_independence(as_maps(rows), backend=backend)
     norms = rows.norm(dim=-1)
-    nuc = nuclear_norm(rows)[:, None]
     assert (ci >= 0).all()
-    assert (ci <= norms + 1e-12 * nuc).all()  # 0 <= CI_c <= ||a_c||
+    assert (ci <= norms + ci_tolerance(rows)).all()  # 0 <= CI_c <= ||a_c||, to the SPEC bar
     assert (ci[:, 0] == 0).all()  # a dead channel has CI exactly 0
 
-    # Channel permutation permutes the scores; pixel permutation changes nothing.
+    # Channel permutation permutes the scores; pixel permutation changes nothing. Both change
+    # the rounding of the Gram matrix, so the two results agree to twice the bar, no closer.
     perm = torch.randperm(12, generator=torch.Generator().manual_seed(1))
     ci_perm = pccfast.channel_independence(as_maps(rows[:, perm]), backend=backend)
-    torch.testing.assert_close(ci_perm, ci[:, perm], rtol=0, atol=1e-10 * float(nuc.max()))
+    assert_within(ci_perm, ci[:, perm], ci_tolerance(rows, results=2))
     pix = torch.randperm(30, generator=torch.Generator().manual_seed(2))
     ci_pix = pccfast.channel_independence(as_maps(rows[:, :, pix]), backend=backend)
-    torch.testing.assert_close(ci_pix, ci, rtol=0, atol=1e-10 * float(nuc.max()))
+    assert_within(ci_pix, ci, ci_tolerance(rows, results=2))
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -69,6 +67,9 @@ def test_orthogonal_rows_score_their_norm(backend, c, p):
     scales = torch.rand(c, dtype=torch.float64) * 10 + 0.1
     rows = (q[:c] * scales[:, None]).unsqueeze(0)
     ci = pccfast.channel_independence(as_maps(rows), backend=backend)
+    # Far inside the bar: the Gram matrix is diagonal to rounding, whose first-order effect on
+    # each CI is relative (p * eps), so what is left is the quadrature's error, about
+    # exp(-pi^2 / QUADRATURE_STEP) ~ 6e-13 relative (ci_reference), on any host.
     torch.testing.assert_close(ci[0], scales, rtol=1e-9, atol=0)
 
 
@@ -78,7 +79,7 @@ def test_scale_equivariance(backend, scale):
     rows = ci_maps(seed=3, n=2, c=9, p=14, kind="relu")
     base = pccfast.channel_independence(as_maps(rows), backend=backend)
     scaled = pccfast.channel_independence(as_maps(rows * scale), backend=backend)
-    torch.testing.assert_close(scaled, base * scale, rtol=1e-9, atol=0)
+    assert_within(scaled, base * scale, ci_tolerance(rows * scale, results=2))
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -92,7 +93,7 @@ def test_extreme_float64_magnitudes(backend, scale):
     factors = torch.tensor([1.0, scale, 1.0], dtype=torch.float64)
     scaled = pccfast.channel_independence(as_maps(rows * factors.view(3, 1, 1)), backend=backend)
     assert torch.isfinite(scaled).all()
-    torch.testing.assert_close(scaled, base * factors.view(3, 1), rtol=1e-9, atol=0)
+    assert_within(scaled, base * factors.view(3, 1), ci_tolerance(rows, results=2) * factors.view(3, 1))
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -102,7 +103,7 @@ def test_any_float_input_gives_float64(backend, dtype):
     got = pccfast.channel_independence(x, backend=backend)
     want = ci_bruteforce(x.reshape(2, 6, 15).double())
     assert got.dtype == torch.float64
-    assert ((got - want).abs() <= ACCURACY_BAR * nuclear_norm(x.reshape(2, 6, 15).double())[:, None]).all()
+    assert_within(got, want, ci_tolerance(x))
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -111,21 +112,21 @@ def test_single_map_and_strided_input(backend):
     batch = pccfast.channel_independence(x, backend=backend)
     single = pccfast.channel_independence(x[2], backend=backend)
     assert single.shape == (8,)
-    torch.testing.assert_close(single, batch[2], rtol=1e-12, atol=0)
+    # Another batch size or layout may take another BLAS kernel for the Gram matrix.
+    assert_within(single, batch[2], ci_tolerance(x[2:3], results=2)[0])
     cl = x.contiguous(memory_format=torch.channels_last)
-    torch.testing.assert_close(pccfast.channel_independence(cl, backend=backend), batch, rtol=1e-12, atol=0)
+    assert_within(pccfast.channel_independence(cl, backend=backend), batch, ci_tolerance(x, results=2))
     strided = torch.randn(4, 8, 6, 12).relu()[..., ::2]
     want = ci_bruteforce(strided.reshape(4, 8, 36).double())
-    torch.testing.assert_close(pccfast.channel_independence(strided, backend=backend), want, rtol=1e-8, atol=1e-10)
+    assert_within(pccfast.channel_independence(strided, backend=backend), want, ci_tolerance(strided))
 
 
 @needs_ext
 def test_cpu_backend_matches_reference_on_many_images():
     """Enough images for the compiled kernel to split into chunks and threads."""
     rows = ci_maps(seed=11, n=70, c=40, p=24, kind="mixed")
-    torch.testing.assert_close(
-        pccfast.channel_independence(as_maps(rows), backend="cpu"), ci_fast(rows), rtol=1e-9, atol=1e-12
-    )
+    got = pccfast.channel_independence(as_maps(rows), backend="cpu")
+    assert_within(got, ci_fast(rows), ci_tolerance(rows, results=2))
 
 
 def test_bruteforce_method_is_the_definition():
@@ -203,5 +204,4 @@ def test_real_image_feature_maps_against_bruteforce(backend):
         n, c, h, w = fmap.shape
         rows = fmap.reshape(n, c, h * w).double()
         got = pccfast.channel_independence(fmap, backend=backend)
-        bar = ACCURACY_BAR * nuclear_norm(rows)[:, None]
-        assert ((got - ci_bruteforce(rows)).abs() <= bar).all()
+        assert_within(got, ci_bruteforce(rows), ci_tolerance(rows))

@@ -25,6 +25,8 @@ import torch
 from pccfast.ops import _C, ci_cuda
 from pccfast.ops.ci_reference import ci_bruteforce, ci_fast
 
+from cases import assert_within, ci_tolerance
+
 EPS = torch.finfo(torch.float64).eps
 MAX_SWEEPS = 40  # jacobi::kMaxSweeps
 
@@ -88,9 +90,14 @@ def check_eigh(gram, values, vectors, sweeps=None, slack: float = 8.0) -> None:
     assert torch.all(residual.abs().amax((1, 2)) <= tol * norm[:, 0])
 
 
-def check_projectors(gram, values, vectors, gap: float = 1e-6) -> None:
-    """Spectral projectors on clusters of (numerically) equal eigenvalues match eigh's."""
+def check_projectors(gram, values, vectors, gap: float = 1e-6, slack: float = 8.0) -> None:
+    """Spectral projectors on clusters of (numerically) equal eigenvalues match eigh's, to
+    what two backward-stable solvers guarantee: each solves gram + E with ||E|| <= tol * ||G||
+    (check_eigh's tol), which turns a cluster's projector by at most ||E|| / (its gap to the
+    rest of the spectrum) (Davis-Kahan); so 2 * 2 * tol * ||G|| / gap apart."""
     ref_values, ref_vectors = torch.linalg.eigh(gram)
+    n = gram.shape[-1]
+    tol = slack * max(n, 4) * EPS
     for i in range(gram.shape[0]):
         lam = ref_values[i]
         scale = lam.abs().max().clamp_min(1e-300)
@@ -99,7 +106,11 @@ def check_projectors(gram, values, vectors, gap: float = 1e-6) -> None:
             if j == lam.numel() or lam[j] - lam[j - 1] > gap * scale:
                 u, v = ref_vectors[i, :, start:j], vectors[i, :, start:j].cpu()
                 diff = (u @ u.T - v @ v.T).abs().max()
-                assert diff <= 1e-9, (i, start, j, float(diff))
+                sides = [lam[start] - lam[start - 1]] if start > 0 else []
+                sides += [lam[j] - lam[j - 1]] if j < n else []
+                if sides:  # (the whole spectrum: both projectors are the identity)
+                    bound = 4 * tol * scale / min(sides)
+                    assert diff <= bound, (i, start, j, float(diff), float(bound))
                 start = j
 
 
@@ -208,13 +219,12 @@ def _rows(kind: str, b: int, c: int, p: int, seed: int) -> torch.Tensor:
     return a
 
 
-def _assert_bar(got, a, expected=None):
-    """|got - expected| <= 1e-7 ||A||_* per image (SPEC section 2); expected: the brute force."""
+def _assert_bar(got, a, expected=None, results=1):
+    """|got - expected| <= 1e-7 ||A||_* per image (SPEC section 2); expected: the brute force,
+    or another fast result with results=2 (each within the bar of the exact CI)."""
     a64 = a.double().cpu()
     expected = ci_bruteforce(a64) if expected is None else expected.cpu()
-    nuclear = torch.linalg.matrix_norm(a64, ord="nuc")[:, None]
-    err = (got.cpu() - expected).abs()
-    assert torch.all(err <= 1e-7 * nuclear), float((err / nuclear.clamp_min(1e-300)).max())
+    assert_within(got, expected, ci_tolerance(a64, results))
 
 
 # Odd sizes around the 64-wide tiles and 16-deep slices of the Gram kernel, both sides of C <= P.
@@ -260,10 +270,11 @@ def test_gram_emulation_reads_any_strides():
     for name, view in _strided_views(a[:1].expand(3, -1, -1)).items():
         assert torch.equal(ci_cuda.small_side_gram_emulation(view), expected), name
     wide = _rows("random", 2, 40, 9, seed=3)  # P < C: A^T A
+    scale = wide.square().sum(-2).amax().item()
     for name, view in _strided_views(wide).items():
-        torch.testing.assert_close(
-            ci_cuda.small_side_gram_emulation(view), view.mT @ view, rtol=1e-13, atol=1e-12,
-            msg=name,
+        torch.testing.assert_close(  # both products within depth * eps * scale (as above)
+            ci_cuda.small_side_gram_emulation(view), view.mT @ view, rtol=0,
+            atol=4 * 40 * EPS * scale, msg=name,
         )
 
 
@@ -280,7 +291,7 @@ def test_ci_emulation_meets_bar(b, c, p, kind):
     got = ci_cuda.channel_independence_emulation(a)
     assert got.dtype == torch.float64 and got.shape == (b, c)
     _assert_bar(got, a)
-    _assert_bar(got, a, expected=torch.ops.pccfast.channel_independence(a))  # the CPU op
+    _assert_bar(got, a, expected=torch.ops.pccfast.channel_independence(a), results=2)  # the CPU op
     if c > 1:
         assert torch.all(got[:, 0] == 0)  # the dead channel
     assert torch.all(got >= 0)
@@ -302,13 +313,12 @@ def test_ci_emulation_low_precision_and_strided_inputs(dtype, b, c, p):
 @needs_extension
 @pytest.mark.parametrize("b,c,p", [(7, 9, 20), (5, 20, 6)])
 def test_ci_emulation_chunks(b, c, p):
-    """Chunks of 1, 3 (uneven) and all images give the same CI."""
+    """Chunks of 1, 3 (uneven) and all images give the same CI (to twice the bar: the chunk's
+    ATen products may take other BLAS kernels)."""
     a = _rows("random", b, c, p, seed=b)
     whole = ci_cuda.channel_independence_emulation(a)
     for chunk in (1, 3):
-        torch.testing.assert_close(
-            ci_cuda.channel_independence_emulation(a, chunk=chunk), whole, rtol=1e-10, atol=1e-12
-        )
+        _assert_bar(ci_cuda.channel_independence_emulation(a, chunk=chunk), a, whole, results=2)
 
 
 @needs_extension
@@ -440,7 +450,7 @@ def test_cuda_ci_matches_emulation_reference_and_bruteforce(b, c, p, kind):
     got = _cuda_ci(a.cuda())
     assert got.dtype == torch.float64 and got.shape == (b, c) and got.is_cuda
     _assert_bar(got, a)
-    _assert_bar(got, a, expected=ci_fast(a))
+    _assert_bar(got, a, expected=ci_fast(a), results=2)
     # Same Gram, eigenvectors and weights bit for bit; the quadrature's ATen reductions may
     # differ in order between devices.
     emulated = ci_cuda.channel_independence_emulation(a)
@@ -476,7 +486,7 @@ def test_cuda_ci_eigensolver_choice(monkeypatch, choice):
     a = _rows("random", 2, 30, 45, seed=3)
     _assert_bar(_cuda_ci(a.cuda()), a)
     a = _rows("random", 1, 300, 280, seed=3)
-    _assert_bar(_cuda_ci(a.cuda()), a, expected=ci_fast(a))
+    _assert_bar(_cuda_ci(a.cuda()), a, expected=ci_fast(a), results=2)
 
 
 @needs_gpu
@@ -498,6 +508,6 @@ def test_cuda_backend_through_public_api():
     got = pccfast.channel_independence(fmap, backend="cuda")
     assert got.shape == (4, 16) and got.dtype == torch.float64 and got.is_cuda
     expected = pccfast.channel_independence(fmap.cpu(), backend="torch")
-    _assert_bar(got, fmap.reshape(4, 16, 35), expected=expected)
+    _assert_bar(got, fmap.reshape(4, 16, 35), expected=expected, results=2)
     single = pccfast.channel_independence(fmap[1], backend="cuda")
-    _assert_bar(single[None], fmap[1:2].reshape(1, 16, 35), expected=expected[1:2])
+    _assert_bar(single[None], fmap[1:2].reshape(1, 16, 35), expected=expected[1:2], results=2)

@@ -67,10 +67,12 @@ def test_two_gloo_processes_match_one_process(tmp_path, monkeypatch):
         assert abs(a[key] - b[key]) <= 1 / 96 + 1e-9, key  # at most one test image apart
     assert 0 < a["flops_removed"] == pytest.approx(b["flops_removed"])
 
-    # Pre-training: the same weights after 16 optimiser steps, to fp32 rounding of the all-reduce.
+    # Pre-training: the same weights after 16 optimiser steps, to the fp32 rounding of the split
+    # batch and the all-reduce, which training amplifies (no bound to derive: up to 8e-5 apart
+    # measured over 1 and 2 threads and MKL's AVX-512, AVX2 and CBWR paths; 10x that allowed).
     wa, wb = _weights(one / "checkpoints" / "pretrain.pt"), _weights(two / "checkpoints" / "pretrain.pt")
     for name in wa:
-        assert torch.allclose(wa[name], wb[name], rtol=1e-4, atol=1e-5), name
+        assert torch.allclose(wa[name], wb[name], rtol=1e-3, atol=1e-4), name
     ra = [json.loads(l) for l in (one / "metrics.jsonl").read_text().splitlines()]
     rb = [json.loads(l) for l in (two / "metrics.jsonl").read_text().splitlines()]
     assert [(r["stage"], r["epoch"]) for r in ra] == [(r["stage"], r["epoch"]) for r in rb]
@@ -83,8 +85,8 @@ def test_two_gloo_processes_match_one_process(tmp_path, monkeypatch):
     sa = torch.load(one / "ci_scores.pt", weights_only=True)
     sb = torch.load(two / "ci_scores.pt", weights_only=True)
     assert sa["images"] == sb["images"] == 64
-    for name in sa["scores"]:
-        assert torch.allclose(sa["scores"][name], sb["scores"][name], rtol=1e-4, atol=1e-6), name
+    for name in sa["scores"]:  # from those weights: as far apart as they are (above)
+        assert torch.allclose(sa["scores"][name], sb["scores"][name], rtol=1e-3, atol=1e-5), name
     pa, pb = json.loads((one / "plan.json").read_text()), json.loads((two / "plan.json").read_text())
     assert [l["kept_indices"] for l in pa["layers"]] == [l["kept_indices"] for l in pb["layers"]]
 

@@ -11,7 +11,7 @@ import torch
 import pccfast
 from pccfast.models import vgg16_cifar
 
-from cases import site_activations
+from cases import assert_within, ci_tolerance, site_activations
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = Path("shared") / "data" / "cifar10_jpeg.npz"
@@ -19,6 +19,7 @@ CANDIDATES = [ROOT.parent / NAME, ROOT.parent.parent / NAME, Path("/work") / NAM
 MEAN = torch.tensor([125.3, 123.0, 113.9]).view(1, 3, 1, 1) / 255
 STD = torch.tensor([63.0, 62.1, 66.7]).view(1, 3, 1, 1) / 255
 IMAGES = 40
+BATCH = 16
 
 
 def cifar_images(count: int) -> torch.Tensor:
@@ -35,11 +36,18 @@ def cifar_images(count: int) -> torch.Tensor:
     return (x - MEAN) / STD
 
 
-def bruteforce_scores(model, groups, images):
-    """layer -> mean brute-force CI at its site, from hooks of this test's own."""
-    acts = site_activations(model, [site for (site,) in groups.values()], images)
-    return {layer: pccfast.channel_independence(acts[site], method="bruteforce").mean(0)
-            for layer, (site,) in groups.items()}
+def bruteforce_scores(model, groups, images, batch):
+    """layer -> (mean brute-force CI at its site, from hooks of this test's own on the
+    collector's batches (the same activation bits); the SPEC bar averaged over the images:
+    how far the collector's fast scores may be from it)."""
+    sites = [site for (site,) in groups.values()]
+    parts = [site_activations(model, sites, images[i:i + batch]) for i in range(0, len(images), batch)]
+    out = {}
+    for layer, (site,) in groups.items():
+        acts = torch.cat([p[site] for p in parts])
+        out[layer] = (pccfast.channel_independence(acts, method="bruteforce").mean(0),
+                      ci_tolerance(acts).mean())
+    return out
 
 
 def test_kept_channels_are_the_top_ci_ones_by_brute_force():
@@ -48,26 +56,27 @@ def test_kept_channels_are_the_top_ci_ones_by_brute_force():
     torch.manual_seed(0)
     model = vgg16_cifar(width=0.25)
     col = pccfast.CICollector(model, max_images=IMAGES, progress=False)
-    col.run(torch.utils.data.DataLoader(images, batch_size=16))
+    col.run(torch.utils.data.DataLoader(images, batch_size=BATCH))
     assert col.images == IMAGES
     scores = col.scores()
     col.remove()
-    reference = bruteforce_scores(model, col.groups, images)
+    reference = bruteforce_scores(model, col.groups, images, BATCH)
 
     exact = 0
     for kwargs in ({"rates": "[0.21]*7+[0.75]*5"}, {"tau": 0.6}):
         pruned, plan = pccfast.prune(model, scores, **kwargs)
         assert len(plan.layers) == 12
         for layer in plan.layers:
-            bf = reference[layer.name]
-            torch.testing.assert_close(scores[layer.name], bf, rtol=1e-6,
-                                       atol=1e-7 * float(bf.max()))
+            bf, bound = reference[layer.name]
+            assert_within(scores[layer.name], bf, bound)
             kept = torch.tensor(layer.kept_indices)
             removed = torch.tensor(sorted(set(range(layer.width_before)) - set(layer.kept_indices)))
             if removed.numel():
+                # Scores within `bound` of bf: a removed channel beats a kept one by 2 * bound
+                # at most, and without such a near-tie the kept ones are bf's top-k exactly.
                 gap = float(bf[kept].min() - bf[removed].max())
-                assert gap >= -1e-9 * float(bf.max()), layer.name  # no removed channel beats a kept one
-                if gap > 1e-9 * float(bf.max()):  # no near-tie: exactly the brute-force top-k
+                assert gap >= -2 * float(bound), layer.name
+                if gap > 2 * float(bound):
                     top = torch.argsort(bf, descending=True, stable=True)[: layer.width_after]
                     assert layer.kept_indices == sorted(top.tolist())
                     exact += 1

@@ -138,8 +138,9 @@ def test_reused_module_and_functional_relu_are_scored_per_call():
     model(x)
     a = F.relu(model.bn1(model.conv1(x)))
     b = model.relu(model.bn2(model.conv2(a)))
-    assert reg.scores["bn1"].item() == pytest.approx(pccfast.pcc(a).item(), rel=1e-6)
-    assert reg.scores["relu:0"].item() == pytest.approx(pccfast.pcc(b).item(), rel=1e-6)
+    # The auto backend against the regulariser's torch one: another fp32 code path.
+    assert reg.scores["bn1"].item() == pytest.approx(pccfast.pcc(a).item(), rel=1e-5, abs=1e-6)
+    assert reg.scores["relu:0"].item() == pytest.approx(pccfast.pcc(b).item(), rel=1e-5, abs=1e-6)
     model(x)  # a second pass replaces, not accumulates
     assert len(reg.scores) == 2
     reg.remove()
