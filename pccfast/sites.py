@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from ._hooks import marked
+
 _RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_)
 _RELU_METHODS = ("relu", "relu_")
 _NORMS = (nn.BatchNorm2d,)
@@ -181,6 +183,7 @@ class SiteHooks:
             hook = self._make_hook(module_name, wanted)
             self._handles.append(modules[module_name].register_forward_hook(hook))
 
+    @marked
     def _reset(self, module, args):
         self._calls.clear()
         if self.on_start is not None:
@@ -198,7 +201,7 @@ class SiteHooks:
                             site.apply_relu)
             self.fn(site, F.relu(output) if site.apply_relu and not self.raw else output)
 
-        return hook
+        return marked(hook)
 
     def remove(self) -> None:
         for handle in self._handles:

@@ -9,11 +9,10 @@ removed channels zeroed wherever they are written (tests, and ``prune(..., verif
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
 
+from .._hooks import clean_copy, marked
 from ..models._common import RECIPE_ATTRIBUTE, eval_mode
 from ..models.resnet_cifar import PadShortcut
 
@@ -116,7 +115,7 @@ def apply_plan(model: nn.Module, plan, graph=None) -> nn.Module:
 
         pruned = apply_tp_plan(model, graph, kept)
     else:
-        pruned = copy.deepcopy(model)
+        pruned = clean_copy(model)
         modules = dict(pruned.named_modules())
         shortcuts: dict[str, list] = {}
         for name, index in kept.items():
@@ -163,7 +162,7 @@ def _zeroing(removed: torch.Tensor):
         keep = (~removed).to(output.device, output.dtype)
         return output * keep.view(1, -1, *([1] * (output.dim() - 2)))
 
-    return hook
+    return marked(hook)
 
 
 def max_masked_difference(model: nn.Module, pruned: nn.Module, graph, plan, x=None):

@@ -11,12 +11,12 @@ fx graph when the model traces (the same rule as :mod:`pccfast.prune.graph`), el
 
 from __future__ import annotations
 
-import copy
 import importlib.util
 
 import torch
 from torch import fx, nn
 
+from .._hooks import clean_copy
 from ..models._common import eval_mode
 from .counting import count
 from .graph import ChannelGroup, Port, PruningGraph, _site_finder
@@ -154,7 +154,7 @@ def build_tp_graph(model: nn.Module, input_size, residual: str = "stream",
 def apply_tp_plan(model: nn.Module, graph: TPGraph, kept: dict[str, torch.Tensor]) -> nn.Module:
     """A copy of ``model`` with Torch-Pruning's group.prune() removing the unkept channels."""
     tp = _tp()
-    pruned = copy.deepcopy(model)
+    pruned = clean_copy(model)
     dg = _dependency_graph(pruned, graph.input_size)
     modules = dict(pruned.named_modules())
     for name, index in kept.items():
