@@ -16,7 +16,7 @@ import importlib.util
 import torch
 from torch import fx, nn
 
-from .._hooks import clean_copy
+from .._hooks import clean_copy, marked
 from ..models._common import eval_mode
 from .counting import count
 from .graph import ChannelGroup, Port, PruningGraph, _site_finder
@@ -37,9 +37,51 @@ def _tp():
     return torch_pruning
 
 
-def _final_linear(model: nn.Module):
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    return linears[-1:] if linears else []
+def _tensors(value):
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors(v)
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            yield from _tensors(v)
+
+
+def output_layers(model: nn.Module, input_size) -> set[str]:
+    """The conv and linear layers whose outputs are the model's outputs: the last such layer on
+    every path from an output back into the network (through BN, activations, pooling,
+    reshapes; found on the autograd graph of one forward pass, so any model that runs has them).
+    Pruning one would change what the model returns (squeezenet's classifier is a Conv2d)."""
+    names = {m: n for n, m in model.named_modules()}
+    made_by: dict = {}
+
+    def hook(module, args, output):
+        if isinstance(output, torch.Tensor) and output.grad_fn is not None:
+            made_by[output.grad_fn] = names[module]
+
+    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
+    handles = [m.register_forward_hook(marked(hook)) for m in layers]
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    try:
+        with eval_mode(model), torch.enable_grad():
+            outputs = model(torch.randn(input_size, device=device, requires_grad=True))
+    finally:
+        for h in handles:
+            h.remove()
+    found, seen = set(), set()
+    stack = [t.grad_fn for t in _tensors(outputs) if t.grad_fn is not None]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if fn in made_by:
+            found.add(made_by[fn])
+            continue
+        stack.extend(next_fn for next_fn, _ in fn.next_functions)
+    return found
 
 
 def _dependency_graph(model: nn.Module, input_size):
@@ -104,7 +146,7 @@ def build_tp_graph(model: nn.Module, input_size, residual: str = "stream",
     tp = _tp()
     dg = _dependency_graph(model, input_size)
     names = {m: n for n, m in model.named_modules()}
-    output_layers = _final_linear(model)
+    outputs = output_layers(model, input_size)
     sites = _sites_by_conv(model)
     groups, roots, assigned = [], {}, set()
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
@@ -135,8 +177,7 @@ def build_tp_graph(model: nn.Module, input_size, residual: str = "stream",
                          list(dict.fromkeys(consumers)),
                          [sites[c] for c in conv_names if c in sites])
         reads_linear = any(p.role == "linear_in" for p in g.consumers)
-        touches_output = any(names.get(m) == p.module for m in output_layers
-                             for p in g.producers)
+        touches_output = any(p.module in outputs for p in g.producers)
         if touches_output:
             g.prunable, g.reason = False, "the model's output"
         elif reads_linear and not prune_classifier_input:
