@@ -48,3 +48,20 @@ def test_a_conv_classifier_is_never_pruned(engine):
     assert pruned.classifier.out_channels == 10
     assert pruned(torch.randn(2, 3, 8, 8)).shape == (2, 10)
     assert plan.widths["conv1"] < 16  # the rest is pruned
+
+
+def test_a_model_torch_pruning_fails_on_is_refused_with_the_part_named():
+    """ShuffleNet's channel shuffle (view, transpose, view) reorders channels: pccfast's
+    pruner stops there, and Torch-Pruning raises a bare ZeroDivisionError on it."""
+    pytest.importorskip("torch_pruning")
+    torchvision = pytest.importorskip("torchvision")
+    model = torchvision.models.shufflenet_v2_x0_5(weights=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match=r"cannot prune through stage2\.0.*Torch-Pruning"
+                                             r".*fails on ShuffleNetV2.*ZeroDivisionError"
+                                             r".*cannot be pruned"):
+            build_graph(model, (1, 3, 32, 32))
+        with pytest.raises(ValueError, match=r"Torch-Pruning fails on ShuffleNetV2.*"
+                                             r"ZeroDivisionError.*stops at stage2\.0"):
+            build_graph(model, (1, 3, 32, 32), engine="torch_pruning")

@@ -66,14 +66,21 @@ _NORMS = (nn.BatchNorm2d, nn.BatchNorm1d)
 class UnsupportedLayerError(ValueError):
     """The structural pruner met a layer it cannot prune through; ``layer`` names it."""
 
-    def __init__(self, layer: str, what: str, why: str):
+    def __init__(self, layer: str, what: str, why: str, hint: str | None = None):
         self.layer, self.what, self.why = layer, what, why
-        super().__init__(
-            f"cannot prune through {layer} ({what}): {why}. pccfast's own pruner handles "
-            "Conv2d (groups=1), BatchNorm, activations, pooling, residual adds, flatten and "
-            "Linear; other models go through Torch-Pruning (engine='torch_pruning', "
-            "pip install torch-pruning)"
-        )
+        if hint is None:
+            hint = ("pccfast's own pruner handles Conv2d (groups=1), BatchNorm, activations, "
+                    "pooling, residual adds, flatten and Linear; other models go through "
+                    "Torch-Pruning (engine='torch_pruning', pip install torch-pruning)")
+        super().__init__(f"cannot prune through {layer} ({what}): {why}. {hint}")
+
+
+class TorchPruningFailure(ValueError):
+    """Torch-Pruning raised inside its own code; ``detail`` says what and where."""
+
+    def __init__(self, message: str, detail: str):
+        self.detail = detail
+        super().__init__(message)
 
 
 @dataclass(frozen=True)
@@ -246,7 +253,9 @@ def _describe(node: fx.Node, modules) -> tuple[str, str]:
     if node.op == "call_module":
         return node.target, type(modules[node.target]).__name__
     target = getattr(node.target, "__name__", str(node.target))
-    return node.name, f"{node.op} {target}"
+    stack = list(node.meta.get("nn_module_stack", {}).keys())
+    where = f"{stack[-1]}: {node.name}" if stack and stack[-1] else node.name
+    return where, f"{node.op} {target}"
 
 
 def _trace(model: nn.Module, input_size) -> fx.GraphModule:
@@ -305,7 +314,14 @@ def build_graph(model: nn.Module, input_size=(1, 3, 32, 32), residual: str = "st
             raise UnsupportedLayerError(exc.layer, exc.what, f"{exc.why}; and {missing}") from exc
         warnings.warn(f"cannot prune through {exc.layer} ({exc.what}): {exc.why}; using "
                       "Torch-Pruning's DependencyGraph", stacklevel=2)
-        return build_tp_graph(model, input_size, residual, prune_classifier_input)
+        try:
+            return build_tp_graph(model, input_size, residual, prune_classifier_input)
+        except TorchPruningFailure as failure:
+            raise UnsupportedLayerError(
+                exc.layer, exc.what, exc.why,
+                f"Torch-Pruning, pccfast's fallback, fails on {type(model).__name__} too "
+                f"({failure.detail}), so this model cannot be pruned"
+            ) from failure
 
 
 def _build_fx_graph(model, input_size, residual, prune_classifier_input) -> PruningGraph:

@@ -12,6 +12,7 @@ fx graph when the model traces (the same rule as :mod:`pccfast.prune.graph`), el
 from __future__ import annotations
 
 import importlib.util
+import traceback
 
 import torch
 from torch import fx, nn
@@ -19,7 +20,8 @@ from torch import fx, nn
 from .._hooks import clean_copy, marked
 from ..models._common import eval_mode
 from .counting import count
-from .graph import ChannelGroup, Port, PruningGraph, _site_finder
+from .graph import (ChannelGroup, Port, PruningGraph, TorchPruningFailure, UnsupportedLayerError,
+                    _build_fx_graph, _site_finder)
 
 
 def torch_pruning_missing() -> str:
@@ -84,13 +86,35 @@ def output_layers(model: nn.Module, input_size) -> set[str]:
     return found
 
 
+def _failure(model: nn.Module, input_size, exc: Exception, doing: str) -> TorchPruningFailure:
+    """Torch-Pruning's own exception (a bare ZeroDivisionError on ShuffleNet's channel shuffle)
+    as an error that says which part of the model pccfast's tracer cannot follow either."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    inside = [f for f in frames if "torch_pruning" in f.filename]
+    where = f" in {inside[-1].name}" if inside else ""
+    detail = f"{type(exc).__name__}{where} while {doing}"
+    part = ""
+    try:
+        _build_fx_graph(model, input_size, "stream", False)
+    except UnsupportedLayerError as stop:
+        part = f"; pccfast's own pruner stops at {stop.layer} ({stop.what}): {stop.why}"
+    except Exception:  # the model does not trace: Torch-Pruning's detail is all there is
+        pass
+    return TorchPruningFailure(
+        f"Torch-Pruning fails on {type(model).__name__} ({detail}: {exc}){part}; this model "
+        "cannot be pruned", detail)
+
+
 def _dependency_graph(model: nn.Module, input_size):
     tp = _tp()
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
-    with eval_mode(model):
-        return tp.DependencyGraph().build_dependency(
-            model, example_inputs=torch.randn(input_size, device=device), verbose=False)
+    try:
+        with eval_mode(model):
+            return tp.DependencyGraph().build_dependency(
+                model, example_inputs=torch.randn(input_size, device=device), verbose=False)
+    except Exception as exc:
+        raise _failure(model, input_size, exc, "building its dependency graph") from exc
 
 
 def _sites_by_conv(model: nn.Module) -> dict:
@@ -203,10 +227,17 @@ def apply_tp_plan(model: nn.Module, graph: TPGraph, kept: dict[str, torch.Tensor
         removed = sorted(set(range(graph.group(name).width)) - set(index.tolist()))
         if not removed:
             continue
-        group = dg.get_pruning_group(root, tp.prune_conv_out_channels, idxs=removed)
-        if not dg.check_pruning_group(group):
+        try:
+            group = dg.get_pruning_group(root, tp.prune_conv_out_channels, idxs=removed)
+            allowed = dg.check_pruning_group(group)
+        except Exception as exc:
+            raise _failure(model, graph.input_size, exc, f"grouping {name}") from exc
+        if not allowed:
             raise ValueError(f"Torch-Pruning refuses to prune {name} to {index.numel()} channels")
-        group.prune()
+        try:
+            group.prune()
+        except Exception as exc:
+            raise _failure(model, graph.input_size, exc, f"pruning {name}") from exc
     return pruned
 
 
