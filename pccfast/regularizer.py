@@ -74,7 +74,8 @@ class PCCRegularizer:
         self.sites: list[Site] = select_sites(model, layers)
         if not self.sites:
             raise ValueError(
-                f"{type(model).__name__} has no ReLU after a Conv2d/BatchNorm2d to regularise; "
+                f"{type(model).__name__} has no activation (ReLU, SiLU, GELU, ...) after a conv "
+                "to regularise; "
                 "name the layers with layers=[...]"
             )
         self._latest: dict[str, torch.Tensor] = {}

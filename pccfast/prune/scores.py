@@ -129,8 +129,8 @@ class ScoreCollector:
                                  f"does not score; its layers are {list(names)[:6]}...")
             scored = [names[n] for n in self._layers]
         if not scored:
-            raise ValueError(f"{type(self.model).__name__} has no scored layer (no ReLU module "
-                             "after a Conv2d/BatchNorm2d)")
+            raise ValueError(f"{type(self.model).__name__} has no scored layer: "
+                             f"{graph.why_nothing_to_score()}")
         self.groups = {g.name: [s.name for s in g.sites] for g in scored}
         self.convs = {g.name: list(g.convs) for g in scored}
         self.widths = {g.name: g.width for g in scored}

@@ -15,13 +15,13 @@ import importlib.util
 import traceback
 
 import torch
-from torch import fx, nn
+from torch import nn
 
 from .._hooks import clean_copy, marked
 from ..models._common import eval_mode
 from .counting import count
 from .graph import (ChannelGroup, Port, PruningGraph, TorchPruningFailure, UnsupportedLayerError,
-                    _build_fx_graph, _site_finder)
+                    _build_fx_graph)
 
 
 def torch_pruning_missing() -> str:
@@ -118,29 +118,16 @@ def _dependency_graph(model: nn.Module, input_size):
 
 
 def _sites_by_conv(model: nn.Module) -> dict:
-    """conv name -> its CHIP site, from the fx graph when the model traces."""
-    try:
-        graph = fx.symbolic_trace(model).graph
-    except Exception:
-        from ..sites import find_sites
+    """conv name -> its scored site, by the rule of :func:`pccfast.sites.scored_sites` (CHIP's
+    max-pool choice included) when the model traces."""
+    from ..sites import find_sites, scored_sites, trace
 
+    try:
+        graph = trace(model)
+    except Exception:
         return {s.conv: s for s in find_sites(model) if s.conv}
-    modules = dict(model.named_modules())
-    nodes = list(graph.nodes)
-    calls: dict[str, int] = {}
-    call_index = {}
-    for node in nodes:
-        if node.op == "call_module":
-            call_index[node] = calls.get(node.target, 0)
-            calls[node.target] = call_index[node] + 1
-    finder = _site_finder(nodes, modules, call_index, calls)
-    out = {}
-    for node in nodes:
-        if node.op == "call_module" and isinstance(modules[node.target], nn.Conv2d):
-            site = finder(node)
-            if site is not None:
-                out[node.target] = site
-    return out
+    found = scored_sites(graph, dict(model.named_modules()), chip_pool=True)
+    return {node.target: site for node, site in found.items() if node.op == "call_module"}
 
 
 class TPGraph(PruningGraph):
@@ -210,7 +197,7 @@ def build_tp_graph(model: nn.Module, input_size, residual: str = "stream",
         elif kind == "stream" and residual == "inner":
             g.prunable, g.reason = False, "a residual stream (residual='inner')"
         elif not g.sites:
-            g.prunable, g.reason = False, "no scored activation (no ReLU module after its conv/BN)"
+            g.prunable, g.reason = False, "no scored activation (no activation after its conv/BN)"
         groups.append(g)
         roots[g.name] = names[conv]
     return TPGraph(model, groups, input_size, residual, prune_classifier_input, roots)
