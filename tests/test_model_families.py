@@ -286,6 +286,30 @@ def test_convnext_scores_the_mlp_hidden_channels_after_gelu():
     assert plan.after["flops"] == pccfast.count(pruned, (1, 3, 8, 8))["flops"]
 
 
+def test_taylor_scores_a_channels_last_activation_and_refuses_smooth_functional_ones():
+    torch.manual_seed(0)
+    model = ConvNeXtNet().double().eval()  # float64 both ways: other batch shapes agree
+    images, labels = torch.randn(3, 3, 8, 8, dtype=torch.float64), torch.tensor([0, 1, 2])
+    col = pccfast.ScoreCollector(model, "taylor", progress=False)
+    col.update(images, labels)
+    got = col.scores()["blocks.0.pwconv1"]
+    col.remove()
+    acts = {}
+    handle = model.blocks[0].act.register_forward_hook(lambda m, a, o: acts.__setitem__("a", o))
+    expected = 0
+    for n in range(3):  # |sum_hw a * dL/da| per image, the (N, H, W, C) activation as it is
+        loss = torch.nn.functional.cross_entropy(model(images[n:n + 1]), labels[n:n + 1])
+        (grad,) = torch.autograd.grad(loss, acts["a"])
+        expected = expected + (acts["a"].detach() * grad).sum((1, 2)).abs()[0].double() / 3
+    handle.remove()
+    torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-10 * float(expected.max()))
+    smooth = ConvAct(torch.nn.functional.silu, functional=True)
+    with pytest.raises(ValueError, match="'taylor' cannot score bn1: the model applies silu"):
+        pccfast.ScoreCollector(smooth, "taylor", input_size=(1, 3, 8, 8))
+    relu = ConvAct(torch.relu, functional=True)  # z * dL/dz = a * dL/da for ReLU
+    pccfast.ScoreCollector(relu, "taylor", input_size=(1, 3, 8, 8)).remove()
+
+
 class GroupedNet(nn.Module):
     """A ResNeXt bottleneck in small: 1x1, grouped 3x3 (4 groups of 4), 1x1."""
 
