@@ -32,7 +32,7 @@ class PCCRegularizer:
         loss = F.cross_entropy(model(x), y) + reg.loss()
         reg.remove()          # or: with PCCRegularizer(model) as reg: ...
 
-    layers: None (every ReLU after a Conv2d/BatchNorm2d), names, or a predicate; see
+    layers: None (every activation after a conv, as CI scores them), names, or a predicate; see
     :func:`pccfast.sites.select_sites`. Other keywords are those of :func:`pccfast.pcc`.
 
     A layer whose rows have a single feature (1x1 maps in the channel orientation, e.g. the last

@@ -1,7 +1,7 @@
 """Per-channel importance scores over calibration data (the importance part of pruning).
 
-:class:`ScoreCollector` hooks every scored site of a model (SPEC section 3: the post-ReLU output
-of each conv, the max-pool output where a pool follows, the post-add ReLU of residual streams),
+:class:`ScoreCollector` hooks every scored site of a model (SPEC section 3: the activation output
+after each conv, the max-pool output where a pool follows, the post-add ReLU of residual streams),
 and while calibration batches run forward it turns each activation straight into per-image
 scores of its criterion (CI by default, :func:`pccfast.channel_independence` on the fastest
 backend; ``hrank``, ``taylor``: :mod:`pccfast.prune.criteria`) and adds them to a float64
