@@ -32,7 +32,7 @@ class PCCRegularizer:
         loss = F.cross_entropy(model(x), y) + reg.loss()
         reg.remove()          # or: with PCCRegularizer(model) as reg: ...
 
-    layers: None (every ReLU after a Conv2d/BatchNorm2d), names, or a predicate; see
+    layers: None (every activation after a conv, as CI scores them), names, or a predicate; see
     :func:`pccfast.sites.select_sites`. Other keywords are those of :func:`pccfast.pcc`.
 
     A layer whose rows have a single feature (1x1 maps in the channel orientation, e.g. the last
@@ -74,7 +74,8 @@ class PCCRegularizer:
         self.sites: list[Site] = select_sites(model, layers)
         if not self.sites:
             raise ValueError(
-                f"{type(model).__name__} has no ReLU after a Conv2d/BatchNorm2d to regularise; "
+                f"{type(model).__name__} has no activation (ReLU, SiLU, GELU, ...) after a conv "
+                "to regularise; "
                 "name the layers with layers=[...]"
             )
         self._latest: dict[str, torch.Tensor] = {}

@@ -1,9 +1,18 @@
-"""Where the scored activations of a CNN are: the ReLU outputs that follow a conv (+ BN).
+"""Where the scored activations of a network are: the activation output that follows a conv.
 
-The PCC regulariser and the CI collector both hook these tensors. A site names the module
-whose forward output is the activation, which call of that module it is (torchvision's ResNet
-blocks call one ``relu`` module three times: after bn1, after bn2 and after the residual add;
-only the first two follow a BN) and the conv whose output channels the activation carries.
+The PCC regulariser and the CI collector both hook these tensors, found by one rule
+(:func:`scored_sites`): from a conv (or a pointwise ``nn.Linear`` on a channels-last map, as in
+ConvNeXt's MLP), through an optional BatchNorm (plain, or bundled with its activation like
+timm's ``BatchNormAct2d``) and layers that pass channels unchanged (Identity, Dropout), to the
+first activation: ReLU, ReLU6, LeakyReLU, SiLU, GELU, Hardswish, Mish, ELU, ... as a module or
+as a function call in ``forward``. Convs that read a globally pooled 1x1 map (squeeze-excitation,
+heads after the pool) have no site: CI and PCC need several spatial positions.
+
+A site names the module whose forward output is the activation, which call of that module it is
+(torchvision's ResNet blocks call one ``relu`` module three times: after bn1, after bn2 and after
+the residual add; only the first two follow a BN) and the conv whose output channels the
+activation carries. A functional activation is applied inside the hook to the output of the
+module before it; a channels-last activation is moved to ``(N, C, H, W)``.
 
 Discovery traces the model with ``torch.fx``; a model that cannot be traced falls back to the
 order in which modules were registered, with a warning.
@@ -11,17 +20,35 @@ order in which modules were registered, with a warning.
 
 from __future__ import annotations
 
+import operator
 import warnings
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
-_RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_)
-_RELU_METHODS = ("relu", "relu_")
-_NORMS = (nn.BatchNorm2d,)
+from ._hooks import marked
+
+# Activations: module types, and functions / tensor methods with their out-of-place form.
+ACTIVATION_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.SiLU, nn.GELU, nn.Hardswish, nn.Mish, nn.ELU, nn.CELU,
+    nn.SELU, nn.Hardtanh, nn.Tanh, nn.PReLU,
+)
+ACTIVATION_FUNCTIONS = {
+    F.relu: F.relu, F.relu_: F.relu, torch.relu: F.relu, torch.relu_: F.relu, F.relu6: F.relu6,
+    F.leaky_relu: F.leaky_relu, F.leaky_relu_: F.leaky_relu, F.silu: F.silu, F.gelu: F.gelu,
+    F.hardswish: F.hardswish, F.mish: F.mish, F.elu: F.elu, F.elu_: F.elu, F.celu: F.celu,
+    F.selu: F.selu, F.hardtanh: F.hardtanh, F.hardtanh_: F.hardtanh, torch.tanh: torch.tanh,
+}
+ACTIVATION_METHODS = {"relu": F.relu, "relu_": F.relu, "tanh": torch.tanh, "tanh_": torch.tanh}
+_TRANSPARENT_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+                        nn.AlphaDropout)
+_GLOBAL_POOL_MODULES = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+_GLOBAL_POOL_FUNCTIONS = (F.adaptive_avg_pool2d, F.adaptive_max_pool2d)
+_CHANNELS_LAST_ENDS = ("permute", "reshape", "view", "flatten", "transpose", "movedim")
 
 
 @dataclass(frozen=True)
@@ -31,9 +58,12 @@ class Site:
     name: the site's name, the module name or ``module:k`` when the module runs several times.
     module: the module whose forward output is hooked.
     call_index: which call of that module within one forward pass (None: every call).
-    conv: the Conv2d whose output channels the activation carries ("" when unknown).
-    norm: the BatchNorm2d between them ("" when none).
-    apply_relu: the hooked output still needs a ReLU (the model calls F.relu, not a module).
+    conv: the conv (or pointwise Linear) whose output channels the activation carries.
+    norm: the BatchNorm between them ("" when none).
+    activation: ``(function, args, kwargs items)`` to apply to the hooked output when the model
+      calls the activation as a function (the hook sees the module before it); () otherwise.
+    channels_last: the hooked tensor is ``(N, H, W, C)`` (ConvNeXt's MLP); hooks see it as
+      ``(N, C, H, W)``.
     """
 
     name: str
@@ -41,76 +71,258 @@ class Site:
     call_index: int | None
     conv: str = ""
     norm: str = ""
-    apply_relu: bool = False
+    activation: tuple = ()
+    channels_last: bool = False
+
+    @property
+    def apply_relu(self) -> bool:
+        """Whether the hook applies the activation itself (a functional call in ``forward``)."""
+        return bool(self.activation)
+
+    def tensor(self, output: torch.Tensor) -> torch.Tensor:
+        """The scored ``(N, C, ...)`` activation from the hooked module's output."""
+        if self.activation:
+            fn, args, kwargs = self.activation
+            output = fn(output, *args, **dict(kwargs))
+        return output.movedim(-1, 1) if self.channels_last else output
 
 
-def _is_relu(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+def _leaf_types():
+    from .models.resnet_cifar import PadShortcut
+
+    return (PadShortcut, _BatchNorm, nn.Conv2d, nn.Linear)
+
+
+class Tracer(fx.Tracer):
+    """torch.fx's tracer with convs, linears and BatchNorms (subclasses too: timm's
+    ``BatchNormAct2d``, ``Conv2dSame``) and option-A shortcuts kept as single calls."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, _leaf_types()) or super().is_leaf_module(m, qualname)
+
+
+def trace(model: nn.Module, training: bool = True) -> fx.Graph:
+    """The fx graph of ``model`` as it trains (every branch a training step runs, e.g.
+    GoogLeNet's auxiliary heads), or as it evaluates; the model's own modes are left as they
+    were."""
+    saved = [(m, m.training) for m in model.modules()]
+    try:
+        model.train(training)
+        return Tracer().trace(model)
+    finally:
+        for m, training in saved:
+            m.training = training
+
+
+def eval_modules(model: nn.Module) -> set[str] | None:
+    """The modules an eval-mode forward calls (None if it does not trace): CI is collected in
+    eval mode, so sites in training-only branches (auxiliary heads) never see an image."""
+    try:
+        graph = trace(model, training=False)
+    except Exception:
+        return None
+    return {n.target for n in graph.nodes if n.op == "call_module"}
+
+
+def bundled_activation(module: nn.Module) -> nn.Module | None:
+    """The activation inside a norm+activation module (timm's ``BatchNormAct2d``), or None."""
+    act = getattr(module, "act", None) if isinstance(module, _BatchNorm) else None
+    return act if isinstance(act, nn.Module) and not isinstance(act, nn.Identity) else None
+
+
+def _constant(value) -> bool:
+    return not isinstance(value, fx.Node)
+
+
+def activation_of(node: fx.Node, modules) -> tuple | None:
+    """``()`` for an activation module, ``(fn, args, kwargs)`` for a functional one, else None."""
     if node.op == "call_module":
-        return isinstance(modules.get(node.target), nn.ReLU)
+        m = modules.get(node.target)
+        if isinstance(m, nn.PReLU) and m.num_parameters != 1:
+            return None  # per-channel slopes: a layer with weights, not a plain activation
+        return () if isinstance(m, ACTIVATION_MODULES) else None
+    if node.op == "call_function" and node.target in ACTIVATION_FUNCTIONS:
+        fn = ACTIVATION_FUNCTIONS[node.target]
+    elif node.op == "call_method" and node.target in ACTIVATION_METHODS:
+        fn = ACTIVATION_METHODS[node.target]
+    else:
+        return None
+    args, kwargs = node.args[1:], {k: v for k, v in node.kwargs.items() if k != "inplace"}
+    if args and isinstance(args[-1], bool):
+        args = args[:-1]  # a positional inplace flag (every one of them has it last)
+    if not all(_constant(a) for a in args) or not all(_constant(v) for v in kwargs.values()):
+        return None
+    return fn, tuple(args), tuple(sorted(kwargs.items()))
+
+
+def is_global_pool(node: fx.Node, modules) -> bool:
+    """Whether ``node`` pools every spatial position into one (1x1 maps or (N, C) vectors)."""
+    def is_one(size):
+        sizes = size if isinstance(size, (tuple, list)) else (size,)
+        return all(s == 1 for s in sizes)
+
+    if node.op == "call_module":
+        m = modules.get(node.target)
+        return isinstance(m, _GLOBAL_POOL_MODULES) and is_one(m.output_size)
+    if node.op == "call_function" and node.target in _GLOBAL_POOL_FUNCTIONS:
+        size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
+        return is_one(size)
+    is_mean = (node.op == "call_method" and node.target in ("mean", "amax")) or (
+        node.op == "call_function" and node.target in (torch.mean, torch.amax))
+    if is_mean:
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        dims = dims if isinstance(dims, (tuple, list)) else (dims,)
+        return {2, 3} <= set(dims) or {-1, -2} <= set(dims)
+    return False
+
+
+def _flags(graph: fx.Graph, modules) -> tuple[set, set]:
+    """(pooled, channels_last): nodes computed from globally pooled maps only; nodes whose
+    channels are the last dim (after ``permute(0, 2, 3, 1)``, until the next reshape)."""
+    pooled, last = set(), set()
+    for node in graph.nodes:
+        inputs = node.all_input_nodes
+        if is_global_pool(node, modules) or (inputs and all(a in pooled for a in inputs)):
+            pooled.add(node)
+        target = node.target
+        target = target if isinstance(target, str) else getattr(target, "__name__", "")
+        if target == "permute" and node.op in ("call_method", "call_function"):
+            dims = node.args[1:] if len(node.args) > 1 else (node.kwargs.get("dims", ()),)
+            if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+                dims = tuple(dims[0])
+            if tuple(dims) == (0, 2, 3, 1):
+                last.add(node)
+        elif target not in _CHANNELS_LAST_ENDS and node.args and isinstance(node.args[0], fx.Node) \
+                and node.args[0] in last and node.op != "output":
+            last.add(node)
+    return pooled, last
+
+
+def _call_indices(graph: fx.Graph):
+    calls: Counter[str] = Counter()
+    index: dict[fx.Node, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            index[node] = calls[node.target]
+            calls[node.target] += 1
+    return index, calls
+
+
+def scored_sites(graph: fx.Graph, modules: dict[str, nn.Module], chip_pool: bool = False
+                 ) -> dict[fx.Node, Site]:
+    """Producer node -> the site of its activation, for every conv, pointwise Linear on a
+    channels-last map and residual add that has one (see the module docstring).
+
+    chip_pool: where a MaxPool2d module directly follows an activation module, score the pool's
+    output instead (CHIP's choice for VGG: the tensor the next conv reads).
+    """
+    pooled, last = _flags(graph, modules)
+    call_index, calls = _call_indices(graph)
+
+    def only_user(node):
+        users = list(node.users)
+        return users[0] if len(users) == 1 else None
+
+    def next_real(node):
+        nxt = only_user(node)
+        while nxt is not None and nxt.op == "call_module" and isinstance(
+                modules.get(nxt.target), _TRANSPARENT_MODULES):
+            node, nxt = nxt, only_user(nxt)
+        return node, nxt
+
+    def site_at(hooked: fx.Node, conv, norm, activation=(), channels_last=False):
+        index = call_index[hooked]
+        name = hooked.target if calls[hooked.target] == 1 else f"{hooked.target}:{index}"
+        return Site(name, hooked.target, index, conv, norm, activation, channels_last)
+
+    def maybe_pool(node: fx.Node, site: Site) -> Site:
+        if not chip_pool:
+            return site
+        pool = only_user(node)
+        if pool is not None and pool.op == "call_module" and isinstance(
+                modules.get(pool.target), nn.MaxPool2d):
+            return site_at(pool, site.conv, site.norm)
+        return site
+
+    def find(start: fx.Node) -> Site | None:
+        conv = start.target if start.op == "call_module" else ""
+        channels_last = start in last
+        node, nxt = next_real(start)
+        norm = ""
+        if nxt is not None and nxt.op == "call_module" and isinstance(modules.get(nxt.target),
+                                                                      _BatchNorm):
+            norm = nxt.target
+            if bundled_activation(modules[norm]) is not None:
+                return maybe_pool(nxt, site_at(nxt, conv, norm, (), channels_last))
+            node, nxt = next_real(nxt)
+        if nxt is None:
+            return None
+        activation = activation_of(nxt, modules)
+        if activation is None:
+            return None
+        if activation == ():
+            return maybe_pool(nxt, site_at(nxt, conv, norm, (), channels_last))
+        if node.op != "call_module":  # a functional activation after a function: no hook point
+            return None
+        return site_at(node, conv, norm, activation, channels_last)
+
+    out = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            m = modules.get(node.target)
+            is_conv = isinstance(m, nn.Conv2d)
+            is_pointwise = isinstance(m, nn.Linear) and node.args and node.args[0] in last
+            if not (is_conv or is_pointwise) or (node.args and node.args[0] in pooled):
+                continue
+        elif not _is_add(node):
+            continue
+        site = find(node)
+        if site is not None:
+            out[node] = site
+    return out
+
+
+def _is_add(node: fx.Node) -> bool:
     if node.op == "call_function":
-        return node.target in _RELU_FUNCTIONS
-    return node.op == "call_method" and node.target in _RELU_METHODS
-
-
-def _module_of(node, modules, kinds) -> str | None:
-    if isinstance(node, fx.Node) and node.op == "call_module":
-        if isinstance(modules.get(node.target), kinds):
-            return node.target
-    return None
+        return node.target in (operator.add, operator.iadd, torch.add)
+    return node.op == "call_method" and node.target in ("add", "add_")
 
 
 def _trace_sites(model: nn.Module) -> list[Site]:
-    graph = fx.symbolic_trace(model).graph
-    modules = dict(model.named_modules())
-    calls: Counter[str] = Counter()
-    call_index: dict[fx.Node, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            call_index[node] = calls[node.target]
-            calls[node.target] += 1
-    found = []
-    for node in graph.nodes:
-        if not _is_relu(node, modules) or not node.args:
-            continue
-        source = node.args[0]
-        norm = _module_of(source, modules, _NORMS)
-        conv_node = source.args[0] if norm and source.args else source
-        conv = _module_of(conv_node, modules, (nn.Conv2d,))
-        if conv is None:
-            continue  # a ReLU after something else (a residual add, a linear layer)
-        if node.op == "call_module":
-            hooked, index, apply_relu = node.target, call_index[node], False
-        else:  # functional ReLU: hook the module before it and apply the ReLU in the hook
-            hooked, index, apply_relu = source.target, call_index[source], True
-        name = hooked if calls[hooked] == 1 else f"{hooked}:{index}"
-        found.append(Site(name, hooked, index, conv, norm or "", apply_relu))
-    return found
+    graph = trace(model)
+    found = scored_sites(graph, dict(model.named_modules()))
+    return list(dict.fromkeys(s for node, s in found.items() if not _is_add(node)))
 
 
 def _registration_order_sites(model: nn.Module) -> list[Site]:
-    """Fallback: a ReLU module registered right after a BatchNorm2d/Conv2d scores its output."""
+    """Fallback: an activation module registered right after a BatchNorm/conv scores its
+    output, and so does a norm+activation module right after a conv."""
     found, conv, norm, previous = [], "", "", None
     for name, module in model.named_modules():
-        if next(module.children(), None) is not None:
-            continue  # containers
+        if next(module.children(), None) is not None and not isinstance(module, _BatchNorm):
+            continue  # containers (a BatchNormAct2d holds its activation)
         if isinstance(module, nn.Conv2d):
             conv, norm = name, ""
-        elif isinstance(module, _NORMS):
+        elif isinstance(module, _BatchNorm):
             norm = name
-        elif isinstance(module, nn.ReLU) and isinstance(previous, (nn.Conv2d,) + _NORMS):
+            if bundled_activation(module) is not None and isinstance(previous, nn.Conv2d):
+                found.append(Site(name, name, None, conv, norm))
+        elif isinstance(module, ACTIVATION_MODULES) and isinstance(previous,
+                                                                   (nn.Conv2d, _BatchNorm)):
             found.append(Site(name, name, None, conv, norm))
-        previous = module
+        if not isinstance(module, _TRANSPARENT_MODULES):
+            previous = module
     return found
 
 
 def find_sites(model: nn.Module) -> list[Site]:
-    """Every ReLU output that follows a Conv2d (optionally through a BatchNorm2d), in order."""
+    """Every activation output that follows a conv (optionally through a BatchNorm), in order."""
     try:
         return _trace_sites(model)
     except Exception as exc:  # fx cannot trace data-dependent control flow and the like
         warnings.warn(
             f"torch.fx could not trace {type(model).__name__} ({type(exc).__name__}: {exc}); "
-            "finding the scored ReLUs by module registration order instead",
+            "finding the scored activations by module registration order instead",
             stacklevel=2,
         )
         return _registration_order_sites(model)
@@ -119,7 +331,7 @@ def find_sites(model: nn.Module) -> list[Site]:
 def select_sites(model: nn.Module, layers=None) -> list[Site]:
     """The sites to hook.
 
-    layers: None (every ReLU after a conv/BN), a list of names (site names such as
+    layers: None (every activation after a conv/BN), a list of names (site names such as
     ``"layer1.0.relu:1"``, or module names: every site of that module, or the module's own
     output when it is no site), or a predicate ``(name, module) -> bool`` over named modules
     (a module picked that way that is no site has its own output scored).
@@ -164,7 +376,8 @@ class SiteHooks:
     Modules called several times per forward are told apart by counting their calls; a
     pre-hook on the model resets the counts, and calls ``on_start()`` when given, at the start
     of every forward pass. ``raw=True`` passes the module's own output even where the site
-    still needs its ReLU (``site.apply_relu``): a gradient can only be taken w.r.t. that tensor.
+    still needs its activation function (``site.apply_relu``) or is channels-last
+    (``site.channels_last``): a gradient can only be taken w.r.t. that tensor.
     """
 
     def __init__(self, model: nn.Module, sites: list[Site], fn, on_start=None, raw: bool = False):
@@ -181,6 +394,7 @@ class SiteHooks:
             hook = self._make_hook(module_name, wanted)
             self._handles.append(modules[module_name].register_forward_hook(hook))
 
+    @marked
     def _reset(self, module, args):
         self._calls.clear()
         if self.on_start is not None:
@@ -194,11 +408,10 @@ class SiteHooks:
             if site is None:
                 return
             if site.call_index is None and index > 0:
-                site = Site(f"{site.name}:{index}", site.module, index, site.conv, site.norm,
-                            site.apply_relu)
-            self.fn(site, F.relu(output) if site.apply_relu and not self.raw else output)
+                site = replace(site, name=f"{site.name}:{index}", call_index=index)
+            self.fn(site, output if self.raw else site.tensor(output))
 
-        return hook
+        return marked(hook)
 
     def remove(self) -> None:
         for handle in self._handles:

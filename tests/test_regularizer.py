@@ -175,7 +175,7 @@ def test_bad_arguments(kwargs, error, match):
 
 
 def test_model_without_scored_layers():
-    with pytest.raises(ValueError, match="no ReLU"):
+    with pytest.raises(ValueError, match=r"no activation \(ReLU, SiLU"):
         pccfast.PCCRegularizer(nn.Sequential(nn.Linear(3, 3), nn.ReLU()))
     with pytest.raises(TypeError, match="model"):
         pccfast.PCCRegularizer("resnet")

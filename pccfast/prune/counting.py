@@ -18,6 +18,7 @@ import math
 import torch
 from torch import nn
 
+from .._hooks import marked
 from ..models._common import eval_mode, unwrap_parallel
 
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -63,6 +64,7 @@ def count(model: nn.Module, input_size=(1, 3, 32, 32), device=None) -> dict[str,
         device = first.device if first is not None else torch.device("cpu")
     totals = {"flops": 0, "flops_bn": 0}
 
+    @marked
     def hook(module, args, output):
         if isinstance(module, nn.Linear):
             totals["flops"] += output.numel() * module.in_features

@@ -1,24 +1,38 @@
 """Which channels move together: the pruning graph of a CNN (the structure part of pruning).
 
-The model is traced with ``torch.fx`` and run once on an example input (for shapes). Every
-tensor with channels (dim 1) belongs to a *channel group*; a group is a set of channel
-positions that must be pruned with one index set:
+The model is traced with ``torch.fx`` (as it trains: every branch a training step runs) and run
+once on an example input (for shapes). Every tensor with channels belongs to one or more
+*channel groups* (several after a concatenation: one *segment* per group); a group is a set of
+channel positions that must be pruned with one index set:
 
-- a conv's output channels, carried through BatchNorm, activations and pooling, read by the
-  next conv (its input channels) or, after a flatten, by a Linear layer (``factor`` features per
-  channel);
+- a conv's output channels, carried through BatchNorm, activations, pooling, gates and
+  depthwise convs (whose output channel ``c`` reads only input channel ``c``), read by the next
+  conv (its input channels) or, after a flatten, by a Linear layer (``factor`` features per
+  channel); a pointwise ``nn.Linear`` on a channels-last map (ConvNeXt's MLP) is a 1x1 conv;
 - a *residual stream*: tensors added together share one group, so the stem, every block's last
-  conv and the downsample convs of a stage keep aligned indices;
+  conv and the downsample convs of a stage keep aligned indices; a squeeze-excitation gate
+  multiplies its input channel by channel, so the gate's last conv joins the input's group;
+- a concatenation (DenseNet, Inception, SqueezeNet's Fire) keeps each input as a segment at its
+  channel offset, read by the next layers' inputs;
+- a grouped conv's input and output groups keep the same number of channels in each of the
+  conv's groups (``chunks``), so the conv keeps its ``groups`` (ResNeXt, RegNet);
 - an option-A shortcut (:class:`pccfast.models.PadShortcut`) reads one group and writes another
   (channel ``c`` to ``c + pad``), so the two stages' streams stay separate groups.
 
-Each group also knows its *scored sites* (SPEC section 3, CHIP's choice): the post-ReLU output of
-each conv producing it, or the max-pool output where a pool follows the ReLU, and for a stream
-the post-ReLU output of every residual add.
+Each group also knows its *scored sites* (SPEC section 3): the activation output that follows
+each conv producing it (:func:`pccfast.sites.scored_sites`; the max-pool output where a pool
+follows, as CHIP), and for a stream the activation after every residual add. A group's score is
+the mean over its sites (an inverted-residual block's expanded channels: after the expansion
+and after the depthwise conv).
 
-Anything else that touches a prunable tensor (concatenation, grouped convs, multiplications,
-unknown modules) is an :class:`UnsupportedLayerError` naming it; :func:`build_graph` with
-``engine="auto"`` then hands the model to Torch-Pruning (see :mod:`pccfast.prune.tp_engine`).
+Groups are kept whole, with the reason, when they are the model's input or output, read by the
+classifier (unless ``prune_classifier_input``), normalised over their channels (LayerNorm:
+removing a channel changes the others), scaled by a per-channel tensor, computed from globally
+pooled 1x1 maps (squeeze-excitation's reduced channels: CI needs a spatial map), or have no
+activation to score. Anything else that touches a prunable tensor (channel shuffles, slices
+along channels, unknown modules) is an :class:`UnsupportedLayerError` naming it;
+:func:`build_graph` with ``engine="auto"`` then hands the model to Torch-Pruning (see
+:mod:`pccfast.prune.tp_engine`).
 """
 
 from __future__ import annotations
@@ -31,11 +45,14 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..models._common import eval_mode
 from ..models.resnet_cifar import PadShortcut
-from ..sites import Site
+from ..sites import ACTIVATION_FUNCTIONS, ACTIVATION_MODULES, ACTIVATION_METHODS, Site
+from ..sites import _flags as site_flags
+from ..sites import eval_modules, scored_sites, trace
 from .counting import check_input_size
 
 ENGINES = ("auto", "pccfast", "torch_pruning")
@@ -43,47 +60,72 @@ RESIDUAL_MODES = ("stream", "inner")
 
 # Modules and functions that keep every channel where it is (elementwise or spatial only) and
 # map 0 to 0, so a removed channel is the same as a zeroed one.
-_PASS_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.SiLU, nn.GELU, nn.Hardswish, nn.Tanh, nn.Identity,
-    nn.Dropout, nn.Dropout2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
-    nn.AdaptiveMaxPool2d,
+_PASS_MODULES = ACTIVATION_MODULES + (
+    nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+    nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.ZeroPad2d,
+    nn.Upsample,
 )
-_RELU_MODULES = (nn.ReLU, nn.ReLU6)
-_RELU_FUNCTIONS = (F.relu, F.relu6, torch.relu, torch.relu_)
-_PASS_FUNCTIONS = _RELU_FUNCTIONS + (
-    F.leaky_relu, F.silu, F.gelu, F.hardswish, torch.tanh, F.dropout, F.max_pool2d,
-    F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, torch.nn.functional.dropout2d,
+# Channelwise but not zero-preserving (gates): a removed channel reads as sigmoid(0) = 0.5 in the
+# masked original, so such a tensor may only be multiplied with one whose channels are zero.
+_GATE_MODULES = (nn.Sigmoid, nn.Hardsigmoid, nn.Softplus)
+_PASS_FUNCTIONS = tuple(ACTIVATION_FUNCTIONS) + (
+    F.dropout, F.dropout2d, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d,
+    F.adaptive_max_pool2d, F.interpolate,
 )
-_PASS_METHODS = ("relu", "relu_", "contiguous", "clone", "float", "to", "detach")
-_ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
-_ADD_METHODS = ("add", "add_")
+_PASS_FUNCTION_NAMES = ("stochastic_depth", "drop_path")  # per-sample scaling
+_GATE_FUNCTIONS = (torch.sigmoid, F.sigmoid, F.hardsigmoid, F.softplus)
+_PASS_METHODS = tuple(ACTIVATION_METHODS) + ("contiguous", "clone", "float", "to", "detach",
+                                             "type_as", "half", "bfloat16")
+_GATE_METHODS = ("sigmoid", "sigmoid_")
+_ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add, operator.sub, torch.sub)
+_ADD_METHODS = ("add", "add_", "sub", "sub_")
 _FLATTEN_METHODS = ("flatten", "view", "reshape")
-_SCALE_FUNCTIONS = (operator.mul, operator.truediv, torch.mul)
-_SCALE_METHODS = ("mul", "mul_", "div", "div_")
-_NORMS = (nn.BatchNorm2d, nn.BatchNorm1d)
+_MUL_FUNCTIONS = (operator.mul, operator.imul, torch.mul)
+_MUL_METHODS = ("mul", "mul_")
+_DIV_FUNCTIONS = (operator.truediv, torch.div)
+_DIV_METHODS = ("div", "div_")
+_CHANNEL_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm,
+                  nn.modules.instancenorm._InstanceNorm)
+_CHANNEL_NORM_FUNCTIONS = (F.layer_norm, F.group_norm, F.instance_norm, F.local_response_norm)
 
 
 class UnsupportedLayerError(ValueError):
     """The structural pruner met a layer it cannot prune through; ``layer`` names it."""
 
-    def __init__(self, layer: str, what: str, why: str):
+    def __init__(self, layer: str, what: str, why: str, hint: str | None = None):
         self.layer, self.what, self.why = layer, what, why
-        super().__init__(
-            f"cannot prune through {layer} ({what}): {why}. pccfast's own pruner handles "
-            "Conv2d (groups=1), BatchNorm, activations, pooling, residual adds, flatten and "
-            "Linear; other models go through Torch-Pruning (engine='torch_pruning', "
-            "pip install torch-pruning)"
-        )
+        if hint is None:
+            hint = ("pccfast's own pruner follows convs (grouped and depthwise too), BatchNorm, "
+                    "activations, pooling, residual adds, gates, concatenations, flatten and "
+                    "Linear; other models go through Torch-Pruning (engine='torch_pruning', "
+                    "pip install torch-pruning)")
+        super().__init__(f"cannot prune through {layer} ({what}): {why}. {hint}")
+
+
+class TorchPruningFailure(ValueError):
+    """Torch-Pruning raised inside its own code; ``detail`` says what and where."""
+
+    def __init__(self, message: str, detail: str):
+        self.detail = detail
+        super().__init__(message)
 
 
 @dataclass(frozen=True)
 class Port:
-    """Where a module touches a group: ``role`` is conv_out, conv_in, bn, linear_in,
-    shortcut_in or shortcut_out; ``factor`` is the features per channel of a Linear input."""
+    """Where a module touches a group.
+
+    role: ``conv_out``, ``conv_in``, ``dw`` (a depthwise conv: input and output channels),
+    ``bn``, ``linear_in``, ``linear_out``, ``shortcut_in`` or ``shortcut_out``.
+    factor: features per channel of a Linear input (after a flatten).
+    offset: where the group's channels start among the module's (after a concatenation).
+    dim: the channel dimension of the module's output (-1: channels-last).
+    """
 
     module: str
     role: str
     factor: int = 1
+    offset: int = 0
+    dim: int = 1
 
 
 @dataclass
@@ -94,9 +136,11 @@ class ChannelGroup:
     kind: ``conv`` (one conv's outputs), ``stream`` (tensors added together), ``linear``,
     ``input`` or ``other``.
     producers / consumers: the module ports that write / read these channels.
-    sites: the scored activations (:class:`pccfast.sites.Site`), CHIP's choice.
+    sites: the scored activations (:class:`pccfast.sites.Site`).
     block: the residual block holding an inner conv ("" outside blocks).
     prunable: whether plans may remove channels; ``reason`` says why not.
+    chunks: the group is cut into this many equal runs of channels (a grouped conv's groups),
+    and every run keeps the same number of channels.
     """
 
     name: str
@@ -108,17 +152,39 @@ class ChannelGroup:
     block: str = ""
     prunable: bool = True
     reason: str = ""
+    chunks: int = 1
 
     @property
     def convs(self) -> list[str]:
-        return [p.module for p in self.producers if p.role == "conv_out"]
+        """The convs (and pointwise Linears on maps) writing these channels."""
+        pointwise = self.kind != "linear"
+        return list(dict.fromkeys(
+            p.module for p in self.producers
+            if p.role in ("conv_out", "dw") or (pointwise and p.role == "linear_out")))
+
+    def round_keep(self, k: int) -> int:
+        """``k`` rounded up to a multiple of ``chunks`` (at least one channel per chunk)."""
+        c = self.chunks
+        return min(self.width, max(c, -(-int(k) // c) * c))
+
+    def keep_indices(self, score: torch.Tensor, k: int) -> list[int]:
+        """The ``round_keep(k)`` highest-scoring channels, the same count in every chunk (ties:
+        lower index), in original order."""
+        k = self.round_keep(k)
+        size, per_chunk = self.width // self.chunks, k // self.chunks
+        out = []
+        for start in range(0, self.width, size):
+            part = score[start:start + size]
+            out += [start + i for i in torch.argsort(-part, stable=True)[:per_chunk].tolist()]
+        return sorted(out)
 
 
 @dataclass(frozen=True)
 class CostTerm:
     """One conv/linear layer's params and MACs as bilinear functions of its group widths:
-    ``params = w_in * w_out * weight_coef + w_out * bias``, ``macs = w_in * w_out * mac_coef``.
-    A group of None has a fixed width (``fixed_in`` / ``fixed_out``)."""
+    ``params = w_in * w_out * weight_coef / groups + w_out * bias``,
+    ``macs = w_in * w_out * mac_coef / groups``. A group of None has a fixed width
+    (``fixed_in`` / ``fixed_out``)."""
 
     module: str
     in_group: str | None
@@ -129,6 +195,8 @@ class CostTerm:
     mac_coef: int
     bias: bool
     count_params: bool  # False for the second and later calls of a shared module
+    groups: int = 1
+    count_flops: bool = True  # False for layers an eval-mode forward skips (auxiliary heads)
 
 
 class PruningGraph:
@@ -171,17 +239,34 @@ class PruningGraph:
 
     def cost(self, widths: dict[str, int]) -> dict[str, int]:
         """params (conv + linear, BN excluded), flops (MACs) and flops_bn for the given group
-        widths (groups not named keep their width): :func:`pccfast.count` of the pruned model."""
+        widths (groups not named keep their width; widths round up to whole chunks, as plans
+        keep them): :func:`pccfast.count` of the pruned model."""
+        widths = {k: self._by_name[k].round_keep(v) if k in self._by_name else v
+                  for k, v in widths.items()}
         params = flops = flops_bn = 0
         for group, width, per_channel in self.norms:
             flops_bn += 2 * widths.get(group, width) * per_channel
         for t in self.terms:
             w_in = widths.get(t.in_group, t.fixed_in) if t.in_group else t.fixed_in
             w_out = widths.get(t.out_group, t.fixed_out) if t.out_group else t.fixed_out
-            flops += w_in * w_out * t.mac_coef
+            if t.count_flops:
+                flops += w_in * w_out * t.mac_coef // t.groups
             if t.count_params:
-                params += w_in * w_out * t.weight_coef + (w_out if t.bias else 0)
+                params += w_in * w_out * t.weight_coef // t.groups + (w_out if t.bias else 0)
         return {"params": params, "flops": flops, "flops_bn": flops_bn}
+
+    def why_nothing_to_score(self) -> str:
+        """Why no channel group has a scored activation / is prunable: the reasons, counted."""
+        counts: dict[str, int] = {}
+        for g in self.groups:
+            if g.kind not in ("input", "linear"):
+                reason = g.reason or "prunable"
+                counts[reason] = counts.get(reason, 0) + 1
+        listed = "; ".join(f"{n} x {r}" for r, n in sorted(counts.items(), key=lambda x: -x[1]))
+        return (f"{type(self.model).__name__}'s channel groups ({self.engine} engine): "
+                f"{listed or 'none (no conv)'}. pccfast scores the activation after a conv "
+                "(or after a pointwise Linear on a channels-last map, as in ConvNeXt); "
+                "transformer MLPs on tokens are not supported yet")
 
     def __repr__(self) -> str:
         lines = [f"PruningGraph({type(self.model).__name__}, residual={self.residual!r})"]
@@ -191,23 +276,24 @@ class PruningGraph:
         return "\n".join(lines)
 
 
-class _Tracer(fx.Tracer):
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, PadShortcut) or super().is_leaf_module(m, qualname)
-
-
 class _Groups:
-    """Union-find over group ids, each root holding a ChannelGroup being built."""
+    """Union-find over group ids, each root holding a ChannelGroup being built and the
+    builder's notes on it: ``pooled`` (made from globally pooled maps) and ``kept`` (a reason
+    it must stay whole)."""
 
     def __init__(self):
         self.parent: list[int] = []
         self.data: list[ChannelGroup] = []
         self.first: list[int] = []  # node position of the first producer (for ordering)
+        self.pooled: list[bool] = []
+        self.kept: list[str] = []
 
-    def new(self, width: int, kind: str, position: int) -> int:
+    def new(self, width: int, kind: str, position: int, pooled: bool = False) -> int:
         self.parent.append(len(self.parent))
         self.data.append(ChannelGroup("", width, kind))
         self.first.append(position)
+        self.pooled.append(pooled)
+        self.kept.append("")
         return len(self.parent) - 1
 
     def find(self, i: int) -> int:
@@ -219,13 +305,25 @@ class _Groups:
     def get(self, i: int) -> ChannelGroup:
         return self.data[self.find(i)]
 
-    def union(self, a: int, b: int, node: str) -> int:
+    def keep(self, i: int, reason: str) -> None:
+        root = self.find(i)
+        self.kept[root] = self.kept[root] or reason
+
+    def add_chunks(self, i: int, chunks: int, node: str, what: str) -> None:
+        g = self.get(i)
+        combined = math.lcm(g.chunks, chunks)
+        if g.width % combined:
+            raise UnsupportedLayerError(node, what, f"its {chunks} conv groups do not divide "
+                                        f"the {g.width} channels into equal runs")
+        g.chunks = combined
+
+    def union(self, a: int, b: int, node: str, what: str, stream: bool) -> int:
         a, b = self.find(a), self.find(b)
         if a == b:
             return a
         ga, gb = self.data[a], self.data[b]
         if ga.width != gb.width:
-            raise UnsupportedLayerError(node, "add", f"adds {ga.width} to {gb.width} channels")
+            raise UnsupportedLayerError(node, what, f"combines {ga.width} with {gb.width} channels")
         if self.first[b] < self.first[a]:
             a, b, ga, gb = b, a, gb, ga
         self.parent[b] = a
@@ -233,8 +331,25 @@ class _Groups:
         ga.consumers += gb.consumers
         ga.sites += gb.sites
         kinds = {ga.kind, gb.kind}
-        ga.kind = "input" if "input" in kinds else "stream"
+        if "input" in kinds:
+            ga.kind = "input"
+        elif stream or "stream" in kinds:
+            ga.kind = "stream"
+        ga.chunks = math.lcm(ga.chunks, gb.chunks)
+        if ga.width % ga.chunks:
+            raise UnsupportedLayerError(node, what, "joins channels that grouped convs cut "
+                                        "into runs of different sizes")
+        self.pooled[a] = self.pooled[a] and self.pooled[b]
+        self.kept[a] = self.kept[a] or self.kept[b]
         return a
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """The channels of a tensor: its segments (group ids, in channel order) and channel dim."""
+
+    segs: tuple[int, ...]
+    dim: int = 1
 
 
 def _tensor_meta(node):
@@ -246,12 +361,14 @@ def _describe(node: fx.Node, modules) -> tuple[str, str]:
     if node.op == "call_module":
         return node.target, type(modules[node.target]).__name__
     target = getattr(node.target, "__name__", str(node.target))
-    return node.name, f"{node.op} {target}"
+    stack = list(node.meta.get("nn_module_stack", {}).keys())
+    where = f"{stack[-1]}: {node.name}" if stack and stack[-1] else node.name
+    return where, f"{node.op} {target}"
 
 
 def _trace(model: nn.Module, input_size) -> fx.GraphModule:
     try:
-        graph = _Tracer().trace(model)
+        graph = trace(model)
     except Exception as exc:
         raise UnsupportedLayerError(
             type(model).__name__, "torch.fx trace", f"{type(exc).__name__}: {exc}"
@@ -260,15 +377,36 @@ def _trace(model: nn.Module, input_size) -> fx.GraphModule:
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else None
+    prop = _ShapeProp(gm)
     try:
         with eval_mode(model, gm), torch.no_grad():
-            ShapeProp(gm).propagate(torch.randn(input_size, device=device, dtype=dtype))
+            prop.run(torch.randn(input_size, device=device, dtype=dtype))
     except Exception as exc:
+        cause = exc.__cause__ or exc
+        where = ""
+        if prop.current is not None:
+            part, what = _describe(prop.current, dict(model.named_modules()))
+            where = f" at {part} ({what})"
         raise ValueError(
-            f"the model does not run on input_size {tuple(input_size)} "
-            f"({type(exc).__name__}: {exc}); pass the input size it expects"
+            f"the model does not run on input_size {tuple(input_size)}{where}: "
+            f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}; pass "
+            "the input size it expects (the graph is traced as the model trains, so "
+            "training-only branches such as auxiliary heads run too)"
         ) from exc
     return gm
+
+
+class _ShapeProp(fx.Interpreter):
+    """torch.fx's ShapeProp, quiet (it prints tracebacks) and remembering the node it runs."""
+
+    current = None
+
+    def run_node(self, n):
+        self.current = n
+        result = super().run_node(n)
+        if isinstance(result, torch.Tensor):
+            n.meta["tensor_meta"] = _extract_tensor_metadata(result)
+        return result
 
 
 def build_graph(model: nn.Module, input_size=(1, 3, 32, 32), residual: str = "stream",
@@ -305,7 +443,35 @@ def build_graph(model: nn.Module, input_size=(1, 3, 32, 32), residual: str = "st
             raise UnsupportedLayerError(exc.layer, exc.what, f"{exc.why}; and {missing}") from exc
         warnings.warn(f"cannot prune through {exc.layer} ({exc.what}): {exc.why}; using "
                       "Torch-Pruning's DependencyGraph", stacklevel=2)
-        return build_tp_graph(model, input_size, residual, prune_classifier_input)
+        try:
+            return build_tp_graph(model, input_size, residual, prune_classifier_input)
+        except TorchPruningFailure as failure:
+            raise UnsupportedLayerError(
+                exc.layer, exc.what, exc.why,
+                f"Torch-Pruning, pccfast's fallback, fails on {type(model).__name__} too "
+                f"({failure.detail}), so this model cannot be pruned"
+            ) from failure
+
+
+def _is(node: fx.Node, functions=(), methods=(), names=()) -> bool:
+    if node.op == "call_method":
+        return node.target in methods
+    if node.op == "call_function":
+        return node.target in functions or getattr(node.target, "__name__", None) in names
+    return False
+
+
+def _dims(node: fx.Node, first: int = 1):
+    """The dims argument of permute/mean-like calls, as a tuple (or None)."""
+    args = node.args[first:]
+    if len(args) == 1 and isinstance(args[0], (tuple, list)):
+        return tuple(args[0])
+    if args and all(isinstance(a, int) for a in args):
+        return tuple(args)
+    value = node.kwargs.get("dims", node.kwargs.get("dim"))
+    if isinstance(value, int):
+        return (value,)
+    return tuple(value) if isinstance(value, (tuple, list)) else None
 
 
 def _build_fx_graph(model, input_size, residual, prune_classifier_input) -> PruningGraph:
@@ -313,26 +479,59 @@ def _build_fx_graph(model, input_size, residual, prune_classifier_input) -> Prun
     modules = dict(model.named_modules())
     nodes = list(gm.graph.nodes)
     position = {n: i for i, n in enumerate(nodes)}
+    pooled_nodes, _ = site_flags(gm.graph, modules)
     groups = _Groups()
-    chan: dict[fx.Node, int] = {}  # node -> group of its dim-1 channels
-    flat: dict[fx.Node, tuple[int, int]] = {}  # node -> (group, features per channel)
+    chan: dict[fx.Node, _Layout] = {}  # node -> its channel segments
+    flat: dict[fx.Node, tuple[tuple[int, ...], int]] = {}  # node -> (segments, features/channel)
+    gated: set[fx.Node] = set()  # removed channels would read nonzero in the masked original
     calls: dict[str, int] = {}
     call_index: dict[fx.Node, int] = {}
-    producer_node: dict[int, list[fx.Node]] = {}  # group id -> conv nodes producing it
+    first_call: dict[str, tuple[_Layout, int | None]] = {}  # shared module -> (input, output)
+    producer_node: dict[int, list[fx.Node]] = {}  # group id -> conv/linear nodes writing it
     add_nodes: list[fx.Node] = []
-    terms: list[tuple] = []  # (module, in group id, out group id, weight coef, mac coef, ...)
-    norm_calls: list[tuple[int, int]] = []  # (group id, output elements per channel)
+    terms: list[tuple] = []  # (module, in id, out id, weight coef, mac coef, bias, first, groups)
+    norm_calls: list[tuple] = []  # (group id, output elements per channel, module)
     classifier_groups: set[int] = set()  # group ids read by a Linear layer
     output_groups: set[int] = set()  # group ids of the model's outputs
 
-    def grouped_inputs(node):
-        found = []
-        for a in node.all_input_nodes:
-            if a in chan:
-                found.append(a)
-            elif a in flat:
-                found.append(a)
-        return found
+    def width(layout_segs) -> int:
+        return sum(groups.get(s).width for s in layout_segs)
+
+    def offsets(layout_segs):
+        out, at = [], 0
+        for s in layout_segs:
+            out.append((s, at))
+            at += groups.get(s).width
+        return out
+
+    def single(layout: _Layout, name, what) -> int:
+        if len(layout.segs) != 1:
+            raise UnsupportedLayerError(name, what, "it reads a concatenation this layer cannot "
+                                        "split")
+        return layout.segs[0]
+
+    def read_gated(node, reason):
+        if node in gated:
+            for s in (chan[node].segs if node in chan else flat[node][0]):
+                groups.keep(s, reason)
+
+    def grouped(a) -> bool:
+        return isinstance(a, fx.Node) and (a in chan or a in flat)
+
+    def share(node, name, what, layout_in: _Layout | None, out: int | None):
+        """A module called again must prune its channels as in its first call."""
+        if call_index[node] == 0:
+            first_call[node.target] = (layout_in, out)
+            return
+        before_in, before_out = first_call[node.target]
+        if layout_in is not None and before_in is not None:
+            if len(layout_in.segs) != len(before_in.segs):
+                raise UnsupportedLayerError(name, what, "called again on differently "
+                                            "concatenated channels")
+            for a, b in zip(layout_in.segs, before_in.segs):
+                groups.union(a, b, name, what, stream=False)
+        if out is not None and before_out is not None:
+            groups.union(out, before_out, name, what, stream=False)
 
     for node in nodes:
         if node.op == "call_module":
@@ -342,85 +541,140 @@ def _build_fx_graph(model, input_size, residual, prune_classifier_input) -> Prun
         pos = position[node]
         if node.op == "placeholder":
             if meta is not None and len(meta.shape) >= 2:
-                chan[node] = groups.new(int(meta.shape[1]), "input", pos)
+                chan[node] = _Layout((groups.new(int(meta.shape[1]), "input", pos),))
             continue
         if node.op == "output":
             for a in node.all_input_nodes:
                 if a in chan:
-                    output_groups.add(chan[a])
+                    output_groups.update(chan[a].segs)
                 elif a in flat:
-                    output_groups.add(flat[a][0])
+                    output_groups.update(flat[a][0])
             continue
-        inputs = grouped_inputs(node)
+        inputs = [a for a in node.all_input_nodes if grouped(a)]
         name, what = _describe(node, modules)
         x = node.args[0] if node.args else None
+        xl = chan.get(x) if isinstance(x, fx.Node) else None
 
         if node.op == "call_module":
             module = modules[node.target]
             if isinstance(module, nn.Conv2d):
-                if x not in chan:
+                if xl is None or xl.dim != 1:
                     raise UnsupportedLayerError(name, what, "its input has no channel group")
-                if module.groups != 1:
-                    raise UnsupportedLayerError(name, what, f"groups={module.groups}")
-                out = groups.new(module.out_channels, "conv", pos)
-                groups.get(chan[x]).consumers.append(Port(node.target, "conv_in"))
+                g_count, c_in, c_out = module.groups, module.in_channels, module.out_channels
+                spatial = math.prod(meta.shape) // c_out
+                kernel = math.prod(module.kernel_size)
+                bias = module.bias is not None
+                first = call_index[node] == 0
+                if g_count > 1 and g_count == c_in == c_out:  # depthwise: channel c reads c
+                    g = single(xl, name, what)
+                    groups.get(g).producers.append(Port(node.target, "dw"))
+                    producer_node.setdefault(g, []).append(node)
+                    terms.append((node.target, None, g, kernel, spatial * kernel, bias, first, 1))
+                    share(node, name, what, xl, None)
+                    chan[node] = xl
+                    continue
+                if g_count > 1 and c_out != c_in and c_in == g_count:
+                    raise UnsupportedLayerError(name, what, "a depthwise conv with a channel "
+                                                "multiplier")
+                read_gated(x, f"read by {name} through a gate")
+                out = groups.new(c_out, "conv", pos, pooled=x in pooled_nodes)
+                if g_count > 1:
+                    groups.add_chunks(single(xl, name, what), g_count, name, what)
+                    groups.add_chunks(out, g_count, name, what)
+                for i, (s, offset) in enumerate(offsets(xl.segs)):
+                    groups.get(s).consumers.append(Port(node.target, "conv_in", 1, offset))
+                    terms.append((node.target, s, out, kernel, spatial * kernel,
+                                  bias and i == 0, first, g_count))
                 groups.get(out).producers.append(Port(node.target, "conv_out"))
                 producer_node.setdefault(out, []).append(node)
-                spatial = math.prod(meta.shape) // module.out_channels
-                kernel = math.prod(module.kernel_size)
-                terms.append((node.target, chan[x], out, kernel, spatial * kernel,
-                               module.bias is not None, call_index[node] == 0))
-                chan[node] = out
+                share(node, name, what, xl, out)
+                chan[node] = _Layout((out,))
                 continue
-            if isinstance(module, _NORMS):
+            if isinstance(module, _BatchNorm):
                 per_channel = math.prod(meta.shape) // module.num_features
-                if x in chan and len(meta.shape) >= 2:
-                    groups.get(chan[x]).producers.append(Port(node.target, "bn"))
-                    chan[node] = chan[x]
-                    norm_calls.append((chan[x], per_channel))
-                    continue
-                if x in flat and flat[x][1] == 1:
-                    groups.get(flat[x][0]).producers.append(Port(node.target, "bn"))
-                    flat[node] = flat[x]
-                    norm_calls.append((flat[x][0], per_channel))
-                    continue
-                raise UnsupportedLayerError(name, what, "normalises a flattened tensor")
-            if isinstance(module, nn.Linear):
-                if x in flat:
-                    g, factor = flat[x]
-                    groups.get(g).consumers.append(Port(node.target, "linear_in", factor))
-                    classifier_groups.add(g)
-                elif x in chan and len(_tensor_meta(x).shape) == 2:
-                    g, factor = chan[x], 1
-                    groups.get(g).consumers.append(Port(node.target, "linear_in", 1))
-                    classifier_groups.add(g)
+                layout = xl.segs if xl is not None and xl.dim == 1 else (
+                    flat[x][0] if x in flat and flat[x][1] == 1 else None)
+                if layout is None:
+                    raise UnsupportedLayerError(name, what, "normalises a flattened tensor")
+                for s, offset in offsets(layout):
+                    groups.get(s).producers.append(Port(node.target, "bn", 1, offset))
+                    norm_calls.append((s, per_channel, node.target))
+                share(node, name, what, xl or _Layout(layout), None)
+                if xl is not None:
+                    chan[node] = xl
                 else:
-                    raise UnsupportedLayerError(name, what, "its input is not (N, features)")
-                out = groups.new(module.out_features, "linear", pos)
-                groups.get(out).producers.append(Port(node.target, "linear_out"))
+                    flat[node] = flat[x]
+                continue  # the masked original zeroes a BN's removed outputs: no gate passes
+            if isinstance(module, nn.Linear):
+                first = call_index[node] == 0
+                bias = module.bias is not None
                 rows = math.prod(meta.shape) // module.out_features
-                terms.append((node.target, g, out, factor, rows * factor,
-                              module.bias is not None, call_index[node] == 0))
-                flat[node] = (out, 1)
+                x_meta = _tensor_meta(x)
+                x_shape = tuple(x_meta.shape) if x_meta is not None else ()
+                pointwise = xl is not None and len(x_shape) >= 3 and xl.dim == len(x_shape) - 1
+                if x in flat:
+                    segs, factor = flat[x]
+                elif xl is not None and (len(x_shape) == 2 or pointwise):
+                    segs, factor = xl.segs, 1
+                else:
+                    raise UnsupportedLayerError(name, what, "its input is not (N, features) "
+                                                "or a channels-last map")
+                read_gated(x, f"read by {name} through a gate")
+                out = groups.new(module.out_features, "conv" if pointwise else "linear", pos,
+                                 pooled=x in pooled_nodes)
+                for i, (s, offset) in enumerate(offsets(segs)):
+                    groups.get(s).consumers.append(Port(node.target, "linear_in", factor, offset))
+                    if not pointwise:
+                        classifier_groups.add(s)
+                    terms.append((node.target, s, out, factor, rows * factor, bias and i == 0,
+                                  first, 1))
+                dim = len(x_shape) - 1 if pointwise else 1
+                groups.get(out).producers.append(
+                    Port(node.target, "linear_out", dim=-1 if pointwise else 1))
+                if pointwise:
+                    producer_node.setdefault(out, []).append(node)
+                share(node, name, what, _Layout(segs), out)
+                if pointwise:
+                    chan[node] = _Layout((out,), dim)
+                else:
+                    flat[node] = ((out,), 1)
                 continue
             if isinstance(module, PadShortcut):
-                if x not in chan:
+                if xl is None:
                     raise UnsupportedLayerError(name, what, "its input has no channel group")
+                g = single(xl, name, what)
                 out = groups.new(module.out_channels, "conv", pos)
-                groups.get(chan[x]).consumers.append(Port(node.target, "shortcut_in"))
+                groups.get(g).consumers.append(Port(node.target, "shortcut_in"))
                 groups.get(out).producers.append(Port(node.target, "shortcut_out"))
-                chan[node] = out
+                chan[node] = _Layout((out,))
                 continue
-            if isinstance(module, _PASS_MODULES):
-                if x in chan:
-                    chan[node] = chan[x]
+            if isinstance(module, _CHANNEL_NORMS) and xl is not None:
+                rank = len(meta.shape)
+                spans = (isinstance(module, nn.LayerNorm)
+                         and xl.dim < rank - len(module.normalized_shape))
+                if not spans:
+                    for s in xl.segs:
+                        groups.keep(s, f"normalised over its channels by {name} ({what}): "
+                                    "removing a channel changes the others")
+                chan[node] = xl
+                continue
+            if isinstance(module, _PASS_MODULES + _GATE_MODULES):
+                if isinstance(module, nn.PReLU) and module.num_parameters != 1:
+                    raise UnsupportedLayerError(name, what, "per-channel slopes")
+                if xl is not None:
+                    chan[node] = xl
                 elif x in flat:
                     flat[node] = flat[x]
+                if x in gated or isinstance(module, _GATE_MODULES):
+                    gated.add(node)
                 continue
             if isinstance(module, nn.Flatten):
-                if x in chan and module.start_dim == 1 and module.end_dim == -1:
+                if (xl is not None and xl.dim == 1 and module.start_dim == 1
+                        and module.end_dim == -1):
                     in_shape = _tensor_meta(x).shape
-                    flat[node] = (chan[x], math.prod(in_shape[2:]))
+                    flat[node] = (xl.segs, math.prod(in_shape[2:]))
+                    if x in gated:
+                        gated.add(node)
                     continue
                 raise UnsupportedLayerError(name, what, "flattens other than from dim 1")
             if inputs:
@@ -428,50 +682,137 @@ def _build_fx_graph(model, input_size, residual, prune_classifier_input) -> Prun
             continue
 
         # call_function / call_method / get_attr
-        if not inputs:
+        if not inputs or meta is None:  # constants; x.size(), x.shape: no tensor comes out
             continue
-        if meta is None:  # x.size(), x.shape, x.dim(): no tensor comes out
+        one = len(inputs) == 1 and inputs[0] is x
+        if _is(node, _PASS_FUNCTIONS + _GATE_FUNCTIONS, _PASS_METHODS + _GATE_METHODS,
+               _PASS_FUNCTION_NAMES) and one:
+            if xl is not None:
+                chan[node] = xl
+            else:
+                flat[node] = flat[x]
+            if x in gated or _is(node, _GATE_FUNCTIONS, _GATE_METHODS):
+                gated.add(node)
             continue
-        target = node.target
-        is_method = node.op == "call_method"
-        if (not is_method and target in _PASS_FUNCTIONS) or (is_method and target in _PASS_METHODS):
-            if len(inputs) == 1 and inputs[0] is x:
-                if x in chan:
-                    chan[node] = chan[x]
-                else:
-                    flat[node] = flat[x]
-                continue
-        if (not is_method and target in _ADD_FUNCTIONS) or (is_method and target in _ADD_METHODS):
-            tensors = [a for a in node.args[:2] if isinstance(a, fx.Node)]
-            if all(a in chan for a in tensors) and len(tensors) == 2:
-                chan[node] = groups.union(chan[tensors[0]], chan[tensors[1]], name)
-                add_nodes.append(node)
-                continue
-            if len(tensors) == 1 and tensors[0] in chan:  # x + constant
-                chan[node] = chan[tensors[0]]
-                continue
-        if (not is_method and target in _SCALE_FUNCTIONS) or (is_method and target in _SCALE_METHODS):
-            tensors = [a for a in node.args[:2] if isinstance(a, fx.Node)]
-            others = [a for a in node.args[:2] if not isinstance(a, fx.Node)]
-            if len(tensors) == 1 and tensors[0] is x and x in chan and all(
-                    isinstance(a, (int, float)) for a in others):  # x * scalar
-                chan[node] = chan[x]
-                continue
-        if (is_method and target in _FLATTEN_METHODS) or (not is_method and target is torch.flatten):
-            if x in chan and len(meta.shape) == 2:
-                in_shape = _tensor_meta(x).shape
-                if int(meta.shape[1]) == math.prod(in_shape[1:]):
-                    flat[node] = (chan[x], math.prod(in_shape[2:]))
+        if _is(node, _ADD_FUNCTIONS + _MUL_FUNCTIONS + _DIV_FUNCTIONS,
+               _ADD_METHODS + _MUL_METHODS + _DIV_METHODS):
+            operands = list(node.args[:2])
+            is_add = _is(node, _ADD_FUNCTIONS, _ADD_METHODS)
+            is_div = _is(node, _DIV_FUNCTIONS, _DIV_METHODS)
+            tracked = [a for a in operands if isinstance(a, fx.Node) and a in chan]
+            if len(tracked) == 2:
+                la, lb = chan[tracked[0]], chan[tracked[1]]
+                if is_div:
+                    raise UnsupportedLayerError(name, what, "divides by a tensor with channels")
+                wa, wb = width(la.segs), width(lb.segs)
+                if la.dim != lb.dim:
+                    raise UnsupportedLayerError(name, what, "combines different channel dims")
+                if not is_add and 1 in (wa, wb) and wa != wb:  # a (N, 1, H, W) spatial gate
+                    wide = tracked[0] if wb == 1 else tracked[1]
+                    chan[node] = chan[wide]
+                    if wide in gated:
+                        gated.add(node)
                     continue
-        if (is_method and target == "mean") or (not is_method and target is torch.mean):
-            if x in chan and len(meta.shape) == 2 and int(meta.shape[1]) == _tensor_meta(x).shape[1]:
-                flat[node] = (chan[x], 1)
+                if len(la.segs) != 1 or len(lb.segs) != 1:
+                    raise UnsupportedLayerError(name, what, "combines concatenated channels")
+                root = groups.union(la.segs[0], lb.segs[0], name, what, stream=is_add)
+                chan[node] = _Layout((root,), la.dim)
+                if is_add:
+                    add_nodes.append(node)
+                    if tracked[0] in gated or tracked[1] in gated:
+                        gated.add(node)
+                elif tracked[0] in gated and tracked[1] in gated:
+                    gated.add(node)
                 continue
-        if not is_method and target is operator.getitem and x in chan:
+            if len(tracked) == 1 and (tracked[0] is operands[0] or not is_div):
+                t = tracked[0]
+                other = operands[1] if operands[0] is t else operands[0]
+                layout = chan[t]
+                other_meta = _tensor_meta(other)
+                if other_meta is not None and len(other_meta.shape) > 0:
+                    shape = tuple(other_meta.shape)
+                    rank = len(meta.shape)
+                    at = layout.dim - (rank - len(shape))
+                    if 0 <= at < len(shape) and shape[at] != 1:
+                        for s in layout.segs:
+                            groups.keep(s, f"scaled by a per-channel tensor at {name}, which "
+                                        "pccfast does not slice")
+                elif isinstance(other, fx.Node):
+                    raise UnsupportedLayerError(name, what, "an operand of unknown shape")
+                chan[node] = layout
+                zero = isinstance(other, (int, float)) and other == 0
+                if t in gated or (is_add and not zero):
+                    gated.add(node)  # x + c: a removed channel reads c in the masked original
+                continue
+        if node.op == "call_function" and node.target is torch.cat:
+            tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+            if isinstance(tensors, (list, tuple)) and all(
+                    isinstance(a, fx.Node) and a in chan for a in tensors):
+                layouts = [chan[a] for a in tensors]
+                rank = len(meta.shape)
+                dim = dim % rank
+                if all(lay.dim == dim for lay in layouts):
+                    chan[node] = _Layout(tuple(s for lay in layouts for s in lay.segs), dim)
+                    if any(a in gated for a in tensors):
+                        gated.add(node)
+                    continue
+            raise UnsupportedLayerError(name, what, "concatenates along another dim or with "
+                                        "untracked tensors")
+        if _is(node, (torch.permute,), ("permute",)) and xl is not None:
+            dims = _dims(node)
+            if dims is not None:
+                dims = tuple(d % len(meta.shape) for d in dims)
+                chan[node] = _Layout(xl.segs, dims.index(xl.dim))
+                if x in gated:
+                    gated.add(node)
+                continue
+        if _is(node, (torch.flatten,), _FLATTEN_METHODS) and xl is not None and xl.dim == 1:
+            in_shape = _tensor_meta(x).shape
+            if len(meta.shape) == 2 and int(meta.shape[1]) == math.prod(in_shape[1:]):
+                flat[node] = (xl.segs, math.prod(in_shape[2:]))
+                if x in gated:
+                    gated.add(node)
+                continue
+            if tuple(meta.shape) == tuple(in_shape):  # a no-op reshape
+                chan[node] = xl
+                continue
+            if len(meta.shape) > 2 and tuple(meta.shape[2:]) != tuple(in_shape[2:]):
+                raise UnsupportedLayerError(name, what, f"reshapes the {in_shape[1]} channels "
+                                            f"into {tuple(meta.shape[1:])} (a channel shuffle "
+                                            "or split regroups channels)")
+        if _is(node, (torch.mean, torch.amax), ("mean", "amax")) and xl is not None:
+            in_shape = _tensor_meta(x).shape
+            dims = {d % len(in_shape) for d in (_dims(node) or ())}
+            if xl.dim not in dims and dims and 0 not in dims:
+                if len(meta.shape) == len(in_shape):
+                    chan[node] = xl  # keepdim
+                elif len(meta.shape) == 2 and xl.dim == 1:
+                    flat[node] = (xl.segs, 1)
+                else:
+                    raise UnsupportedLayerError(name, what, "reduces to an unexpected shape")
+                if x in gated:
+                    gated.add(node)
+                continue
+        if node.op == "call_function" and node.target is operator.getitem and xl is not None:
             index = node.args[1]
-            if isinstance(index, tuple) and len(index) >= 2 and index[1] == slice(None):
-                chan[node] = chan[x]
+            if isinstance(index, tuple) and len(index) > xl.dim and all(
+                    i == slice(None) for i in index[:xl.dim + 1]):
+                chan[node] = xl
+                if x in gated:
+                    gated.add(node)
                 continue
+        if _is(node, _CHANNEL_NORM_FUNCTIONS) and xl is not None:
+            rank = len(meta.shape)
+            shape = node.args[1] if len(node.args) > 1 else node.kwargs.get("normalized_shape")
+            spans = (node.target is F.layer_norm and isinstance(shape, (tuple, list))
+                     and xl.dim < rank - len(shape))
+            if not spans:
+                for s in xl.segs:
+                    groups.keep(s, f"normalised over its channels by {name} ({what}): "
+                                "removing a channel changes the others")
+            chan[node] = xl
+            continue
         raise UnsupportedLayerError(name, what, "an operation the structural pruner cannot "
                                     "follow (it might mix or reorder channels)")
 
@@ -483,17 +824,25 @@ def _build_fx_graph(model, input_size, residual, prune_classifier_input) -> Prun
     blocks = list(dict.fromkeys(b for b in add_block.values() if b))
 
     # Finalise the groups: names, sites, prunability.
-    roots = sorted({groups.find(i) for i in range(len(groups.parent))}, key=lambda r: groups.first[r])
+    roots = sorted({groups.find(i) for i in range(len(groups.parent))},
+                   key=lambda r: groups.first[r])
     id_to_name: dict[int, str] = {}
     final: list[ChannelGroup] = []
-    relu_site = _site_finder(nodes, modules, call_index, calls)
+    site_of = scored_sites(gm.graph, modules, chip_pool=True)
+    evaluated = eval_modules(model)
+    if evaluated is not None:  # scores come from eval-mode passes: no training-only sites
+        site_of = {n: s for n, s in site_of.items() if s.module in evaluated}
     classifier_roots = {groups.find(i) for i in classifier_groups}
     output_roots = {groups.find(i) for i in output_groups}
+    members: dict[int, list[int]] = {}
+    for i in range(len(groups.parent)):
+        members.setdefault(groups.find(i), []).append(i)
     for root in roots:
         g = groups.data[root]
-        members = [i for i in range(len(groups.parent)) if groups.find(i) == root]
-        convs = [n for i in members for n in producer_node.get(i, [])]
-        adds = [n for n in add_nodes if groups.find(chan[n]) == root]
+        g.producers = list(dict.fromkeys(g.producers))
+        g.consumers = list(dict.fromkeys(g.consumers))
+        producers = [n for i in members[root] for n in producer_node.get(i, [])]
+        adds = [n for n in add_nodes if groups.find(chan[n].segs[0]) == root]
         if g.kind == "stream" and adds:
             g.name = _common_prefix([add_block[n] for n in adds]) or g.convs[0]
         elif g.convs:
@@ -502,21 +851,15 @@ def _build_fx_graph(model, input_size, residual, prune_classifier_input) -> Prun
             g.name = g.producers[0].module
         else:
             g.name = "input" if g.kind == "input" else f"group{root}"
-        sites = []
-        for conv in sorted(convs, key=position.get):
-            site = relu_site(conv)
-            if site is not None:
-                sites.append(site)
-        for add in adds:
-            site = relu_site(add)
-            if site is not None:
-                sites.append(site)
+        sites = [site_of[n] for n in sorted(producers, key=position.get) if n in site_of]
+        sites += [site_of[n] for n in adds if n in site_of]
         g.sites = list(dict.fromkeys(sites))
         if g.kind == "conv" and g.convs:
             owners = [b for b in blocks if g.convs[0].startswith(b + ".")]
             g.block = max(owners, key=len) if owners else ""
         g.prunable, g.reason = _prunable(g, root in output_roots, root in classifier_roots,
-                                         residual, prune_classifier_input)
+                                         residual, prune_classifier_input, groups.kept[root],
+                                         groups.pooled[root])
         id_to_name[root] = g.name
         final.append(g)
     if len({g.name for g in final}) != len(final):
@@ -527,20 +870,24 @@ def _build_fx_graph(model, input_size, residual, prune_classifier_input) -> Prun
                 g.name = f"{g.name}#{seen[g.name] - 1}"
         id_to_name = {r: g.name for r, g in zip(roots, final)}
 
+    # FLOPs are of one eval-mode forward (pccfast.count): training-only layers have params only.
+    counted = (lambda module: True) if evaluated is None else evaluated.__contains__
     cost_terms = []
     widths = {g.name: g.width for g in final}
-    for module, gin, gout, weight_coef, mac_coef, bias, first_call in terms:
+    for module, gin, gout, weight_coef, mac_coef, bias, first_call_, g_count in terms:
         n_in = id_to_name[groups.find(gin)] if gin is not None else None
         n_out = id_to_name[groups.find(gout)] if gout is not None else None
-        cost_terms.append(CostTerm(module, n_in, n_out, widths.get(n_in, 0), widths.get(n_out, 0),
-                                   weight_coef, mac_coef, bias, first_call))
+        cost_terms.append(CostTerm(module, n_in, n_out, widths.get(n_in, 1), widths.get(n_out, 0),
+                                   weight_coef, mac_coef, bias, first_call_, g_count,
+                                   counted(module)))
     norms = [(id_to_name[groups.find(g)], widths[id_to_name[groups.find(g)]], per_channel)
-             for g, per_channel in norm_calls]
+             for g, per_channel, module in norm_calls if counted(module)]
     return PruningGraph(model, final, cost_terms, tuple(input_size), residual, blocks,
                         prune_classifier_input, norms)
 
 
-def _prunable(g: ChannelGroup, is_output, is_classifier_input, residual, prune_classifier_input):
+def _prunable(g: ChannelGroup, is_output, is_classifier_input, residual, prune_classifier_input,
+              kept: str = "", pooled: bool = False):
     if g.kind == "input":
         return False, "the model's input"
     if g.kind == "linear" or not g.convs:
@@ -551,8 +898,13 @@ def _prunable(g: ChannelGroup, is_output, is_classifier_input, residual, prune_c
         return False, "read by the classifier (CHIP keeps it; prune_classifier_input=True prunes it)"
     if g.kind == "stream" and residual == "inner":
         return False, "a residual stream (residual='inner')"
+    if kept:
+        return False, kept
+    if pooled:
+        return False, ("computed from globally pooled 1x1 maps (a squeeze-excitation's reduced "
+                       "channels): CI needs a spatial map")
     if not g.sites:
-        return False, "no scored activation (no ReLU module after its conv/BN)"
+        return False, "no scored activation (no activation after its conv/BN)"
     return True, ""
 
 
@@ -564,45 +916,3 @@ def _common_prefix(names: list[str]) -> str:
             break
         prefix.append(column[0])
     return ".".join(prefix)
-
-
-def _site_finder(nodes, modules, call_index, calls):
-    """node -> the CHIP site of its output: [BN] -> ReLU -> [MaxPool2d], or None."""
-
-    def only_user(node):
-        users = list(node.users)
-        return users[0] if len(users) == 1 else None
-
-    def is_relu(node):
-        if node.op == "call_module":
-            return isinstance(modules[node.target], _RELU_MODULES)
-        if node.op == "call_function":
-            return node.target in _RELU_FUNCTIONS
-        return node.op == "call_method" and node.target in ("relu", "relu_")
-
-    def site_of(node, hooked, conv, norm, apply_relu):
-        index = call_index[hooked]
-        name = hooked.target if calls[hooked.target] == 1 else f"{hooked.target}:{index}"
-        return Site(name, hooked.target, index, conv, norm, apply_relu)
-
-    def find(start: fx.Node):
-        conv = start.target if start.op == "call_module" else ""
-        node, norm = start, ""
-        nxt = only_user(node)
-        if nxt is not None and nxt.op == "call_module" and isinstance(modules[nxt.target], _NORMS):
-            node, norm = nxt, nxt.target
-            nxt = only_user(node)
-        if nxt is None or not is_relu(nxt):
-            return None
-        if nxt.op != "call_module":  # functional ReLU: hook the module before it
-            if node.op != "call_module":
-                return None
-            return site_of(nxt, node, conv, norm, True)
-        relu = nxt
-        pool = only_user(relu)
-        if pool is not None and pool.op == "call_module" and isinstance(
-                modules[pool.target], nn.MaxPool2d):
-            return site_of(pool, pool, conv, norm, False)
-        return site_of(relu, relu, conv, norm, False)
-
-    return find

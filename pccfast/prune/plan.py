@@ -485,7 +485,7 @@ def make_plan(graph, scores, *, rates=None, tau=None, target_flops=None, target_
     layers = []
     for g in graph.prunable:
         k = keep.get(g.name, g.width)
-        indices = list(range(g.width)) if k >= g.width else kept_indices(checked[g.name], k)
+        indices = list(range(g.width)) if k >= g.width else g.keep_indices(checked[g.name], k)
         layers.append(LayerPlan(g.name, g.kind, g.width, len(indices), indices, g.convs,
                                 [s.name for s in g.sites], slot_rate.get(g.name)))
     return Plan(layers, method, setting, graph.input_size, graph.residual,

@@ -42,6 +42,9 @@ def prune(model: nn.Module, scores: dict, *, rates=None, tau: float | None = Non
     """
     model = unwrap_parallel(model)
     graph = build_graph(model, input_size, residual, prune_classifier_input, engine)
+    if not graph.prunable:
+        raise ValueError(f"{type(model).__name__} has no prunable layer: "
+                         f"{graph.why_nothing_to_score()}")
     plan = make_plan(graph, scores, rates=rates, tau=tau, target_flops=target_flops,
                      target_params=target_params)
     pruned = apply_plan(model, plan, graph)

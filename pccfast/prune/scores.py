@@ -1,7 +1,7 @@
 """Per-channel importance scores over calibration data (the importance part of pruning).
 
-:class:`ScoreCollector` hooks every scored site of a model (SPEC section 3: the post-ReLU output
-of each conv, the max-pool output where a pool follows, the post-add ReLU of residual streams),
+:class:`ScoreCollector` hooks every scored site of a model (SPEC section 3: the activation output
+after each conv, the max-pool output where a pool follows, the post-add ReLU of residual streams),
 and while calibration batches run forward it turns each activation straight into per-image
 scores of its criterion (CI by default, :func:`pccfast.channel_independence` on the fastest
 backend; ``hrank``, ``taylor``: :mod:`pccfast.prune.criteria`) and adds them to a float64
@@ -129,8 +129,8 @@ class ScoreCollector:
                                  f"does not score; its layers are {list(names)[:6]}...")
             scored = [names[n] for n in self._layers]
         if not scored:
-            raise ValueError(f"{type(self.model).__name__} has no scored layer (no ReLU module "
-                             "after a Conv2d/BatchNorm2d)")
+            raise ValueError(f"{type(self.model).__name__} has no scored layer: "
+                             f"{graph.why_nothing_to_score()}")
         self.groups = {g.name: [s.name for s in g.sites] for g in scored}
         self.convs = {g.name: list(g.convs) for g in scored}
         self.widths = {g.name: g.width for g in scored}
@@ -139,6 +139,8 @@ class ScoreCollector:
             for s in g.sites:
                 sites.setdefault(s.name, s)
         self.sites = list(sites.values())
+        if self.criterion == "taylor":
+            _check_taylor_sites(self.sites)
         if self.needs_data:
             self._hooks = SiteHooks(self.model, self.sites, self._accumulate,
                                     raw=self.criterion == "taylor")
@@ -182,6 +184,8 @@ class ScoreCollector:
         # Where the model's own F.relu follows the hook, ``hooked`` is its input z (or, after an
         # in-place ReLU, relu(z)) and ``grad`` is dL/dz: 0 where z <= 0, dL/da elsewhere, so
         # hooked * grad = a * dL/da either way.
+        if site.channels_last:  # (N, H, W, C), ConvNeXt's MLP
+            hooked, grad = hooked.movedim(-1, 1), grad.movedim(-1, 1)
         self._add(site.name, taylor_importance(hooked.detach(), grad))
         self._pending[index][3] = True
 
@@ -197,7 +201,8 @@ class ScoreCollector:
             torch.autograd.grad(loss, x, allow_unused=True)
         for site, hooked, _, scored in self._pending:
             if not scored:  # the loss does not depend on this activation
-                self._add(site.name, torch.zeros(hooked.shape[:2], dtype=torch.float64,
+                channels = hooked.shape[-1 if site.channels_last else 1]
+                self._add(site.name, torch.zeros((hooked.shape[0], channels), dtype=torch.float64,
                                                  device=hooked.device))
 
     def _loss(self, output, labels) -> torch.Tensor:
@@ -422,6 +427,18 @@ def collect_scores(model: nn.Module, loader=None, criterion: str = "ci", *, laye
         return col.scores()
     finally:
         col.remove()
+
+
+def _check_taylor_sites(sites) -> None:
+    """taylor takes dL/dz at the hooked module's output z; where the model applies its
+    activation f as a function after it, z * dL/dz equals a * dL/da only for f(z) = z f'(z)."""
+    for site in sites:
+        if site.activation and site.activation[0] not in (F.relu, F.leaky_relu):
+            raise ValueError(
+                f"criterion 'taylor' cannot score {site.name}: the model applies "
+                f"{site.activation[0].__name__} as a function call after it, so no hook sees "
+                "the activation's gradient (only ReLU/LeakyReLU calls work: use a module such "
+                "as nn.SiLU() there, or another criterion)")
 
 
 def save_scores(scores: dict, path, **meta) -> None:

@@ -9,15 +9,14 @@ removed channels zeroed wherever they are written (tests, and ``prune(..., verif
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
 
+from .._hooks import clean_copy, marked
 from ..models._common import RECIPE_ATTRIBUTE, eval_mode
 from ..models.resnet_cifar import PadShortcut
 
-_PRODUCER_ROLES = ("conv_out", "bn", "shortcut_out", "linear_out")
+_PRODUCER_ROLES = ("conv_out", "dw", "bn", "shortcut_out", "linear_out")
 
 
 def _replace_param(module: nn.Module, name: str, dim: int, index: torch.Tensor) -> None:
@@ -36,6 +35,10 @@ def _slice_out(module: nn.Module, role: str, index: torch.Tensor) -> None:
         _replace_param(module, "weight", 0, index)
         _replace_param(module, "bias", 0, index)
         module.out_channels = index.numel()
+    elif role == "dw":  # a depthwise conv: its inputs, outputs and groups go together
+        _replace_param(module, "weight", 0, index)
+        _replace_param(module, "bias", 0, index)
+        module.in_channels = module.out_channels = module.groups = index.numel()
     elif role == "bn":
         for name in ("weight", "bias", "running_mean", "running_var"):
             _replace_param(module, name, 0, index)
@@ -46,9 +49,25 @@ def _slice_out(module: nn.Module, role: str, index: torch.Tensor) -> None:
         module.out_features = index.numel()
 
 
+def _slice_grouped_in(module: nn.Conv2d, index: torch.Tensor) -> None:
+    """A grouped conv's inputs: every group keeps the same number, each output row reads the
+    kept inputs of its own group."""
+    groups, per_group = module.groups, module.in_channels // module.groups
+    local = index.view(groups, -1) - (torch.arange(groups) * per_group)[:, None]
+    weight = module.weight.detach()
+    rows = weight.shape[0] // groups
+    parts = [weight[g * rows:(g + 1) * rows].index_select(1, local[g].to(weight.device))
+             for g in range(groups)]
+    module.weight = nn.Parameter(torch.cat(parts).clone(),
+                                 requires_grad=module.weight.requires_grad)
+
+
 def _slice_in(module: nn.Module, role: str, index: torch.Tensor, factor: int) -> None:
     if role == "conv_in":
-        _replace_param(module, "weight", 1, index)
+        if module.groups > 1:
+            _slice_grouped_in(module, index)
+        else:
+            _replace_param(module, "weight", 1, index)
         module.in_channels = index.numel()
     elif role == "linear_in":
         features = (index[:, None] * factor + torch.arange(factor)).flatten()
@@ -94,8 +113,32 @@ def _kept_tensors(graph, plan) -> dict[str, torch.Tensor]:
                               or bool((index[1:] <= index[:-1]).any())):
             raise ValueError(f"the plan's kept_indices of {layer.name!r} must be increasing "
                              f"and within 0..{group.width - 1}")
+        if group.chunks > 1 and len(set(torch.bincount(
+                index // (group.width // group.chunks), minlength=group.chunks).tolist())) != 1:
+            raise ValueError(f"the plan's kept_indices of {layer.name!r} must keep the same "
+                             f"number of channels in each of its {group.chunks} conv groups")
         if index.numel() < group.width:
             out[layer.name] = index
+    return out
+
+
+def _port_indices(graph, kept: dict[str, torch.Tensor]) -> dict[tuple[str, str], tuple]:
+    """(module, role) -> (kept channel indices over all the module's channels there, features
+    per channel), for every port that loses a channel. A port reading a concatenation gathers
+    the kept channels of each segment at its offset."""
+    pieces: dict[tuple[str, str], list] = {}
+    for group in graph.groups:
+        index = kept.get(group.name)
+        for port in group.producers + group.consumers:
+            piece = (port.offset, index if index is not None else torch.arange(group.width),
+                     index is not None, port.factor)
+            pieces.setdefault((port.module, port.role), []).append(piece)
+    out = {}
+    for key, parts in pieces.items():
+        parts = sorted(dict(((p[0], p[1].numel()), p) for p in parts).values(), key=lambda p: p[0])
+        if not any(p[2] for p in parts):
+            continue
+        out[key] = (torch.cat([offset + index for offset, index, _, _ in parts]), parts[0][3])
     return out
 
 
@@ -116,21 +159,18 @@ def apply_plan(model: nn.Module, plan, graph=None) -> nn.Module:
 
         pruned = apply_tp_plan(model, graph, kept)
     else:
-        pruned = copy.deepcopy(model)
+        pruned = clean_copy(model)
         modules = dict(pruned.named_modules())
         shortcuts: dict[str, list] = {}
-        for name, index in kept.items():
-            group = graph.group(name)
-            for port in group.producers:
-                if port.role == "shortcut_out":
-                    shortcuts.setdefault(port.module, [None, None])[1] = index
-                else:
-                    _slice_out(modules[port.module], port.role, index)
-            for port in group.consumers:
-                if port.role == "shortcut_in":
-                    shortcuts.setdefault(port.module, [None, None])[0] = index
-                else:
-                    _slice_in(modules[port.module], port.role, index, port.factor)
+        for (module, role), (index, factor) in _port_indices(graph, kept).items():
+            if role == "shortcut_out":
+                shortcuts.setdefault(module, [None, None])[1] = index
+            elif role == "shortcut_in":
+                shortcuts.setdefault(module, [None, None])[0] = index
+            elif role.endswith("_in"):
+                _slice_in(modules[module], role, index, factor)
+            else:
+                _slice_out(modules[module], role, index)
         for name, (kept_in, kept_out) in shortcuts.items():
             _remap_shortcut(modules[name], kept_in, kept_out)
     recipe = getattr(pruned, RECIPE_ATTRIBUTE, None)
@@ -152,10 +192,24 @@ def mask_hooks(model: nn.Module, graph, kept: dict[str, torch.Tensor]) -> list:
         group = graph.group(name)
         removed = torch.ones(group.width, dtype=torch.bool)
         removed[index] = False
+        removed = removed.nonzero().flatten()
         for port in group.producers:
             if port.role in _PRODUCER_ROLES:
-                handles.append(modules[port.module].register_forward_hook(_zeroing(removed)))
+                hook = _zeroing_at(port.offset + removed, port.dim)
+                handles.append(modules[port.module].register_forward_hook(hook))
     return handles
+
+
+def _zeroing_at(removed: torch.Tensor, dim: int):
+    """A hook zeroing channels ``removed`` (positions along ``dim``) of a module's output."""
+    def hook(module, args, output):
+        keep = torch.ones(output.shape[dim], device=output.device, dtype=output.dtype)
+        keep[removed.to(output.device)] = 0
+        shape = [1] * output.dim()
+        shape[dim] = -1
+        return output * keep.view(shape)
+
+    return marked(hook)
 
 
 def _zeroing(removed: torch.Tensor):
@@ -163,7 +217,7 @@ def _zeroing(removed: torch.Tensor):
         keep = (~removed).to(output.device, output.dtype)
         return output * keep.view(1, -1, *([1] * (output.dim() - 2)))
 
-    return hook
+    return marked(hook)
 
 
 def max_masked_difference(model: nn.Module, pruned: nn.Module, graph, plan, x=None):

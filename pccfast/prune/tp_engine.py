@@ -11,15 +11,17 @@ fx graph when the model traces (the same rule as :mod:`pccfast.prune.graph`), el
 
 from __future__ import annotations
 
-import copy
 import importlib.util
+import traceback
 
 import torch
-from torch import fx, nn
+from torch import nn
 
+from .._hooks import clean_copy, marked
 from ..models._common import eval_mode
 from .counting import count
-from .graph import ChannelGroup, Port, PruningGraph, _site_finder
+from .graph import (ChannelGroup, Port, PruningGraph, TorchPruningFailure, UnsupportedLayerError,
+                    _build_fx_graph)
 
 
 def torch_pruning_missing() -> str:
@@ -37,44 +39,95 @@ def _tp():
     return torch_pruning
 
 
-def _final_linear(model: nn.Module):
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    return linears[-1:] if linears else []
+def _tensors(value):
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors(v)
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            yield from _tensors(v)
+
+
+def output_layers(model: nn.Module, input_size) -> set[str]:
+    """The conv and linear layers whose outputs are the model's outputs: the last such layer on
+    every path from an output back into the network (through BN, activations, pooling,
+    reshapes; found on the autograd graph of one forward pass, so any model that runs has them).
+    Pruning one would change what the model returns (squeezenet's classifier is a Conv2d)."""
+    names = {m: n for n, m in model.named_modules()}
+    made_by: dict = {}
+
+    def hook(module, args, output):
+        if isinstance(output, torch.Tensor) and output.grad_fn is not None:
+            made_by[output.grad_fn] = names[module]
+
+    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
+    handles = [m.register_forward_hook(marked(hook)) for m in layers]
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    try:
+        with eval_mode(model), torch.enable_grad():
+            outputs = model(torch.randn(input_size, device=device, requires_grad=True))
+    finally:
+        for h in handles:
+            h.remove()
+    found, seen = set(), set()
+    stack = [t.grad_fn for t in _tensors(outputs) if t.grad_fn is not None]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if fn in made_by:
+            found.add(made_by[fn])
+            continue
+        stack.extend(next_fn for next_fn, _ in fn.next_functions)
+    return found
+
+
+def _failure(model: nn.Module, input_size, exc: Exception, doing: str) -> TorchPruningFailure:
+    """Torch-Pruning's own exception (a bare ZeroDivisionError on ShuffleNet's channel shuffle)
+    as an error that says which part of the model pccfast's tracer cannot follow either."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    inside = [f for f in frames if "torch_pruning" in f.filename]
+    where = f" in {inside[-1].name}" if inside else ""
+    detail = f"{type(exc).__name__}{where} while {doing}"
+    part = ""
+    try:
+        _build_fx_graph(model, input_size, "stream", False)
+    except UnsupportedLayerError as stop:
+        part = f"; pccfast's own pruner stops at {stop.layer} ({stop.what}): {stop.why}"
+    except Exception:  # the model does not trace: Torch-Pruning's detail is all there is
+        pass
+    return TorchPruningFailure(
+        f"Torch-Pruning fails on {type(model).__name__} ({detail}: {exc}){part}; this model "
+        "cannot be pruned", detail)
 
 
 def _dependency_graph(model: nn.Module, input_size):
     tp = _tp()
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
-    with eval_mode(model):
-        return tp.DependencyGraph().build_dependency(
-            model, example_inputs=torch.randn(input_size, device=device), verbose=False)
+    try:
+        with eval_mode(model):
+            return tp.DependencyGraph().build_dependency(
+                model, example_inputs=torch.randn(input_size, device=device), verbose=False)
+    except Exception as exc:
+        raise _failure(model, input_size, exc, "building its dependency graph") from exc
 
 
 def _sites_by_conv(model: nn.Module) -> dict:
-    """conv name -> its CHIP site, from the fx graph when the model traces."""
-    try:
-        graph = fx.symbolic_trace(model).graph
-    except Exception:
-        from ..sites import find_sites
+    """conv name -> its scored site, by the rule of :func:`pccfast.sites.scored_sites` (CHIP's
+    max-pool choice included) when the model traces."""
+    from ..sites import find_sites, scored_sites, trace
 
+    try:
+        graph = trace(model)
+    except Exception:
         return {s.conv: s for s in find_sites(model) if s.conv}
-    modules = dict(model.named_modules())
-    nodes = list(graph.nodes)
-    calls: dict[str, int] = {}
-    call_index = {}
-    for node in nodes:
-        if node.op == "call_module":
-            call_index[node] = calls.get(node.target, 0)
-            calls[node.target] = call_index[node] + 1
-    finder = _site_finder(nodes, modules, call_index, calls)
-    out = {}
-    for node in nodes:
-        if node.op == "call_module" and isinstance(modules[node.target], nn.Conv2d):
-            site = finder(node)
-            if site is not None:
-                out[node.target] = site
-    return out
+    found = scored_sites(graph, dict(model.named_modules()), chip_pool=True)
+    return {node.target: site for node, site in found.items() if node.op == "call_module"}
 
 
 class TPGraph(PruningGraph):
@@ -104,7 +157,7 @@ def build_tp_graph(model: nn.Module, input_size, residual: str = "stream",
     tp = _tp()
     dg = _dependency_graph(model, input_size)
     names = {m: n for n, m in model.named_modules()}
-    output_layers = _final_linear(model)
+    outputs = output_layers(model, input_size)
     sites = _sites_by_conv(model)
     groups, roots, assigned = [], {}, set()
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
@@ -135,8 +188,7 @@ def build_tp_graph(model: nn.Module, input_size, residual: str = "stream",
                          list(dict.fromkeys(consumers)),
                          [sites[c] for c in conv_names if c in sites])
         reads_linear = any(p.role == "linear_in" for p in g.consumers)
-        touches_output = any(names.get(m) == p.module for m in output_layers
-                             for p in g.producers)
+        touches_output = any(p.module in outputs for p in g.producers)
         if touches_output:
             g.prunable, g.reason = False, "the model's output"
         elif reads_linear and not prune_classifier_input:
@@ -145,7 +197,7 @@ def build_tp_graph(model: nn.Module, input_size, residual: str = "stream",
         elif kind == "stream" and residual == "inner":
             g.prunable, g.reason = False, "a residual stream (residual='inner')"
         elif not g.sites:
-            g.prunable, g.reason = False, "no scored activation (no ReLU module after its conv/BN)"
+            g.prunable, g.reason = False, "no scored activation (no activation after its conv/BN)"
         groups.append(g)
         roots[g.name] = names[conv]
     return TPGraph(model, groups, input_size, residual, prune_classifier_input, roots)
@@ -154,7 +206,7 @@ def build_tp_graph(model: nn.Module, input_size, residual: str = "stream",
 def apply_tp_plan(model: nn.Module, graph: TPGraph, kept: dict[str, torch.Tensor]) -> nn.Module:
     """A copy of ``model`` with Torch-Pruning's group.prune() removing the unkept channels."""
     tp = _tp()
-    pruned = copy.deepcopy(model)
+    pruned = clean_copy(model)
     dg = _dependency_graph(pruned, graph.input_size)
     modules = dict(pruned.named_modules())
     for name, index in kept.items():
@@ -162,10 +214,17 @@ def apply_tp_plan(model: nn.Module, graph: TPGraph, kept: dict[str, torch.Tensor
         removed = sorted(set(range(graph.group(name).width)) - set(index.tolist()))
         if not removed:
             continue
-        group = dg.get_pruning_group(root, tp.prune_conv_out_channels, idxs=removed)
-        if not dg.check_pruning_group(group):
+        try:
+            group = dg.get_pruning_group(root, tp.prune_conv_out_channels, idxs=removed)
+            allowed = dg.check_pruning_group(group)
+        except Exception as exc:
+            raise _failure(model, graph.input_size, exc, f"grouping {name}") from exc
+        if not allowed:
             raise ValueError(f"Torch-Pruning refuses to prune {name} to {index.numel()} channels")
-        group.prune()
+        try:
+            group.prune()
+        except Exception as exc:
+            raise _failure(model, graph.input_size, exc, f"pruning {name}") from exc
     return pruned
 
 
