@@ -102,9 +102,6 @@ def load(path, allow_pickle: bool = False, map_location="cpu", build=None) -> nn
 
 
 def _rebuild_external(payload: dict, path, build) -> nn.Module:
-    from .prune.plan import Plan
-    from .prune.surgery import apply_plan
-
     description = payload.get("description")
     if build is None:
         raise ValueError(f"{path} holds the weights of a model built outside the zoo "
@@ -114,28 +111,27 @@ def _rebuild_external(payload: dict, path, build) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"build returned a {type(model).__name__}, not a torch.nn.Module")
     record_description(model, description)
-    for plan in payload["plans"]:
-        model = apply_plan(model, Plan.from_dict(plan))
-    try:
-        model.load_state_dict(payload["state_dict"])
-    except RuntimeError as exc:
-        raise ValueError(f"{path}: the weights do not fit the rebuilt model: {exc}") from exc
-    return model
+    return _pruned_with_weights(model, payload, path, "model")
 
 
 def _rebuild(payload: dict, path) -> nn.Module:
     from .models import BUILDERS
-    from .prune.plan import Plan
-    from .prune.surgery import apply_plan
 
     builder = payload.get("builder")
     if builder not in BUILDERS:
         raise ValueError(f"{path}: unknown zoo builder {builder!r} (known: {tuple(BUILDERS)})")
-    model = BUILDERS[builder](**payload["kwargs"])
+    return _pruned_with_weights(BUILDERS[builder](**payload["kwargs"]), payload, path, builder)
+
+
+def _pruned_with_weights(model: nn.Module, payload: dict, path, what: str) -> nn.Module:
+    """The unpruned ``model`` with the file's pruning plans applied, then its weights loaded."""
+    from .prune.plan import Plan
+    from .prune.surgery import apply_plan
+
     for plan in payload["plans"]:
         model = apply_plan(model, Plan.from_dict(plan))
     try:
         model.load_state_dict(payload["state_dict"])
     except RuntimeError as exc:
-        raise ValueError(f"{path}: the weights do not fit the rebuilt {builder}: {exc}") from exc
+        raise ValueError(f"{path}: the weights do not fit the rebuilt {what}: {exc}") from exc
     return model

@@ -215,3 +215,16 @@ def site_activations(model, module_names, images) -> dict:
         for h in handles:
             h.remove()
     return acts
+
+
+def randomize_bn(model, seed=0):
+    """Non-trivial BN statistics and affine values, so a wrongly sliced BN shows in the output."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(n, generator=g) * 0.1)
+    return model

@@ -16,6 +16,7 @@ from torch import nn
 import pccfast
 from pccfast.models import resnet56_cifar, vgg16_cifar
 from pccfast.prune.criteria import channel_rank, taylor_importance
+from cases import site_activations
 
 SIZE = (1, 3, 32, 32)
 
@@ -49,13 +50,7 @@ def taylor_reference(model, module_names, images, labels):
 
 def hrank_reference(model, module_names, images):
     """module name -> (C,) mean over images of numpy's float32 matrix rank of each H x W map."""
-    acts, handles = site_outputs(model, module_names)
-    try:
-        with torch.no_grad():
-            model.eval()(images)
-    finally:
-        for h in handles:
-            h.remove()
+    acts = site_activations(model, module_names, images)
     out = {}
     for m in module_names:
         a = acts[m].float().numpy()

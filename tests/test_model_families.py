@@ -10,6 +10,7 @@ from torch import nn
 
 import pccfast
 from pccfast.prune.graph import build_graph
+from cases import randomize_bn
 
 
 def random_scores(graph, seed=0):
@@ -68,19 +69,6 @@ def test_a_model_torch_pruning_fails_on_is_refused_with_the_part_named():
 
 
 # ----------------------------------------------------------------------------- block kinds
-def randomize_bn(model, seed=0):
-    """Non-trivial BN statistics, so a wrongly sliced BN shows in the output."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            n = m.num_features
-            m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(n, generator=g) * 0.1)
-    return model
-
-
 def direct_ci(model, module, images, fn=lambda t: t):
     """Mean CI per channel of ``fn(output of module)``, from a hook of the test's own."""
     out = {}

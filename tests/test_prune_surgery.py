@@ -12,6 +12,7 @@ import pccfast
 from pccfast.models import resnet50, resnet56_cifar, vgg16_cifar
 from pccfast.prune.graph import UnsupportedLayerError, build_graph
 from pccfast.prune.surgery import mask_hooks
+from cases import randomize_bn
 
 CIFAR = (1, 3, 32, 32)
 
@@ -52,19 +53,6 @@ def assert_matches_masked(model, size, seed=0, **kwargs):
     assert type(pruned) is type(model)
     assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
     return pruned, plan
-
-
-def randomize_bn(model, seed=0):
-    """Non-trivial BN statistics, so a wrongly sliced BN shows in the output."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
-            n = m.num_features
-            m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(n, generator=g) * 0.1)
-    return model
 
 
 @pytest.mark.parametrize("kwargs", [{"rates": "[0.21]*7+[0.75]*5"}, {"tau": 0.5},

@@ -649,13 +649,8 @@ def _build_fx_graph(model, input_size, residual, prune_classifier_input) -> Prun
                 chan[node] = _Layout((out,))
                 continue
             if isinstance(module, _CHANNEL_NORMS) and xl is not None:
-                rank = len(meta.shape)
-                spans = (isinstance(module, nn.LayerNorm)
-                         and xl.dim < rank - len(module.normalized_shape))
-                if not spans:
-                    for s in xl.segs:
-                        groups.keep(s, f"normalised over its channels by {name} ({what}): "
-                                    "removing a channel changes the others")
+                shape = module.normalized_shape if isinstance(module, nn.LayerNorm) else None
+                _keep_if_normalised_over_channels(groups, xl, len(meta.shape), shape, name, what)
                 chan[node] = xl
                 continue
             if isinstance(module, _PASS_MODULES + _GATE_MODULES):
@@ -803,14 +798,10 @@ def _build_fx_graph(model, input_size, residual, prune_classifier_input) -> Prun
                     gated.add(node)
                 continue
         if _is(node, _CHANNEL_NORM_FUNCTIONS) and xl is not None:
-            rank = len(meta.shape)
             shape = node.args[1] if len(node.args) > 1 else node.kwargs.get("normalized_shape")
-            spans = (node.target is F.layer_norm and isinstance(shape, (tuple, list))
-                     and xl.dim < rank - len(shape))
-            if not spans:
-                for s in xl.segs:
-                    groups.keep(s, f"normalised over its channels by {name} ({what}): "
-                                "removing a channel changes the others")
+            if node.target is not F.layer_norm or not isinstance(shape, (tuple, list)):
+                shape = None
+            _keep_if_normalised_over_channels(groups, xl, len(meta.shape), shape, name, what)
             chan[node] = xl
             continue
         raise UnsupportedLayerError(name, what, "an operation the structural pruner cannot "
@@ -884,6 +875,17 @@ def _build_fx_graph(model, input_size, residual, prune_classifier_input) -> Prun
              for g, per_channel, module in norm_calls if counted(module)]
     return PruningGraph(model, final, cost_terms, tuple(input_size), residual, blocks,
                         prune_classifier_input, norms)
+
+
+def _keep_if_normalised_over_channels(groups, xl, rank: int, layer_norm_shape, name, what):
+    """A norm whose statistics run over the channels (GroupNorm, a LayerNorm covering the
+    channel dim) ties them together: their group is kept whole. A LayerNorm over trailing dims
+    that leave the channels out (``layer_norm_shape`` shorter than the dims after them) does not."""
+    if layer_norm_shape is not None and xl.dim < rank - len(layer_norm_shape):
+        return
+    for s in xl.segs:
+        groups.keep(s, f"normalised over its channels by {name} ({what}): "
+                    "removing a channel changes the others")
 
 
 def _prunable(g: ChannelGroup, is_output, is_classifier_input, residual, prune_classifier_input,
