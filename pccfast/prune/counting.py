@@ -109,13 +109,19 @@ def count(model: nn.Module, input_size=(1, 3, 32, 32), device=None) -> dict[str,
             totals["flops"] += output.numel() * math.prod(module.weight.shape[1:])
         elif isinstance(module, _NORMS):
             totals["flops_bn"] += 2 * output.numel()
-        else:  # attention
-            totals["flops"] += attention_cost(module, [tuple(a.shape) for a in args[:3]
-                                                       if isinstance(a, torch.Tensor)])[1]
+
+    @marked
+    def attention_hook(module, args, kwargs, output):
+        names = ("query", "key", "value") if isinstance(module, nn.MultiheadAttention) else ("x",)
+        inputs = list(args) + [kwargs[n] for n in names[len(args):] if n in kwargs]
+        totals["flops"] += attention_cost(module, [tuple(a.shape) for a in inputs[:3]
+                                                   if isinstance(a, torch.Tensor)])[1]
 
     handles = [m.register_forward_hook(hook) for m in model.modules()
-               if isinstance(m, _CONVS + (nn.Linear, nn.MultiheadAttention) + _NORMS)
-               or is_window_attention(m)]
+               if isinstance(m, _CONVS + (nn.Linear,) + _NORMS)]
+    handles += [m.register_forward_hook(attention_hook, with_kwargs=True)
+                for m in model.modules()
+                if isinstance(m, nn.MultiheadAttention) or is_window_attention(m)]
     try:
         with eval_mode(model), torch.no_grad():
             model(torch.randn(input_size, device=device))

@@ -583,15 +583,18 @@ def _build_fx_graph(model, input_size, residual, prune_classifier_input) -> Prun
             module = modules.get(owner)
             if is_attention and (isinstance(module, nn.MultiheadAttention) or (
                     module is not None and is_window_attention(module))):
-                shapes = [tuple(_tensor_meta(a).shape) for a in node.args[:3]
+                given = list(node.args) + [node.kwargs[k] for k in ("query", "key", "value", "x")
+                                           if k in node.kwargs]
+                shapes = [tuple(_tensor_meta(a).shape) for a in given[:3]
                           if _tensor_meta(a) is not None]
                 params, macs = attention_cost(module, shapes)
                 first = calls.get(owner, 1) == 1 if node.op == "call_module" else (
                     owner not in attention_seen)
                 attention_seen.add(owner)
-            if is_attention and x is not None and _tensor_meta(x) is not None:
-                attention_widths.add(int(_tensor_meta(x).shape[-1]))
+            if is_attention:
                 attention_count += 1
+                attention_widths.update(int(_tensor_meta(a).shape[-1]) for a in inputs[:1]
+                                        if _tensor_meta(a) is not None)
                 terms.append((owner, None, None, params, macs, False, first, 1))
             if meta is None:
                 attention_tuples.add(node)  # MultiheadAttention's (output, weights)
