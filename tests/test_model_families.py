@@ -607,3 +607,27 @@ def test_torchvision_transformers_prune_to_a_reachable_target(name, kwargs, size
     with pytest.raises(ValueError, match=r"cannot be met.*only the MLP hidden units"):
         pccfast.prune(model, random_scores(build_graph(model, (1, 3, size, size))),
                       target_flops=0.95, input_size=(1, 3, size, size))
+
+
+@pytest.mark.parametrize("kind", list(TRANSFORMERS))
+def test_pcc_regulariser_trains_the_transformer_mlps(kind):
+    """The regulariser hooks the MLP activations CI scores, on their tokens x hidden maps."""
+    pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = TRANSFORMERS[kind][0]()
+    reg = pccfast.PCCRegularizer(model, weight=1.0)
+    scored = {s.name for s in build_graph(model, (1, 3, 32, 32)).sites}
+    assert {s.name for s in reg.sites} == scored and all(s.channels_last for s in reg.sites)
+    x = torch.randn(4, 3, 32, 32)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    losses = []
+    model.train()
+    for _ in range(3):
+        opt.zero_grad()
+        model(x)
+        loss = reg.loss()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    reg.remove()
