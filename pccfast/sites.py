@@ -62,8 +62,8 @@ class Site:
     norm: the BatchNorm between them ("" when none).
     activation: ``(function, args, kwargs items)`` to apply to the hooked output when the model
       calls the activation as a function (the hook sees the module before it); () otherwise.
-    channels_last: the hooked tensor is ``(N, H, W, C)`` (ConvNeXt's MLP); hooks see it as
-      ``(N, C, H, W)``.
+    channels_last: the hooked tensor is ``(N, H, W, C)`` (ConvNeXt's and Swin's MLP) or
+      ``(N, tokens, C)`` (ViT's MLP); hooks see it as ``(N, C, H, W)`` or ``(N, C, tokens, 1)``.
     """
 
     name: str
@@ -84,7 +84,10 @@ class Site:
         if self.activation:
             fn, args, kwargs = self.activation
             output = fn(output, *args, **dict(kwargs))
-        return output.movedim(-1, 1) if self.channels_last else output
+        if not self.channels_last:
+            return output
+        output = output.movedim(-1, 1)
+        return output.unsqueeze(-1) if output.dim() == 3 else output  # (N, C, tokens, 1)
 
 
 def _leaf_types():
@@ -190,11 +193,14 @@ def _flags(graph: fx.Graph, modules) -> tuple[set, set]:
             dims = node.args[1:] if len(node.args) > 1 else (node.kwargs.get("dims", ()),)
             if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
                 dims = tuple(dims[0])
-            if tuple(dims) == (0, 2, 3, 1):
+            if tuple(dims) in ((0, 2, 3, 1), (0, 2, 1)):  # (N, H, W, C); ViT's (N, tokens, C)
                 last.add(node)
-        elif target not in _CHANNELS_LAST_ENDS and node.args and isinstance(node.args[0], fx.Node) \
-                and node.args[0] in last and node.op != "output":
-            last.add(node)
+        elif target not in _CHANNELS_LAST_ENDS and node.args and node.op != "output":
+            first = node.args[0]
+            if target == "cat" and isinstance(first, (tuple, list)):  # ViT's class token
+                first = next((a for a in first if isinstance(a, fx.Node) and a in last), None)
+            if isinstance(first, fx.Node) and first in last:
+                last.add(node)
     return pooled, last
 
 

@@ -149,3 +149,28 @@ def test_graph_cost_equals_count_after_surgery():
         assert pccfast.count(pruned, size) == plan.after
         assert pccfast.count(model, size) == plan.before
         assert math.isclose(plan.removed["params"], 1 - plan.after["params"] / plan.before["params"])
+
+
+def test_attention_counts_its_projections_and_token_products():
+    """nn.MultiheadAttention runs its projections as functions (no Linear hook fires): the
+    count adds q/k/v/out projections (4 L E^2) and QK^T, AV (2 L^2 E) per sequence, whether
+    called with keywords or sequence-first."""
+
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.MultiheadAttention(16, 2, batch_first=True)
+            self.b = nn.MultiheadAttention(16, 4)
+
+        def forward(self, x):
+            y = self.a(query=x, key=x, value=x, need_weights=False)[0].permute(1, 0, 2)
+            return self.b(y, y, y)[0]
+
+    n, length, e = 2, 5, 16
+    counted = pccfast.count(Two(), (n, length, e))
+    per_layer = n * (4 * length * e * e + 2 * length * length * e)
+    assert counted["flops"] == 2 * per_layer
+    assert counted["params"] == 2 * (4 * e * e + 4 * e)  # in_proj and out_proj, with biases
+    graph = build_graph(Two(), (n, length, e), engine="pccfast")  # the pruner's closed form: the same
+    assert graph.cost({})["flops"] == counted["flops"]
+    assert graph.cost({})["params"] == counted["params"]

@@ -421,8 +421,9 @@ def _params(table, prefix):
             for name, size, slow in table]
 
 
-def readme_flow(model, size, tmp_path):
-    """CICollector -> scores -> pccfast.prune(target_flops=0.5) -> save/load -> same outputs."""
+def readme_flow(model, size, tmp_path, target=0.5):
+    """CICollector -> scores -> pccfast.prune(target_flops=target) -> save/load -> same
+    outputs."""
     from pccfast.prune.plan import BUDGET_TOLERANCE
 
     torch.manual_seed(0)
@@ -431,10 +432,10 @@ def readme_flow(model, size, tmp_path):
     col.update(images)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no fallback to Torch-Pruning
-        pruned, plan = pccfast.prune(model, col.scores(), target_flops=0.5,
+        pruned, plan = pccfast.prune(model, col.scores(), target_flops=target,
                                      input_size=(1, 3, size, size))  # verify=True
     assert plan.engine == "pccfast"
-    assert abs(plan.removed["flops"] - 0.5) <= BUDGET_TOLERANCE
+    assert abs(plan.removed["flops"] - target) <= BUDGET_TOLERANCE
     counted = pccfast.count(pruned, (1, 3, size, size))  # the closed form the search used
     assert (counted["flops"], counted["params"]) == (plan.after["flops"], plan.after["params"])
     path = tmp_path / "pruned.pt"
@@ -495,4 +496,126 @@ def test_pcc_regulariser_trains_every_family(library, name):
         losses.append(loss.item())
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0]  # promote: the mean PCC went up
+    reg.remove()
+
+
+# ----------------------------------------------------------------------------- transformers
+def small_vit():
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    model = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
+                              hidden_dim=32, mlp_dim=64, num_classes=10)
+    nn.init.normal_(model.heads.head.weight, std=0.2)  # torchvision starts it at zero
+    return model
+
+
+def small_swin():
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    return SwinTransformer(patch_size=[4, 4], embed_dim=24, depths=[2, 2], num_heads=[2, 2],
+                           window_size=[4, 4], num_classes=10)
+
+
+TRANSFORMERS = {  # model, its MLP hidden groups, the GELU of the first, its map as (N, C, H, W)
+    "vit": (small_vit, ["encoder.layers.encoder_layer_0.mlp.0",
+                        "encoder.layers.encoder_layer_1.mlp.0"],
+            lambda m: m.encoder.layers[0].mlp[1], lambda t: t.permute(0, 2, 1).unsqueeze(-1)),
+    "swin": (small_swin, ["features.1.0.mlp.0", "features.1.1.mlp.0", "features.3.0.mlp.0",
+                          "features.3.1.mlp.0"],
+             lambda m: m.features[1][0].mlp[1], lambda t: t.permute(0, 3, 1, 2)),
+}
+
+
+@pytest.mark.parametrize("kind", list(TRANSFORMERS))
+def test_transformers_prune_the_mlp_hidden_units_scored_on_tokens(kind, tmp_path):
+    """Only the MLP hidden units are prunable, scored by CI on the (tokens x hidden) map of
+    each image; the pruned model equals the original with the removed units zeroed, and its
+    counted FLOPs (attention's projections and products too) are the plan's."""
+    pytest.importorskip("torchvision")
+    from pccfast.prune.surgery import mask_hooks
+
+    make, hidden, gelu, as_map = TRANSFORMERS[kind]
+    torch.manual_seed(0)
+    model = make().eval()
+    size = (1, 3, 32, 32)
+    graph = build_graph(model, size, engine="pccfast")
+    assert [g.name for g in graph.prunable] == hidden
+    site = graph.group(hidden[0]).sites[0]
+    assert site.channels_last and site.conv == hidden[0]
+    assert "attention layers: only the MLP hidden units are pruned" in graph.limits
+    images = torch.randn(3, 3, 32, 32)
+    col, scores = collect(model, images)
+    assert sorted(scores) == sorted(hidden)
+    expected = direct_ci(model, gelu(model), images, as_map)
+    torch.testing.assert_close(scores[hidden[0]], expected, rtol=1e-6, atol=1e-9)
+    # every counted MAC is in the graph's closed form, attention included
+    counted = pccfast.count(model, size)
+    assert graph.cost({}) == {k: counted[k] for k in ("params", "flops", "flops_bn")}
+    pruned, plan = pccfast.prune(model, scores, target_flops=0.25, input_size=size)
+    assert abs(plan.removed["flops"] - 0.25) <= 0.005
+    after = pccfast.count(pruned, size)
+    assert (after["flops"], after["params"]) == (plan.after["flops"], plan.after["params"])
+    masked = {layer.name: torch.tensor(layer.kept_indices) for layer in plan.layers
+              if layer.width_after < layer.width_before}
+    assert set(masked) == set(hidden)
+    handles = mask_hooks(model, graph, masked)
+    with torch.no_grad():
+        reference = model(images)
+    for h in handles:
+        h.remove()
+    path = tmp_path / "pruned.pt"
+    pccfast.save(pruned, path)
+    loaded = pccfast.load(path, allow_pickle=True)
+    with torch.no_grad():
+        out = loaded.eval()(images)
+        assert not torch.allclose(model(images), reference)  # the removed units mattered
+    torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-5 * float(reference.abs().max()))
+
+
+@pytest.mark.parametrize("kind", list(TRANSFORMERS))
+def test_transformers_refuse_an_unreachable_target_saying_what_is_kept(kind):
+    pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = TRANSFORMERS[kind][0]()
+    scores = random_scores(build_graph(model, (1, 3, 32, 32)))
+    with pytest.raises(ValueError, match=r"target_flops=0\.9 cannot be met.*allow removing "
+                                         r"0\.0000 to 0\.\d+ of its flops.*attention layers: "
+                                         r"only the MLP hidden units are pruned.*residual "
+                                         r"stream it reads are kept whole"):
+        pccfast.prune(model, scores, target_flops=0.9, input_size=(1, 3, 32, 32))
+
+
+@pytest.mark.parametrize("name, kwargs, size, target", [
+    ("vit_b_16", {"image_size": 32}, 32, 0.5), ("swin_t", {}, 64, 0.25)])
+def test_torchvision_transformers_prune_to_a_reachable_target(name, kwargs, size, target,
+                                                              tmp_path):
+    torchvision = pytest.importorskip("torchvision")
+    model = getattr(torchvision.models, name)(weights=None, **kwargs)
+    readme_flow(model, size, tmp_path, target=target)
+    with pytest.raises(ValueError, match=r"cannot be met.*only the MLP hidden units"):
+        pccfast.prune(model, random_scores(build_graph(model, (1, 3, size, size))),
+                      target_flops=0.95, input_size=(1, 3, size, size))
+
+
+@pytest.mark.parametrize("kind", list(TRANSFORMERS))
+def test_pcc_regulariser_trains_the_transformer_mlps(kind):
+    """The regulariser hooks the MLP activations CI scores, on their tokens x hidden maps."""
+    pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = TRANSFORMERS[kind][0]()
+    reg = pccfast.PCCRegularizer(model, weight=1.0)
+    scored = {s.name for s in build_graph(model, (1, 3, 32, 32)).sites}
+    assert {s.name for s in reg.sites} == scored and all(s.channels_last for s in reg.sites)
+    x = torch.randn(4, 3, 32, 32)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    losses = []
+    model.train()
+    for _ in range(3):
+        opt.zero_grad()
+        model(x)
+        loss = reg.loss()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
     reg.remove()

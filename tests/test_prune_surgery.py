@@ -247,3 +247,55 @@ def test_functional_layers_and_reshape_flatten():
     assert [g.name for g in graph.prunable] == ["conv1", "conv2"]
     assert graph.group("conv1").sites[0].apply_relu  # hooked at bn1, ReLU applied in the hook
     assert_matches_masked(model, (1, 3, 8, 8), tau=0.6, prune_classifier_input=True)
+
+
+class DepthwiseFlatNet(nn.Module):
+    """A concatenation, a depthwise conv and a Linear reading flattened maps (4 features per
+    channel), behind control flow torch.fx cannot trace."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU())
+        self.a = nn.Sequential(nn.Conv2d(32, 24, 3, padding=1), nn.BatchNorm2d(24), nn.ReLU())
+        self.dw = nn.Sequential(nn.Conv2d(56, 56, 3, padding=1, groups=56), nn.ReLU())
+        self.c = nn.Sequential(nn.Conv2d(56, 48, 3, stride=2, padding=1), nn.ReLU())
+        self.fc = nn.Linear(48 * 4 * 4, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        if x.shape[-1] > 4:
+            x = torch.cat([self.a(x), x], 1)
+        return self.fc(self.c(self.dw(x)).flatten(1))
+
+
+def test_torch_pruning_budgets_are_searched_on_a_closed_form(monkeypatch):
+    """The Torch-Pruning engine counts candidate plans without pruning copies (two probes at
+    build time check the form), and the closed form equals the counts of real pruned copies."""
+    pytest.importorskip("torch_pruning")
+    from pccfast.prune import tp_engine
+
+    size = (1, 3, 8, 8)
+    model = DepthwiseFlatNet()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no fx trace: sites in registration order
+        graph = build_graph(model, size, engine="torch_pruning", prune_classifier_input=True)
+    assert graph.layers is not None
+    assert {g.name for g in graph.prunable} == {"stem.0", "a.0", "c.0"}
+    g = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        widths = {x.name: int(torch.randint(1, x.width + 1, (1,), generator=g))
+                  for x in graph.prunable}
+        assert graph.cost(widths) == graph._pruned_cost(widths)
+    pruned_copies = []
+    real = tp_engine.apply_tp_plan
+    monkeypatch.setattr(tp_engine, "apply_tp_plan",
+                        lambda *a: pruned_copies.append(1) or real(*a))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruned, plan = pccfast.prune(model, random_scores(graph), target_flops=0.6,
+                                     input_size=size, engine="torch_pruning", verify=False,
+                                     prune_classifier_input=True)
+    assert len(pruned_copies) <= 2  # the build-time probe only (the final model is apart)
+    counted = pccfast.count(pruned, size)
+    assert (plan.after["flops"], plan.after["params"]) == (counted["flops"], counted["params"])
+    assert abs(plan.removed["flops"] - 0.6) <= 0.005

@@ -1,8 +1,12 @@
 """Parameter and FLOP counts in the convention of the CHIP/HRank tables (SPEC section 3).
 
-- ``params``: weights and biases of every Conv and Linear layer (BatchNorm excluded);
+- ``params``: weights and biases of every Conv and Linear layer and of the attention
+  projections (BatchNorm excluded);
 - ``params_all``: every parameter of the model (BN included; torchvision's 25.56M for ResNet-50);
-- ``flops``: multiply-accumulates (MACs) of Conv and Linear layers, biases not counted;
+- ``flops``: multiply-accumulates (MACs) of Conv and Linear layers, biases not counted, and of
+  attention layers (``nn.MultiheadAttention``, torchvision's Swin window attention): their
+  q/k/v and output projections and the two token-by-token products (``QK^T`` and ``AV``),
+  which run as functions, not Linear modules, so a hook on Linear alone would miss them;
 - ``flops_bn``: the BatchNorm layers' own operations, counted as thop does (2 per element of the
   output in eval mode: subtract the mean, divide by the standard deviation; the affine part
   folds into them), reported apart so ``flops + flops_bn`` is the thop-style total.
@@ -39,11 +43,42 @@ def check_input_size(input_size) -> tuple[int, ...]:
     return tuple(input_size)
 
 
+def is_window_attention(module: nn.Module) -> bool:
+    """torchvision's Swin attention, which calls its ``qkv``/``proj`` weights as functions."""
+    return (type(module).__module__.startswith("torchvision.")
+            and type(module).__name__.startswith("ShiftedWindowAttention"))
+
+
+def attention_cost(module: nn.Module, shapes) -> tuple[int, int]:
+    """(params, MACs) of one attention call on inputs of ``shapes`` (query, key, value for
+    ``nn.MultiheadAttention``; ``(N, H, W, C)`` for Swin): projections, ``QK^T`` and ``AV``."""
+    if isinstance(module, nn.MultiheadAttention):
+        q, k = shapes[0], shapes[1] if len(shapes) > 1 else shapes[0]
+        v = shapes[2] if len(shapes) > 2 else k
+        batch_first = module.batch_first and len(q) == 3
+        n = q[0] if batch_first else (q[1] if len(q) == 3 else 1)
+        lq, lk = (q[-2], k[-2]) if batch_first or len(q) == 2 else (q[0], k[0])
+        e = module.embed_dim
+        macs = n * (lq * e * e + lk * k[-1] * e + lk * v[-1] * e + 2 * lq * lk * e + lq * e * e)
+        params = sum(p.numel() for p in module.parameters())
+        return params, macs
+    n, h, w, _ = shapes[0]
+    wh, ww = module.window_size
+    tokens = n * -(-h // wh) * wh * -(-w // ww) * ww  # padded to whole windows
+    qkv, proj = module.qkv, module.proj
+    macs = tokens * (qkv.in_features * qkv.out_features + 2 * wh * ww * proj.in_features
+                     + proj.in_features * proj.out_features)
+    params = sum(p.numel() for m in (qkv, proj) for p in m.parameters())
+    return params, macs
+
+
 def layer_params(model: nn.Module) -> int:
-    """Weights and biases of the Conv and Linear layers."""
+    """Weights and biases of the Conv and Linear layers and of the attention projections."""
     total = 0
     for module in model.modules():
         if isinstance(module, _CONVS + (nn.Linear,)):
+            total += sum(p.numel() for p in module.parameters(recurse=False))
+        elif isinstance(module, nn.MultiheadAttention):  # in_proj_weight: no Linear module
             total += sum(p.numel() for p in module.parameters(recurse=False))
     return total
 
@@ -75,8 +110,18 @@ def count(model: nn.Module, input_size=(1, 3, 32, 32), device=None) -> dict[str,
         elif isinstance(module, _NORMS):
             totals["flops_bn"] += 2 * output.numel()
 
+    @marked
+    def attention_hook(module, args, kwargs, output):
+        names = ("query", "key", "value") if isinstance(module, nn.MultiheadAttention) else ("x",)
+        inputs = list(args) + [kwargs[n] for n in names[len(args):] if n in kwargs]
+        totals["flops"] += attention_cost(module, [tuple(a.shape) for a in inputs[:3]
+                                                   if isinstance(a, torch.Tensor)])[1]
+
     handles = [m.register_forward_hook(hook) for m in model.modules()
                if isinstance(m, _CONVS + (nn.Linear,) + _NORMS)]
+    handles += [m.register_forward_hook(attention_hook, with_kwargs=True)
+                for m in model.modules()
+                if isinstance(m, nn.MultiheadAttention) or is_window_attention(m)]
     try:
         with eval_mode(model), torch.no_grad():
             model(torch.randn(input_size, device=device))

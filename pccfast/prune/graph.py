@@ -8,7 +8,12 @@ channel positions that must be pruned with one index set:
 - a conv's output channels, carried through BatchNorm, activations, pooling, gates and
   depthwise convs (whose output channel ``c`` reads only input channel ``c``), read by the next
   conv (its input channels) or, after a flatten, by a Linear layer (``factor`` features per
-  channel); a pointwise ``nn.Linear`` on a channels-last map (ConvNeXt's MLP) is a 1x1 conv;
+  channel); a pointwise ``nn.Linear`` on a channels-last map (ConvNeXt's MLP) or on tokens
+  (ViT's and Swin's MLP: ``(N, tokens, C)``) is a 1x1 conv;
+- attention (``nn.MultiheadAttention``, Swin's window attention) is not pruned: the groups it
+  reads and writes are kept whole, and its projections and ``QK^T``/``AV`` products are a
+  constant cost (:func:`pccfast.prune.counting.attention_cost`), so a transformer prunes only
+  its MLP hidden units;
 - a *residual stream*: tensors added together share one group, so the stem, every block's last
   conv and the downsample convs of a stage keep aligned indices; a squeeze-excitation gate
   multiplies its input channel by channel, so the gate's last conv joins the input's group;
@@ -53,7 +58,7 @@ from ..models.resnet_cifar import PadShortcut
 from ..sites import ACTIVATION_FUNCTIONS, ACTIVATION_MODULES, ACTIVATION_METHODS, Site
 from ..sites import _flags as site_flags
 from ..sites import eval_modules, scored_sites, trace
-from .counting import check_input_size
+from .counting import attention_cost, check_input_size, is_window_attention
 
 ENGINES = ("auto", "pccfast", "torch_pruning")
 RESIDUAL_MODES = ("stream", "inner")
@@ -73,6 +78,9 @@ _PASS_FUNCTIONS = tuple(ACTIVATION_FUNCTIONS) + (
     F.adaptive_max_pool2d, F.interpolate,
 )
 _PASS_FUNCTION_NAMES = ("stochastic_depth", "drop_path")  # per-sample scaling
+# Attention (heads, qkv, proj) is not pruned: the groups it reads and writes are kept whole.
+_ATTENTION_MODULES = (nn.MultiheadAttention,)
+_ATTENTION_FUNCTION_NAMES = ("shifted_window_attention", "scaled_dot_product_attention")
 _GATE_FUNCTIONS = (torch.sigmoid, F.sigmoid, F.hardsigmoid, F.softplus)
 _PASS_METHODS = tuple(ACTIVATION_METHODS) + ("contiguous", "clone", "float", "to", "detach",
                                              "type_as", "half", "bfloat16")
@@ -220,6 +228,7 @@ class PruningGraph:
         self.residual = residual
         self.blocks = blocks
         self._by_name = {g.name: g for g in groups}
+        self.limits = ""  # what the model keeps by design (attention), for budget errors
 
     def group(self, name: str) -> ChannelGroup:
         return self._by_name[name]
@@ -265,8 +274,8 @@ class PruningGraph:
         listed = "; ".join(f"{n} x {r}" for r, n in sorted(counts.items(), key=lambda x: -x[1]))
         return (f"{type(self.model).__name__}'s channel groups ({self.engine} engine): "
                 f"{listed or 'none (no conv)'}. pccfast scores the activation after a conv "
-                "(or after a pointwise Linear on a channels-last map, as in ConvNeXt); "
-                "transformer MLPs on tokens are not supported yet")
+                "(or after a pointwise Linear on a channels-last map or on tokens, as in "
+                "ConvNeXt's and transformers' MLPs)")
 
     def __repr__(self) -> str:
         lines = [f"PruningGraph({type(self.model).__name__}, residual={self.residual!r})"]
@@ -493,6 +502,10 @@ def _build_fx_graph(model, input_size, residual, prune_classifier_input) -> Prun
     norm_calls: list[tuple] = []  # (group id, output elements per channel, module)
     classifier_groups: set[int] = set()  # group ids read by a Linear layer
     output_groups: set[int] = set()  # group ids of the model's outputs
+    attention_tuples: set[fx.Node] = set()  # attention calls returning tuples
+    attention_seen: set[str] = set()  # attention modules called as functions
+    attention_widths: set[int] = set()
+    attention_count = 0
 
     def width(layout_segs) -> int:
         return sum(groups.get(s).width for s in layout_segs)
@@ -554,6 +567,42 @@ def _build_fx_graph(model, input_size, residual, prune_classifier_input) -> Prun
         name, what = _describe(node, modules)
         x = node.args[0] if node.args else None
         xl = chan.get(x) if isinstance(x, fx.Node) else None
+
+        is_attention = (node.op == "call_module" and isinstance(modules[node.target],
+                                                                _ATTENTION_MODULES)) or (
+            _is(node, names=_ATTENTION_FUNCTION_NAMES))
+        if is_attention or (node.op == "call_function" and node.target is operator.getitem
+                            and x in attention_tuples):
+            why = (f"read or written by the attention {name} ({what}): pccfast keeps attention "
+                   "heads and the stream they read")
+            for a in inputs:
+                for s in (chan[a].segs if a in chan else flat[a][0]):
+                    groups.keep(s, why)
+            owner = node.target if node.op == "call_module" else (
+                list(node.meta.get("nn_module_stack", {}) or [""])[-1])
+            module = modules.get(owner)
+            if is_attention and (isinstance(module, nn.MultiheadAttention) or (
+                    module is not None and is_window_attention(module))):
+                given = list(node.args) + [node.kwargs[k] for k in ("query", "key", "value", "x")
+                                           if k in node.kwargs]
+                shapes = [tuple(_tensor_meta(a).shape) for a in given[:3]
+                          if _tensor_meta(a) is not None]
+                params, macs = attention_cost(module, shapes)
+                first = calls.get(owner, 1) == 1 if node.op == "call_module" else (
+                    owner not in attention_seen)
+                attention_seen.add(owner)
+            if is_attention:
+                attention_count += 1
+                attention_widths.update(int(_tensor_meta(a).shape[-1]) for a in inputs[:1]
+                                        if _tensor_meta(a) is not None)
+                terms.append((owner, None, None, params, macs, False, first, 1))
+            if meta is None:
+                attention_tuples.add(node)  # MultiheadAttention's (output, weights)
+            elif len(meta.shape) >= 2:
+                out = groups.new(int(meta.shape[-1]), "other", pos)
+                groups.keep(out, why)
+                chan[node] = _Layout((out,), len(meta.shape) - 1)
+            continue
 
         if node.op == "call_module":
             module = modules[node.target]
@@ -739,6 +788,12 @@ def _build_fx_graph(model, input_size, residual, prune_classifier_input) -> Prun
                 if t in gated or (is_add and not zero):
                     gated.add(node)  # x + c: a removed channel reads c in the masked original
                 continue
+        if _is(node, names=("_patch_merging_pad",)) and one and xl is not None:
+            # Swin's patch merging: zero-pads H and W, concatenates 4 strided views on channels
+            chan[node] = _Layout(xl.segs * 4, xl.dim)
+            if x in gated:
+                gated.add(node)
+            continue
         if node.op == "call_function" and node.target is torch.cat:
             tensors = node.args[0] if node.args else node.kwargs.get("tensors")
             dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
@@ -750,6 +805,24 @@ def _build_fx_graph(model, input_size, residual, prune_classifier_input) -> Prun
                 if all(lay.dim == dim for lay in layouts):
                     chan[node] = _Layout(tuple(s for lay in layouts for s in lay.segs), dim)
                     if any(a in gated for a in tensors):
+                        gated.add(node)
+                    continue
+            if isinstance(tensors, (list, tuple)) and all(
+                    isinstance(a, fx.Node) for a in tensors):
+                # along tokens (ViT's class token): one group; an untracked part keeps it whole
+                tracked = [a for a in tensors if a in chan]
+                rank = len(meta.shape)
+                layouts = [chan[a] for a in tracked]
+                if tracked and all(lay.dim not in (dim % rank,) and lay.dim == layouts[0].dim
+                                   and len(lay.segs) == 1 for lay in layouts):
+                    root = layouts[0].segs[0]
+                    for lay in layouts[1:]:
+                        root = groups.union(root, lay.segs[0], name, what, stream=False)
+                    if len(tracked) < len(tensors):
+                        groups.keep(root, f"concatenated with a tensor the pruner does not "
+                                    f"slice (a class token) at {name}")
+                    chan[node] = _Layout((root,), layouts[0].dim)
+                    if any(a in gated for a in tracked):
                         gated.add(node)
                     continue
             raise UnsupportedLayerError(name, what, "concatenates along another dim or with "
@@ -769,8 +842,10 @@ def _build_fx_graph(model, input_size, residual, prune_classifier_input) -> Prun
                 if x in gated:
                     gated.add(node)
                 continue
-            if tuple(meta.shape) == tuple(in_shape):  # a no-op reshape
+            if tuple(meta.shape[:2]) == tuple(in_shape[:2]):  # merges H and W (ViT's tokens)
                 chan[node] = xl
+                if x in gated:
+                    gated.add(node)
                 continue
             if len(meta.shape) > 2 and tuple(meta.shape[2:]) != tuple(in_shape[2:]):
                 raise UnsupportedLayerError(name, what, f"reshapes the {in_shape[1]} channels "
@@ -791,9 +866,9 @@ def _build_fx_graph(model, input_size, residual, prune_classifier_input) -> Prun
                 continue
         if node.op == "call_function" and node.target is operator.getitem and xl is not None:
             index = node.args[1]
-            if isinstance(index, tuple) and len(index) > xl.dim and all(
-                    i == slice(None) for i in index[:xl.dim + 1]):
-                chan[node] = xl
+            at = _index_channel_dim(index, len(_tensor_meta(x).shape), xl.dim)
+            if at is not None:
+                chan[node] = _Layout(xl.segs, at)
                 if x in gated:
                     gated.add(node)
                 continue
@@ -868,13 +943,23 @@ def _build_fx_graph(model, input_size, residual, prune_classifier_input) -> Prun
     for module, gin, gout, weight_coef, mac_coef, bias, first_call_, g_count in terms:
         n_in = id_to_name[groups.find(gin)] if gin is not None else None
         n_out = id_to_name[groups.find(gout)] if gout is not None else None
-        cost_terms.append(CostTerm(module, n_in, n_out, widths.get(n_in, 1), widths.get(n_out, 0),
+        cost_terms.append(CostTerm(module, n_in, n_out, widths.get(n_in, 1),
+                                   widths.get(n_out, 0) if gout is not None or gin is not None
+                                   else 1,  # attention: a constant
                                    weight_coef, mac_coef, bias, first_call_, g_count,
-                                   counted(module)))
+                                   counted(module) or module in attention_seen))
     norms = [(id_to_name[groups.find(g)], widths[id_to_name[groups.find(g)]], per_channel)
              for g, per_channel, module in norm_calls if counted(module)]
-    return PruningGraph(model, final, cost_terms, tuple(input_size), residual, blocks,
-                        prune_classifier_input, norms)
+    graph = PruningGraph(model, final, cost_terms, tuple(input_size), residual, blocks,
+                         prune_classifier_input, norms)
+    if attention_count:
+        streams = "/".join(str(w) for w in sorted(attention_widths))
+        graph.limits = (
+            f"{type(model).__name__} has {attention_count} attention layers: only the MLP hidden "
+            f"units are pruned (scored by CI on each image's tokens x hidden map); attention "
+            f"(heads, q/k/v and output projections, QK^T and AV, all counted in the flops) and "
+            f"the {streams}-wide residual stream it reads are kept whole")
+    return graph
 
 
 def _keep_if_normalised_over_channels(groups, xl, rank: int, layer_norm_shape, name, what):
@@ -908,6 +993,21 @@ def _prunable(g: ChannelGroup, is_output, is_classifier_input, residual, prune_c
     if not g.sites:
         return False, "no scored activation (no activation after its conv/BN)"
     return True, ""
+
+
+def _index_channel_dim(index, rank: int, dim: int) -> int | None:
+    """The channel dim after ``x[index]`` (basic indexing that keeps every channel), or None."""
+    index = index if isinstance(index, tuple) else (index,)
+    if not all(i is Ellipsis or isinstance(i, (int, slice)) for i in index) or (
+            sum(i is Ellipsis for i in index) > 1):
+        return None
+    if Ellipsis in index:
+        at = index.index(Ellipsis)
+        index = index[:at] + (slice(None),) * (rank - len(index) + 1) + index[at + 1:]
+    index = tuple(index) + (slice(None),) * (rank - len(index))
+    if len(index) != rank or index[dim] != slice(None):
+        return None
+    return dim - sum(isinstance(i, int) for i in index[:dim])
 
 
 def _common_prefix(names: list[str]) -> str:

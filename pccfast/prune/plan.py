@@ -318,7 +318,8 @@ def keep_for_budget(graph, scores, metric: str, target: float, rates=None):
         raise ValueError(
             f"target_{metric}={target} cannot be met within {BUDGET_TOLERANCE * 100:.1f} points: "
             f"this model's prunable layers allow removing {lo:.4f} to {hi:.4f} of its {metric} "
-            f"(closest: {removed:.4f})"
+            f"(closest: {removed:.4f})" + (f". {graph.limits}" if getattr(graph, "limits", "")
+                                           else "")
         )
     return keep, setting
 

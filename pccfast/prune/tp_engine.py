@@ -5,13 +5,17 @@ the channel choice stays ours (CI scores, the same plans).
 Groups are Torch-Pruning's pruning groups rooted at each Conv2d, named after their first conv;
 a group with several convs (a residual stream) has kind ``stream``. Scored sites are found on the
 fx graph when the model traces (the same rule as :mod:`pccfast.prune.graph`), else by
-:func:`pccfast.sites.find_sites`. Budgets are searched on counts of actually pruned copies
-(slower than the closed form of the pccfast engine).
+:func:`pccfast.sites.find_sites`. Budgets are searched on a closed form, as in the pccfast engine:
+each group removes, from every conv/linear/BN its Torch-Pruning group touches, the same share of
+that layer's channels, and each layer's params and MACs are bilinear in its widths; the form is
+checked at build time against an actually pruned copy (every prunable group halved), and where
+it disagrees (a layer it does not model) the search counts pruned copies instead (slow).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import math
 import traceback
 
 import torch
@@ -135,12 +139,52 @@ class TPGraph(PruningGraph):
 
     engine = "torch_pruning"
 
-    def __init__(self, model, groups, input_size, residual, prune_classifier_input, roots):
+    def __init__(self, model, groups, input_size, residual, prune_classifier_input, roots,
+                 shares=None):
         super().__init__(model, groups, [], tuple(input_size), residual, [], prune_classifier_input)
         self.roots = roots  # group name -> root conv name
         self._costs: dict[tuple, dict] = {}
+        # group -> [(layer, "in"/"out", channels of the layer removed with all the group's)]
+        self.shares = shares or {}
+        self.layers = _layer_shapes(model, input_size) if shares is not None else None
+        if self.layers is not None and not self._closed_form_agrees():
+            self.layers = None
+
+    def _closed_form_agrees(self) -> bool:
+        probes = [{}, {g.name: max(1, g.width // 2) for g in self.prunable}]
+        return all(self._closed_cost(w) == self._pruned_cost(w) for w in probes)
 
     def cost(self, widths: dict[str, int]) -> dict[str, int]:
+        """params, flops and flops_bn for these group widths: the closed form where it was
+        checked, else counts of a copy pruned to them (cached)."""
+        if self.layers is not None:
+            return self._closed_cost(widths)
+        return self._pruned_cost(widths)
+
+    def _closed_cost(self, widths: dict[str, int]) -> dict[str, int]:
+        removed: dict[tuple[str, str], int] = {}
+        for name, width in widths.items():
+            r = self.group(name).width - width
+            if r > 0:
+                for layer, side, count_ in self.shares.get(name, ()):
+                    removed[layer, side] = (removed.get((layer, side), 0)
+                                            + r * count_ // self.group(name).width)
+        params = flops = flops_bn = 0
+        for name, kind, c_in, c_out, groups, per_pair, bias, calls in self.layers:
+            w_in = c_in - removed.get((name, "in"), 0)
+            w_out = c_out - removed.get((name, "out"), 0)
+            if kind == "bn":
+                flops_bn += 2 * w_out * calls
+                continue
+            if groups > 1 and groups == c_in == c_out:  # depthwise: its groups shrink too
+                fan = w_out * per_pair
+            else:
+                fan = w_out * (w_in // groups) * per_pair
+            params += fan + (w_out if bias else 0)
+            flops += fan * calls
+        return {"params": params, "flops": flops, "flops_bn": flops_bn}
+
+    def _pruned_cost(self, widths: dict[str, int]) -> dict[str, int]:
         """Counts of a copy pruned to these widths (cached)."""
         key = tuple(sorted((k, v) for k, v in widths.items() if v < self.group(k).width))
         if key not in self._costs:
@@ -152,6 +196,49 @@ class TPGraph(PruningGraph):
         return dict(self._costs[key])
 
 
+def _layer_shapes(model: nn.Module, input_size) -> list[tuple] | None:
+    """(name, kind, in, out, groups, weights per in/out pair, bias, output positions over the
+    calls) of every Conv2d, Linear and BatchNorm :func:`pccfast.count` counts; None when the
+    model has other layers count() counts (its closed form would miss them)."""
+    from .counting import _CONVS, _NORMS
+
+    names = {m: n for n, m in model.named_modules()}
+    if any(isinstance(m, _CONVS + _NORMS) and not isinstance(m, (nn.Conv2d, nn.BatchNorm2d))
+           or isinstance(m, nn.MultiheadAttention) for m in model.modules()):
+        return None
+    positions: dict[str, int] = {}
+
+    @marked
+    def hook(module, args, output):
+        width = module.out_features if isinstance(module, nn.Linear) else (
+            module.out_channels if isinstance(module, nn.Conv2d) else module.num_features)
+        positions[names[module]] = positions.get(names[module], 0) + output.numel() // width
+
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d))]
+    handles = [m.register_forward_hook(hook) for m in layers]
+    try:
+        param = next(model.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+        with eval_mode(model), torch.no_grad():
+            model(torch.randn(input_size, device=device))
+    finally:
+        for h in handles:
+            h.remove()
+    out = []
+    for m in layers:
+        name = names[m]
+        if isinstance(m, nn.BatchNorm2d):
+            out.append((name, "bn", m.num_features, m.num_features, 1, 0, False,
+                        positions.get(name, 0)))
+        elif isinstance(m, nn.Linear):
+            out.append((name, "linear", m.in_features, m.out_features, 1, 1, m.bias is not None,
+                        positions.get(name, 0)))
+        else:
+            out.append((name, "conv", m.in_channels, m.out_channels, m.groups,
+                        math.prod(m.kernel_size), m.bias is not None, positions.get(name, 0)))
+    return out
+
+
 def build_tp_graph(model: nn.Module, input_size, residual: str = "stream",
                    prune_classifier_input: bool = False) -> TPGraph:
     tp = _tp()
@@ -159,7 +246,7 @@ def build_tp_graph(model: nn.Module, input_size, residual: str = "stream",
     names = {m: n for n, m in model.named_modules()}
     outputs = output_layers(model, input_size)
     sites = _sites_by_conv(model)
-    groups, roots, assigned = [], {}, set()
+    groups, roots, assigned, shares = [], {}, set(), {}
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     for conv in convs:
         if conv in assigned:
@@ -167,11 +254,14 @@ def build_tp_graph(model: nn.Module, input_size, residual: str = "stream",
         group = dg.get_pruning_group(conv, tp.prune_conv_out_channels,
                                      idxs=list(range(conv.out_channels)))
         producers, consumers, members = [], [], []
+        share: dict[tuple[str, str], int] = {}
         for item in group:
             module, handler = item.dep.target.module, item.dep.handler
             if not isinstance(module, nn.Module) or module not in names:
                 continue
             name = names[module]
+            side = "out" if dg.is_out_channel_pruning_fn(handler) else "in"
+            share[name, side] = max(share.get((name, side), 0), len(item.idxs))
             if dg.is_out_channel_pruning_fn(handler):
                 role = "conv_out" if isinstance(module, nn.Conv2d) else (
                     "bn" if isinstance(module, nn.modules.batchnorm._BatchNorm) else "out")
@@ -200,7 +290,8 @@ def build_tp_graph(model: nn.Module, input_size, residual: str = "stream",
             g.prunable, g.reason = False, "no scored activation (no activation after its conv/BN)"
         groups.append(g)
         roots[g.name] = names[conv]
-    return TPGraph(model, groups, input_size, residual, prune_classifier_input, roots)
+        shares[g.name] = [(layer, side, n) for (layer, side), n in share.items()]
+    return TPGraph(model, groups, input_size, residual, prune_classifier_input, roots, shares)
 
 
 def apply_tp_plan(model: nn.Module, graph: TPGraph, kept: dict[str, torch.Tensor]) -> nn.Module:
