@@ -51,7 +51,7 @@ def _version(text: str) -> tuple[int, ...]:
     return tuple(int(part) for part in re.findall(r"\d+", text)[:2])
 
 
-def interpreter_unavailable_reason() -> str | None:
+def _interpreter_problem() -> str | None:
     """Triton's interpreter before 3.7 turns loop bounds into ints with ``int(array)``, which
     NumPy 2.4 refuses for the 1-element arrays it holds: every kernel would fail deep inside."""
     import numpy
@@ -63,6 +63,16 @@ def interpreter_unavailable_reason() -> str | None:
             f"(found numpy {numpy.__version__}); install numpy<2.4 or triton>=3.7"
         )
     return None
+
+
+_INTERPRETER_PROBLEM = None if _TRITON_MISSING is not None else _interpreter_problem()
+
+
+def interpreter_unavailable_reason() -> str | None:
+    """Why TRITON_INTERPRET=1 cannot run here (None when it can). Decided once at import: the
+    first dispatch of a process may be traced by torch.compile, which cannot trace the version
+    parsing (torch 2.11's dynamo fails inside ``re``)."""
+    return _INTERPRETER_PROBLEM
 
 
 def triton_unavailable_reason(device: torch.device | None) -> str | None:
