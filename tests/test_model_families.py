@@ -482,11 +482,18 @@ def test_pcc_regulariser_trains_every_family(library, name):
     reg = pccfast.PCCRegularizer(model, weight=1.0)
     scored = {s.conv for s in build_graph(model, size).sites if s.conv}
     assert scored and scored <= {s.conv for s in reg.sites}
-    x = torch.randn(4, 3, 64, 64)
+    losses = regulariser_steps(model, reg, torch.randn(4, 3, 64, 64))
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < losses[0]  # promote: the mean PCC went up
+    reg.remove()
+
+
+def regulariser_steps(model, reg, x, steps: int = 3) -> list[float]:
+    """``steps`` SGD steps on the regulariser's loss alone -> the losses; every site must fire."""
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     losses = []
     model.train()
-    for _ in range(3):
+    for _ in range(steps):
         opt.zero_grad()
         model(x)
         loss = reg.loss()
@@ -494,9 +501,7 @@ def test_pcc_regulariser_trains_every_family(library, name):
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert all(torch.isfinite(torch.tensor(losses)))
-    assert losses[-1] < losses[0]  # promote: the mean PCC went up
-    reg.remove()
+    return losses
 
 
 # ----------------------------------------------------------------------------- transformers
@@ -606,16 +611,6 @@ def test_pcc_regulariser_trains_the_transformer_mlps(kind):
     reg = pccfast.PCCRegularizer(model, weight=1.0)
     scored = {s.name for s in build_graph(model, (1, 3, 32, 32)).sites}
     assert {s.name for s in reg.sites} == scored and all(s.channels_last for s in reg.sites)
-    x = torch.randn(4, 3, 32, 32)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    losses = []
-    model.train()
-    for _ in range(3):
-        opt.zero_grad()
-        model(x)
-        loss = reg.loss()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = regulariser_steps(model, reg, torch.randn(4, 3, 32, 32))
     assert losses[-1] < losses[0]
     reg.remove()
