@@ -131,6 +131,9 @@ def _study(args) -> int:
     if args.dry_run:
         print(study.describe())
         return 0
+    if args.report:
+        print(f"study  {study.write_report()}")
+        return 0
     path = study.run()
     print(f"study  {path}, {Path(args.out) / 'study.md'}")
     return 0
@@ -256,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "the base)")
     study.add_argument("--device", metavar="DEV", help="override run.device")
     study.add_argument("--dry-run", action="store_true", help="print the cells and exit")
+    study.add_argument("--report", action="store_true",
+                       help="rewrite study.md and the plot from study.csv and exit (e.g. while "
+                            "the study runs in another process)")
     study.add_argument("--no-progress", action="store_true", help="no progress bars")
     study.set_defaults(run=_study)
     info = commands.add_parser("info", help="versions, compiled extension, available backends")

@@ -174,3 +174,40 @@ def test_cli_dry_run(tmp_path, capsys):
     assert main(["study", "--config", str(config), "--out", str(tmp_path / "o"), "--dry-run"]) == 0
     assert "pcc" in capsys.readouterr().out
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_report_rewrites_the_tables_from_the_record(finished, tmp_path, capsys):
+    import shutil
+
+    from pccfast.cli import main
+
+    out = tmp_path / "copy"
+    shutil.copytree(finished, out)
+    (out / "study.md").unlink()
+    config = tmp_path / "tiny.toml"
+    config.write_text(_toml(TINY))
+    assert main(["study", "--config", str(config), "--out", str(out), "--report"]) == 0
+    assert (out / "study.md").read_text() == (finished / "study.md").read_text()
+    assert main(["study", "--config", str(config), "--out", str(tmp_path / "none"), "--report"]) == 2
+    assert "nothing to report" in capsys.readouterr().err
+
+
+def _toml(tree: dict) -> str:
+    """A TOML text of the tiny study (tables of scalars and lists, arms as nested tables)."""
+    import json
+
+    def value(v):
+        return json.dumps(v) if not isinstance(v, bool) else str(v).lower()
+
+    lines = []
+    for section, values in tree.items():
+        if section == "arms":
+            for arm, sections in values.items():
+                lines.append(f"[arms.{arm}]")
+                for sub, keys in sections.items():
+                    lines.append(f"[arms.{arm}.{sub}]")
+                    lines += [f"{k} = {value(v)}" for k, v in keys.items()]
+            continue
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {value(v)}" for k, v in values.items()]
+    return "\n".join(lines) + "\n"

@@ -172,6 +172,14 @@ class Study:
         write_rows(self.csv_path, rows)
         write_study_report(self.out, rows, self.config)
 
+    def write_report(self) -> Path:
+        """study.md and the plot from ``study.csv`` as it stands; runs nothing."""
+        from .report import write_study_report
+
+        if not self.csv_path.is_file():
+            raise StudyError(f"{self.csv_path} does not exist yet: nothing to report")
+        return write_study_report(self.out, self._load_rows(), self.config)
+
     def _units(self, arm: Arm, seed: int) -> float:
         """Rough work of one arm x seed in training-image equivalents (for the ETA)."""
         cfg = arm.config
