@@ -157,6 +157,8 @@ def test_old_interpreter_with_new_numpy_is_named(monkeypatch, triton_version, nu
     monkeypatch.setattr(triton, "__version__", triton_version)
     monkeypatch.setattr(numpy, "__version__", numpy_version)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+    # decided once at import (a first call may be traced by torch.compile): decide again
+    monkeypatch.setattr(backends, "_INTERPRETER_PROBLEM", backends._interpreter_problem())
     reason = backends.triton_unavailable_reason(torch.device("cpu"))
     if broken:
         assert "numpy<2.4" in reason and triton_version in reason
