@@ -211,3 +211,26 @@ def _toml(tree: dict) -> str:
         lines.append(f"[{section}]")
         lines += [f"{k} = {value(v)}" for k, v in values.items()]
     return "\n".join(lines) + "\n"
+
+
+def test_an_interrupted_fine_tuning_leaves_one_row_per_key(tmp_path, monkeypatch):
+    """Interrupted while fine-tuning a cell (its pruned rows already in the table), then resumed:
+    the cell's rows appear once."""
+    from pccfast.study import cells
+
+    config = tiny(seeds=[0], criteria=["l1"], targets=[0.5])
+    config.arms = config.arms[:1]
+    real = cells.Cell.finetune
+
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cells.Cell, "finetune", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(config, tmp_path)
+    assert {r["stage"] for r in read_rows(tmp_path / "study.csv")} == {"pretrained", "pruned", "pruned_bn"}
+    monkeypatch.setattr(cells.Cell, "finetune", real)
+    run(config, tmp_path)
+    with open(tmp_path / "study.csv", newline="") as f:
+        keys = [(r["arm"], r["seed"], r["criterion"], r["target"], r["stage"]) for r in csv.DictReader(f)]
+    assert len(keys) == len(set(keys)) == 4

@@ -67,7 +67,12 @@ def read_rows(path: Path) -> list[dict]:
         missing = [c for c in COLUMNS if c not in row]
         if missing:
             raise StudyError(f"{path} is not a pccfast study table (columns {missing} missing)")
-    return rows
+    return unique(rows)
+
+
+def unique(rows: list[dict]) -> list[dict]:
+    """One row per key (the last), whatever an interrupted sitting left behind."""
+    return list({Key.of(r): r for r in rows}.values())
 
 
 def write_rows(path: Path, rows: list[dict]) -> None:
@@ -75,7 +80,7 @@ def write_rows(path: Path, rows: list[dict]) -> None:
     writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
     writer.writeheader()
     order = {s: i for i, s in enumerate(STAGES)}
-    for row in sorted(rows, key=lambda r: (r["arm"], int(r["seed"]), r["criterion"],
+    for row in sorted(unique(rows), key=lambda r: (r["arm"], int(r["seed"]), r["criterion"],
                                            float(r["target"]), order.get(r["stage"], 9))):
         writer.writerow({c: row[c] for c in COLUMNS})
     atomic_write_text(path, buffer.getvalue())
@@ -233,6 +238,8 @@ class Study:
                    * (1.2 if cfg.pcc.enabled else 1.0))
 
         def add(key: Key, acc, flops=None, params=None, seconds=None, note=""):
+            if key in done:  # a cell redone after its fine-tuning was interrupted
+                return
             rows.append({"arm": key.arm, "seed": key.seed, "criterion": key.criterion,
                          "target": _fmt(key.target), "stage": key.stage, "acc": _fmt(acc),
                          "flops_removed": _fmt(flops), "params_removed": _fmt(params),
