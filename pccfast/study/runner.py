@@ -21,14 +21,10 @@ from __future__ import annotations
 import csv
 import io
 import json
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from ..atomic import atomic_write_text
-from ..train.checkpoint import atomic_torch_save
 from .config import Arm, StudyConfig, non_default, settings_hash
 
 COLUMNS = ("arm", "seed", "criterion", "target", "stage", "acc", "flops_removed",
