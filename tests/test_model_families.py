@@ -272,6 +272,12 @@ def test_convnext_scores_the_mlp_hidden_channels_after_gelu():
     pruned, plan = pccfast.prune(model, scores, rates="[0.]+[0.5]*2", input_size=(1, 3, 8, 8))
     assert pruned.blocks[0].pwconv1.out_features == pruned.blocks[0].pwconv2.in_features == 16
     assert plan.after["flops"] == pccfast.count(pruned, (1, 3, 8, 8))["flops"]
+    # one rate for the whole model: the stem's entry (a kept stream) is 0, the rest 0.5
+    same, same_plan = pccfast.prune(model, scores, rates=0.5, input_size=(1, 3, 8, 8))
+    assert same_plan.kept == plan.kept and same_plan.setting == {"rates": [0.0, 0.5, 0.5]}
+    with pytest.raises(ValueError, match=r"rates\[0\] \(stem \(in blocks\)\) must be 0: .* "
+                       r"the residual stream blocks, which is kept whole"):
+        pccfast.prune(model, scores, rates="[0.5]*3", input_size=(1, 3, 8, 8))
 
 
 def test_taylor_scores_a_channels_last_activation_and_refuses_smooth_functional_ones():

@@ -184,6 +184,8 @@ def test_inner_mode_keeps_streams_whole():
     assert "layer1" not in plan.widths and len(plan.layers) == 27
     assert pruned.layer1[0].conv2.out_channels == 8 and pruned.layer1[0].conv1.out_channels == 4
     assert graph.group("layer1").reason.startswith("a residual stream")
+    _, scalar = pccfast.prune(model, scores, rates=0.4, residual="inner")  # 0 where it must be
+    assert scalar.kept == plan.kept and scalar.setting["rates"] == [0.0] * 3 + [0.4] * 27
 
 
 def test_plan_json_roundtrip_and_replay(vgg, tmp_path):

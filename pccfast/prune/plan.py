@@ -155,8 +155,9 @@ def rate_layout(graph) -> list[RateSlot]:
         stem_conv = next((g for g in groups if g.convs), None)
         host = stem_conv.name if stem_conv is not None else "?"
         same = 1 if stream_slots and stream_slots[0].label == host and stream_slots[0].groups else -1
+        how = "set by the next entry" if same >= 0 else "which is kept whole"
         slots.append(RateSlot(f"stem (in {host})", (), f"the stem's output is the residual stream "
-                              f"{host}, set by the next entry", same))
+                              f"{host}, {how}", same))
     slots += stream_slots
     for block in graph.blocks:
         inner = tuple(g.name for g in groups if g.block == block and g.kind == "conv" and g.prunable)
@@ -172,7 +173,8 @@ def _check_rates(rates, slots: list[RateSlot], model_name: str) -> list[float]:
         count = rates_length(_rate_pieces(rates))  # counted before expanding anything
         values = parse_rates(rates) if count == len(slots) else []
     elif isinstance(rates, (int, float)) and not isinstance(rates, bool):
-        values = [float(rates)] * len(slots)
+        # one rate for every layer it can apply to: entries that must stay 0 get 0
+        values = [0.0 if slot.zero_reason and slot.same_as < 0 else float(rates) for slot in slots]
         count = len(values)
     elif isinstance(rates, (list, tuple)):
         values = list(rates)
