@@ -46,7 +46,8 @@ def save(model: nn.Module, path) -> None:
     """Writes ``model`` (architecture and weights) to ``path`` atomically.
 
     Zoo models, pruned or not, are stored as recipe + plans + state dict; other models as a
-    pickled module (see the module docstring). A DDP/DataParallel wrapper is unwrapped.
+    pickled module (see the module docstring). A DDP/DataParallel/torch.compile wrapper is
+    unwrapped.
     """
     model = unwrap_parallel(model)
     if not isinstance(model, nn.Module):

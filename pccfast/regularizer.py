@@ -38,8 +38,9 @@ class PCCRegularizer:
     A layer whose rows have a single feature (1x1 maps in the channel orientation, e.g. the last
     stage of a ResNet at 32x32 input) has PCC 0 whatever its activations: it is left out of the
     mean, with a warning the first time (not inside a ``torch.compile`` trace).
-    Create the regulariser before compiling the model: hooks added to a model that has already
-    run compiled are not seen.
+    Create the regulariser before the model first runs compiled: hooks added to a model that has
+    already run compiled are not seen. A ``torch.compile``d model is searched through to the
+    original module (its site names start with ``_orig_mod.``).
     """
 
     def __init__(

@@ -323,6 +323,14 @@ def _registration_order_sites(model: nn.Module) -> list[Site]:
 
 def find_sites(model: nn.Module) -> list[Site]:
     """Every activation output that follows a conv (optionally through a BatchNorm), in order."""
+    inner = getattr(model, "_orig_mod", None)
+    if type(model).__name__ == "OptimizedModule" and isinstance(inner, nn.Module):
+        # torch.compile(model): fx traces the original; names keep the wrapper's "_orig_mod."
+        def outer(name: str) -> str:
+            return f"_orig_mod.{name}" if name else ""
+
+        return [replace(s, name=outer(s.name), module=outer(s.module), conv=outer(s.conv),
+                        norm=outer(s.norm)) for s in find_sites(inner)]
     try:
         return _trace_sites(model)
     except Exception as exc:  # fx cannot trace data-dependent control flow and the like

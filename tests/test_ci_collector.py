@@ -254,3 +254,24 @@ def test_dead_channels_tie_at_zero_and_the_plan_keeps_the_lower_index(backend):
     kept = {layer.name: layer.kept_indices for layer in plan.layers}["0"]
     assert kept == [c for c in range(12) if c not in (5, 9)]
 
+
+
+def test_a_compiled_model_is_scored_pruned_and_saved_as_the_original(tmp_path):
+    """torch.compile(model): scores keyed by the original names, equal to the original's."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = vgg16_cifar(width=0.125).eval()
+    compiled = torch.compile(model, backend="eager")
+    images = torch.randn(6, 3, 32, 32)
+    got = pccfast.scores(compiled, [images], criterion="ci", progress=False)
+    expected = pccfast.scores(model, [images], criterion="ci", progress=False)
+    assert list(got) == list(expected) and "features.conv0" in got
+    for name in got:
+        assert torch.equal(got[name], expected[name]), name
+    pruned, plan = pccfast.prune(compiled, got, target_flops=0.5)
+    _, same = pccfast.prune(model, expected, target_flops=0.5)
+    assert plan.kept == same.kept
+    pccfast.save(compiled, tmp_path / "model.pt")
+    loaded = pccfast.load(tmp_path / "model.pt")
+    assert list(loaded.state_dict()) == list(model.state_dict())
+    torch._dynamo.reset()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -210,7 +212,27 @@ def test_layers_with_single_feature_rows_are_left_out_with_one_warning():
             only.loss()
 
 
-@pytest.mark.filterwarnings("ignore:torch.fx could not trace OptimizedModule")
+def test_regularizer_on_a_compiled_model_finds_the_sites_of_the_original():
+    """torch.compile(model) is traced through to the original module: the functional ReLU and
+    the reused module are found (module registration order would miss them), no warning."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = FunctionalReLU()
+    compiled = torch.compile(model, backend="eager")
+    x = torch.randn(2, 3, 6, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        reg = pccfast.PCCRegularizer(compiled, backend="torch")
+    assert reg.layer_names == ["_orig_mod.bn1", "_orig_mod.relu:0"]
+    compiled(x)
+    with pccfast.PCCRegularizer(model, backend="torch") as eager:
+        model(x)
+        torch.testing.assert_close(reg.loss(), eager.loss(), rtol=1e-6, atol=1e-7)
+    assert reg.layer_names == ["_orig_mod." + n for n in eager.layer_names]
+    reg.remove()
+    torch._dynamo.reset()
+
+
 def test_regularizer_created_after_the_model_ran_compiled_says_so():
     """Hooks added after a model has run under torch.compile are not seen: loss() says to
     create the regulariser before compiling, not just "needs a forward pass"."""

@@ -91,12 +91,18 @@ def record_description(model: nn.Module, description: dict) -> nn.Module:
 
 
 def unwrap_parallel(model):
-    """The module inside DataParallel / DistributedDataParallel wrappers."""
+    """The module inside DataParallel / DistributedDataParallel / torch.compile wrappers (the
+    same parameters, with the names of the model as written)."""
     from torch.nn.parallel import DataParallel, DistributedDataParallel
 
-    while isinstance(model, (DataParallel, DistributedDataParallel)):
-        model = model.module
-    return model
+    while True:
+        if isinstance(model, (DataParallel, DistributedDataParallel)):
+            model = model.module
+        elif type(model).__name__ == "OptimizedModule" and isinstance(
+                getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
 
 
 @contextlib.contextmanager

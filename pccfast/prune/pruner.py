@@ -21,7 +21,7 @@ def prune(model: nn.Module, scores: dict, *, rates=None, tau: float | None = Non
     """Removes the least independent channels; returns ``(pruned_model, plan)``.
 
     model: the trained network (left unchanged; the pruned one is a smaller copy; a DDP
-      wrapper is unwrapped).
+      or torch.compile wrapper is unwrapped).
     scores: layer name -> per-channel mean CI (float64), from ``CICollector.scores()``.
     How much (one of):
       rates: a CHIP rate list, ``"[0.21]*7+[0.75]*5"`` (a string, a list, or one float for

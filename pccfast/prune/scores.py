@@ -49,7 +49,8 @@ def _world() -> tuple[int, int]:
 class ScoreCollector:
     """Streams one criterion's per-channel scores for every scored layer of ``model``.
 
-    model: the network (a DDP/DataParallel wrapper is unwrapped); it runs in eval mode inside
+    model: the network (a DDP/DataParallel/torch.compile wrapper is unwrapped: it runs eagerly
+      under the hooks, scores keyed by the original names); it runs in eval mode inside
       :meth:`update` (without gradients, except for ``taylor``), and its mode is restored.
     criterion: ``"ci"`` (default), ``"l1"``, ``"hrank"``, ``"taylor"`` or ``"random"``
       (:mod:`pccfast.prune.criteria`). ``l1`` and ``random`` need no images: :meth:`update`
