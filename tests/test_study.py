@@ -138,8 +138,28 @@ def test_tables_are_mean_and_spread_over_seeds(finished):
     assert std == pytest.approx(statistics.stdev(accs), rel=1e-12)
     text = (finished / "study.md").read_text()
     cell = f"{100 * mean:.2f} ± {100 * std:.2f} (2)"
-    assert cell in text
+    fine = text[text.index("## Accuracy after fine-tuning"):]
+    row = next(line for line in fine.splitlines() if line.startswith("| pcc / ci |"))
+    assert cell in row  # one row per arm x criterion, one column per target
     assert "**" in text  # the best of each target
+    assert (finished / "plots" / "arms_by_criterion.png").stat().st_size > 0
+
+
+def test_arms_are_compared_with_the_first_one_seed_by_seed(finished):
+    rows = read_rows(finished / "study.csv")
+    acc = {(r["arm"], r["seed"], r["criterion"], r["target"], r["stage"]): float(r["acc"])
+           for r in rows if r["acc"] != ""}
+    diffs = [acc[("pcc", s, "l1", "0.500000", "finetuned")] - acc[("no_pcc", s, "l1", "0.500000",
+                                                                    "finetuned")] for s in "01"]
+    got = study_report.paired_differences(rows, "no_pcc")[("finetuned", "pcc", "l1", 0.5)]
+    assert got["n"] == 2
+    assert got["acc"][0] == pytest.approx(statistics.mean(diffs), rel=1e-12, abs=1e-15)
+    assert got["acc"][1] == pytest.approx(statistics.stdev(diffs), rel=1e-12, abs=1e-15)
+    assert not any(key[1] == "no_pcc" for key in study_report.paired_differences(rows, "no_pcc"))
+    text = (finished / "study.md").read_text()
+    part = text[text.index("## Each arm minus no_pcc, same seed: after fine-tuning"):]
+    row = next(line for line in part.splitlines() if line.startswith("| pcc / l1 |"))
+    assert f"{100 * got['acc'][0]:+.2f} ± {100 * got['acc'][1]:.2f} (2)" in row
 
 
 @pytest.mark.parametrize("change, message", [

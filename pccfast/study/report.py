@@ -1,9 +1,11 @@
 """The study's tables and plots, from ``study.csv`` rows alone.
 
-study.md: per target and stage, accuracy as mean +- standard deviation over seeds (n seeds) for
-every arm x criterion, the best mean of each target in bold; FLOPs removed as measured.
+study.md: per stage, accuracy as mean +- standard deviation over seeds (n seeds), one row per
+arm x criterion and one column per FLOPs target (removed as measured), the best mean of each
+target in bold; then every arm against the first (the baseline) as per-seed paired differences.
 plots/accuracy_vs_flops.png: accuracy vs FLOPs removed, one line per arm x criterion, after
-pruning (BatchNorm re-estimated) and after fine-tuning, with the spread over seeds as a band.
+pruning (BatchNorm re-estimated) and after fine-tuning, with the spread over seeds as a band;
+plots/arms_by_criterion.png: the same lines, one panel per stage x criterion.
 """
 
 from __future__ import annotations
@@ -47,6 +49,25 @@ def _cell(stat) -> str:
     return f"{100 * m:.2f} ± {100 * s:.2f} ({stat['n']})"
 
 
+def paired_differences(rows: list[dict], base: str) -> dict:
+    """(stage, arm, criterion, target) -> {"acc": (mean, std), "n": seeds} of the accuracy of
+    ``arm`` minus that of ``base`` on the same seed (the same data subset and the same
+    initialisation), over the seeds both have measured."""
+    acc = {(r["stage"], r["arm"], r["criterion"], float(r["target"]), int(r["seed"])): float(r["acc"])
+           for r in rows if r["acc"] != ""}
+    groups = defaultdict(list)
+    for (stage, arm, criterion, target, seed), value in acc.items():
+        other = acc.get((stage, base, criterion, target, seed))
+        if arm != base and other is not None:
+            groups[(stage, arm, criterion, target)].append(value - other)
+    return {key: {"acc": mean_std(values), "n": len(values)} for key, values in groups.items()}
+
+
+def _signed(stat) -> str:
+    m, s = stat["acc"]
+    return f"{100 * m:+.2f} ± {100 * s:.2f} ({stat['n']})"
+
+
 def markdown(rows: list[dict], config=None) -> str:
     stats = aggregate(rows)
     arms = _ordered({r["arm"] for r in rows}, [a.name for a in config.arms] if config else [])
@@ -59,26 +80,49 @@ def markdown(rows: list[dict], config=None) -> str:
     pre = [(a, stats.get(("pretrained", a, "-", 0.0))) for a in arms]
     lines += ["## Unpruned (pre-trained) accuracy", "", "| arm | accuracy |", "|---|---|"]
     lines += [f"| {a} | {_cell(s)} |" for a, s in pre if s]
+    columns = [(a, c) for a in arms for c in criteria]
     for stage in ("pruned_bn", "finetuned", "pruned"):
         targets = sorted({float(r["target"]) for r in rows if r["stage"] == stage})
-        if not targets:
-            continue
-        columns = [(a, c) for a in arms for c in criteria]
-        lines += ["", f"## Accuracy {STAGE_TITLES[stage]}", "",
-                  "| FLOPs target | measured removed | " + " | ".join(f"{a} / {c}" for a, c in columns)
-                  + " |", "|---|---|" + "---|" * len(columns)]
-        for t in targets:
-            found = {col: stats.get((stage, *col, t)) for col in columns}
-            best = max((s["acc"][0] for s in found.values() if s), default=None)
-            measured = [s["flops"][0] for s in found.values() if s]
-            cells = []
-            for col in columns:
-                s = found[col]
-                text = "" if s is None else _cell(s)
-                cells.append(f"**{text}**" if s is not None and s["acc"][0] == best else text)
-            removed = f"{100 * sum(measured) / len(measured):.1f}%" if measured else ""
-            lines.append(f"| {100 * t:.1f}% | {removed} | " + " | ".join(cells) + " |")
+        if targets:
+            lines += ["", f"## Accuracy {STAGE_TITLES[stage]}", ""]
+            lines += _table(stage, targets, columns, stats, _cell, best=True)
+    if len(arms) > 1:
+        base = arms[0]
+        diffs = paired_differences(rows, base)
+        for stage in ("pruned_bn", "finetuned"):
+            targets = sorted({k[3] for k in diffs if k[0] == stage})
+            if targets:
+                lines += ["", f"## Each arm minus {base}, same seed: {STAGE_TITLES[stage]}", "",
+                          f"Accuracy points, mean ± standard deviation of the per-seed "
+                          f"differences (seeds): positive means the arm beat {base}.", ""]
+                lines += _table(stage, targets, [(a, c) for a in arms[1:] for c in criteria],
+                                diffs, _signed, best=False)
     return "\n".join(lines) + "\n"
+
+
+def _table(stage, targets, columns, stats, show, best: bool) -> list[str]:
+    """One row per arm x criterion, one column per FLOPs target (as measured in a second row)."""
+    found = {(col, t): stats.get((stage, *col, t)) for col in columns for t in targets}
+    measured = []
+    for t in targets:
+        flops = [s["flops"][0] for (col, tt), s in found.items() if tt == t and s and "flops" in s]
+        measured.append(f"{100 * sum(flops) / len(flops):.1f}%" if flops else "")
+    lines = ["| arm / criterion | " + " | ".join(f"{100 * t:.1f}%" for t in targets) + " |",
+             "|---|" + "---|" * len(targets)]
+    if any(measured):
+        lines.append("| *FLOPs removed, measured* | " + " | ".join(measured) + " |")
+    top = {t: max((s["acc"][0] for (col, tt), s in found.items() if tt == t and s), default=None)
+           for t in targets}
+    for col in columns:
+        if not any(found[(col, t)] for t in targets):
+            continue
+        cells = []
+        for t in targets:
+            s = found[(col, t)]
+            text = "" if s is None else show(s)
+            cells.append(f"**{text}**" if best and s is not None and s["acc"][0] == top[t] else text)
+        lines.append(f"| {col[0]} / {col[1]} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _ordered(names: set, preferred: list) -> list:
@@ -127,12 +171,65 @@ def plot(rows: list[dict], path: Path, config=None) -> bool:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+    return True
+
+
+def plot_by_criterion(rows: list[dict], path: Path, config=None) -> bool:
+    """One panel per stage (rows) x criterion (columns), one line per arm: the arms compared
+    under each criterion, which the all-lines plot crowds. False when nothing was drawn."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stats = aggregate(rows)
+    stages = [s for s in ("pruned_bn", "finetuned") if any(r["stage"] == s for r in rows)]
+    arms = _ordered({r["arm"] for r in rows}, [a.name for a in config.arms] if config else [])
+    criteria = _ordered({r["criterion"] for r in rows if r["criterion"] != "-"},
+                        config.criteria if config else [])
+    if not stages or not criteria:
+        return False
+    fig, axes = plt.subplots(len(stages), len(criteria), sharey="row", squeeze=False,
+                             figsize=(3.2 * len(criteria) + 0.8, 3.0 * len(stages)))
+    for row, stage in enumerate(stages):
+        for col, criterion in enumerate(criteria):
+            ax = axes[row][col]
+            for i, arm in enumerate(arms):
+                points = sorted((s["flops"][0], s["acc"][0], s["acc"][1])
+                                for (st, a, c, _), s in stats.items()
+                                if st == stage and a == arm and c == criterion)
+                if not points:
+                    continue
+                x = [100 * p[0] for p in points]
+                y = [100 * p[1] for p in points]
+                low = [100 * (p[1] - p[2]) for p in points]
+                high = [100 * (p[1] + p[2]) for p in points]
+                ax.plot(x, y, marker="o", markersize=3, color=f"C{i}", label=arm)
+                ax.fill_between(x, low, high, color=f"C{i}", alpha=0.15, linewidth=0)
+            ax.set_title(f"{criterion}: {'fine-tuned' if stage == 'finetuned' else 'pruned, BN re-estimated'}",
+                         fontsize=9)
+            ax.grid(alpha=0.3)
+            if row == len(stages) - 1:
+                ax.set_xlabel("FLOPs removed (%)")
+            if col == 0:
+                ax.set_ylabel("test accuracy (%)")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+    return True
+
+
+def _save(fig, path: Path) -> None:
+    """Atomically: a reader never sees half a PNG."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=110)
-    plt.close(fig)
     tmp.replace(path)
-    return True
 
 
 def write_study_report(out: Path, rows: list[dict], config=None) -> Path:
@@ -140,6 +237,8 @@ def write_study_report(out: Path, rows: list[dict], config=None) -> Path:
     text = markdown(rows, config)
     if plot(rows, out / "plots" / "accuracy_vs_flops.png", config):
         text += "\n![accuracy vs FLOPs removed](plots/accuracy_vs_flops.png)\n"
+        if plot_by_criterion(rows, out / "plots" / "arms_by_criterion.png", config):
+            text += "\n![the arms under each criterion](plots/arms_by_criterion.png)\n"
     else:
         text += "\n(No plot: matplotlib is not installed.)\n"
     path = out / "study.md"
