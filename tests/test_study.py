@@ -9,7 +9,7 @@ import pytest
 
 from pccfast.study import Study, StudyConfig, StudyError
 from pccfast.study import report as study_report
-from pccfast.study.runner import read_rows
+from pccfast.study.runner import Key, read_rows
 
 TINY = {
     "data": {"spec": "digits", "workers": 0, "train_limit": 400, "test_limit": 200},
@@ -88,7 +88,15 @@ def test_more_targets_reuse_the_pretrained_models(finished, tmp_path, monkeypatc
         return real_fit(model, data, cfg, **kw)
 
     monkeypatch.setattr(pccfast.train.loop, "fit", counting_fit)
-    run(tiny(targets=[0.5, 0.6, 0.7]), out)
+    grown = tiny(targets=[0.5, 0.6, 0.7])
+    study = Study(grown, out, progress=False)  # the ETA counts only the work left:
+    done = {Key.of(r) for r in read_rows(out / "study.csv")}
+    for arm, seed in study.pairs():  # 3 criteria x the 0.7 cell (BN and test images, 30% left)
+        assert study._units(arm, seed, done) == pytest.approx(3 * (128 + 200) * 0.3 / 3)
+        pretraining = 1 * 400 * (1.0 if arm.name == "no_pcc" else 1.2)  # epochs x images x PCC
+        fresh = Study(grown, tmp_path / "new")._units(arm, seed)  # no pre-trained model there
+        assert fresh == pytest.approx(study._units(arm, seed) + pretraining)
+    run(grown, out)
     assert calls == []  # no pre-training, and 0.7 is not fine-tuned
     rows = by_key(read_rows(out / "study.csv"))
     old = by_key(read_rows(finished / "study.csv"))

@@ -141,7 +141,8 @@ class Study:
             keys = self.keys(arm, seed)
             have = sum(k in done for k in keys)
             lines.append(f"  {arm.name:<16} seed {seed}: {have}/{len(keys)} rows done, "
-                         f"about {self._units(arm, seed) / 1e6:.2f}M training-image equivalents")
+                         f"about {self._units(arm, seed, done) / 1e6:.2f}M training-image "
+                         "equivalents left")
         return "\n".join(lines)
 
     # ------------------------------------------------------------------ running
@@ -155,7 +156,7 @@ class Study:
         done = {Key.of(r) for r in rows}
         todo = [(arm, seed) for arm, seed in self.pairs()
                 if not set(self.keys(arm, seed)) <= done]
-        units = {(a.name, s): self._units(a, s) for a, s in todo}
+        units = {(a.name, s): self._units(a, s, done) for a, s in todo}
         bar = tqdm(total=sum(units.values()), unit="img", unit_scale=True, desc="study",
                    disable=not self.progress, dynamic_ncols=True)
         try:
@@ -181,17 +182,23 @@ class Study:
             raise StudyError(f"{self.csv_path} does not exist yet: nothing to report")
         return write_study_report(self.out, self._load_rows(), self.config)
 
-    def _units(self, arm: Arm, seed: int) -> float:
-        """Rough work of one arm x seed in training-image equivalents (for the ETA)."""
+    def _units(self, arm: Arm, seed: int, done: set | None = None) -> float:
+        """Rough work left of one arm x seed in training-image equivalents (for the ETA):
+        pre-training unless its model is in the work folder, and the cells not in ``done``."""
         cfg = arm.config
         n = cfg.data.train_limit or 50000
-        pcc = 1.2 if cfg.pcc.enabled else 1.0
-        total = cfg.pretrain.epochs * n * pcc
-        for target in self.config.targets:
-            left = 1.0 - target
-            total += len(self.config.criteria) * (cfg.prune.bn_images + (cfg.data.test_limit or 10000)) * left / 3
-            if target in self.config.finetune_targets:
-                total += len(self.config.criteria) * cfg.finetune.epochs * n * left
+        done = done or set()
+        total = 0.0
+        if not (self.work_dir(arm, seed) / "pretrained.pt").is_file():
+            total += cfg.pretrain.epochs * n * (1.2 if cfg.pcc.enabled else 1.0)
+        for criterion in self.config.criteria:
+            for target in self.config.targets:
+                left = 1.0 - target
+                if Key(arm.name, seed, criterion, target, "pruned_bn") not in done:
+                    total += (cfg.prune.bn_images + (cfg.data.test_limit or 10000)) * left / 3
+                if (target in self.config.finetune_targets
+                        and Key(arm.name, seed, criterion, target, "finetuned") not in done):
+                    total += cfg.finetune.epochs * n * left
         return total
 
     def _data_for(self, cfg):
@@ -230,8 +237,8 @@ class Study:
                           f"{len(stale)} earlier rows are redone from a new pre-training")
                 rows[:] = [r for r in rows if r not in stale]
                 done = {Key.of(r) for r in rows}
-        bar.update(cfg.pretrain.epochs * (cfg.data.train_limit or 50000)
-                   * (1.2 if cfg.pcc.enabled else 1.0))
+            bar.update(cfg.pretrain.epochs * (cfg.data.train_limit or 50000)
+                       * (1.2 if cfg.pcc.enabled else 1.0))
 
         def add(key: Key, acc, flops=None, params=None, seconds=None, note=""):
             if key in done:  # a cell redone after its fine-tuning was interrupted
