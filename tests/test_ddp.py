@@ -88,7 +88,42 @@ def test_two_gloo_processes_match_one_process(tmp_path, monkeypatch):
     for name in sa["scores"]:  # from those weights: as far apart as they are (above)
         assert torch.allclose(sa["scores"][name], sb["scores"][name], rtol=1e-3, atol=1e-5), name
     pa, pb = json.loads((one / "plan.json").read_text()), json.loads((two / "plan.json").read_text())
-    assert [l["kept_indices"] for l in pa["layers"]] == [l["kept_indices"] for l in pb["layers"]]
+    assert [l["name"] for l in pa["layers"]] == [l["name"] for l in pb["layers"]]
+    for la, lb in zip(pa["layers"], pb["layers"]):
+        # the same channels, unless the scores' agreement above cannot decide between them
+        _assert_same_choice(sa["scores"][la["name"]], la["kept_indices"], lb["kept_indices"],
+                            tau=0.7, slack=2 * (1e-3 * sa["scores"][la["name"]].abs().max() + 1e-5))
+
+
+def _assert_same_choice(score, kept_a, kept_b, *, tau, slack):
+    """Two runs' kept channels for one layer agree, or differ only by near-ties of ``score``
+    (run a's scores; run b's agree with them to ``slack`` per channel, not bitwise).
+
+    Run a's plan must follow from its scores exactly; run b's must follow from scores that each
+    move by at most ``slack``: its count from the tau cut, its channels a top-k set."""
+    score = score.double()
+    n = len(score)
+    cumulative = torch.cumsum(score[torch.argsort(-score, stable=True)], 0)
+    assert kept_a == sorted(torch.argsort(-score, stable=True)[:len(kept_a)].tolist())
+    if kept_a == kept_b:
+        return
+    k, cut, moved = len(kept_b), tau * float(score.sum()), (1 + tau) * n * slack
+    assert float(cumulative[k - 1]) >= cut - moved, (kept_a, kept_b)  # reached by k channels
+    assert k == 1 or float(cumulative[k - 2]) < cut + moved, (kept_a, kept_b)  # not by k - 1
+    left_out = [c for c in range(n) if c not in set(kept_b)]
+    if left_out:
+        assert float(score[left_out].max()) <= float(score[kept_b].min()) + 2 * slack, (kept_a, kept_b)
+
+
+def test_the_plan_comparison_allows_near_ties_only():
+    score = torch.tensor([5.0, 3.0, 3.0001, 1.0, 0.5])  # tau 0.6 keeps channels 0 and 2
+    _assert_same_choice(score, [0, 2], [0, 1], tau=0.6, slack=1e-3)  # 3.0 vs 3.0001: a near-tie
+    _assert_same_choice(score, [0, 2], [0, 1, 2], tau=8.0 / 12.5, slack=1e-3)  # the cut itself
+    for wrong in ([0, 3], [0, 1, 2], [0]):  # a real difference, the count off by one either way
+        with pytest.raises(AssertionError):
+            _assert_same_choice(score, [0, 2], wrong, tau=0.6, slack=1e-3)
+    with pytest.raises(AssertionError):  # run a's plan must follow from its own scores
+        _assert_same_choice(score, [0, 1], [0, 1], tau=0.6, slack=1e-3)
 
 
 BN_WORKER = '''
