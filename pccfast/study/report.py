@@ -70,9 +70,7 @@ def _signed(stat) -> str:
 
 def markdown(rows: list[dict], config=None) -> str:
     stats = aggregate(rows)
-    arms = _ordered({r["arm"] for r in rows}, [a.name for a in config.arms] if config else [])
-    criteria = _ordered({r["criterion"] for r in rows if r["criterion"] != "-"},
-                        config.criteria if config else [])
+    arms, criteria = _arms_and_criteria(rows, config)
     lines = ["# Study results", "",
              "Accuracy in % as mean ± standard deviation over seeds (number of seeds); the best "
              "mean of each target in bold. A difference smaller than the spread over seeds is "
@@ -129,40 +127,52 @@ def _ordered(names: set, preferred: list) -> list:
     return [n for n in preferred if n in names] + sorted(names - set(preferred))
 
 
-def plot(rows: list[dict], path: Path, config=None) -> bool:
-    """Accuracy vs FLOPs removed; False (no file) when matplotlib is missing or nothing to plot."""
-    try:
-        import matplotlib
-    except ImportError:
-        return False
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    stats = aggregate(rows)
-    stages = [s for s in ("pruned_bn", "finetuned") if any(r["stage"] == s for r in rows)]
-    if not stages:
-        return False
+def _arms_and_criteria(rows: list[dict], config) -> tuple[list, list]:
+    """The arms and criteria present, in the config's order (then by name)."""
     arms = _ordered({r["arm"] for r in rows}, [a.name for a in config.arms] if config else [])
     criteria = _ordered({r["criterion"] for r in rows if r["criterion"] != "-"},
                         config.criteria if config else [])
+    return arms, criteria
+
+
+def _pyplot():
+    """matplotlib.pyplot on the file-only backend, or None when matplotlib is missing."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _curve(stats: dict, stage: str, arm: str, criterion: str):
+    """x (FLOPs removed), mean accuracy and mean -/+ spread, in %, by FLOPs removed."""
+    points = sorted((s["flops"][0], s["acc"][0], s["acc"][1]) for (st, a, c, _), s in stats.items()
+                    if st == stage and a == arm and c == criterion)
+    return ([100 * p[0] for p in points], [100 * p[1] for p in points],
+            [100 * (p[1] - p[2]) for p in points], [100 * (p[1] + p[2]) for p in points])
+
+
+def plot(rows: list[dict], path: Path, config=None) -> bool:
+    """Accuracy vs FLOPs removed; False (no file) when matplotlib is missing or nothing to plot."""
+    plt = _pyplot()
+    stages = [s for s in ("pruned_bn", "finetuned") if any(r["stage"] == s for r in rows)]
+    if plt is None or not stages:
+        return False
+    stats = aggregate(rows)
+    arms, criteria = _arms_and_criteria(rows, config)
     fig, axes = plt.subplots(1, len(stages), figsize=(6.2 * len(stages), 4.4), squeeze=False)
     styles = ["-", "--", ":", "-."]
     for ax, stage in zip(axes[0], stages):
         for i, arm in enumerate(arms):
             for j, criterion in enumerate(criteria):
-                points = sorted((s["flops"][0], s["acc"][0], s["acc"][1])
-                                for (st, a, c, _), s in stats.items()
-                                if st == stage and a == arm and c == criterion)
-                if not points:
-                    continue
-                x = [100 * p[0] for p in points]
-                y = [100 * p[1] for p in points]
-                spread = [100 * p[2] for p in points]
-                line, = ax.plot(x, y, styles[i % len(styles)], marker="o", markersize=3,
-                                color=f"C{j}", label=f"{arm} / {criterion}")
-                ax.fill_between(x, [a - b for a, b in zip(y, spread)],
-                                [a + b for a, b in zip(y, spread)], color=line.get_color(),
-                                alpha=0.15, linewidth=0)
+                x, y, low, high = _curve(stats, stage, arm, criterion)
+                if x:
+                    ax.plot(x, y, styles[i % len(styles)], marker="o", markersize=3,
+                            color=f"C{j}", label=f"{arm} / {criterion}")
+                    ax.fill_between(x, low, high, color=f"C{j}", alpha=0.15, linewidth=0)
         for arm in arms:
             base = stats.get(("pretrained", arm, "-", 0.0))
             if base:
@@ -179,37 +189,22 @@ def plot(rows: list[dict], path: Path, config=None) -> bool:
 def plot_by_criterion(rows: list[dict], path: Path, config=None) -> bool:
     """One panel per stage (rows) x criterion (columns), one line per arm: the arms compared
     under each criterion, which the all-lines plot crowds. False when nothing was drawn."""
-    try:
-        import matplotlib
-    except ImportError:
-        return False
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    stats = aggregate(rows)
+    plt = _pyplot()
     stages = [s for s in ("pruned_bn", "finetuned") if any(r["stage"] == s for r in rows)]
-    arms = _ordered({r["arm"] for r in rows}, [a.name for a in config.arms] if config else [])
-    criteria = _ordered({r["criterion"] for r in rows if r["criterion"] != "-"},
-                        config.criteria if config else [])
-    if not stages or not criteria:
+    arms, criteria = _arms_and_criteria(rows, config)
+    if plt is None or not stages or not criteria:
         return False
+    stats = aggregate(rows)
     fig, axes = plt.subplots(len(stages), len(criteria), sharey="row", squeeze=False,
                              figsize=(3.2 * len(criteria) + 0.8, 3.0 * len(stages)))
     for row, stage in enumerate(stages):
         for col, criterion in enumerate(criteria):
             ax = axes[row][col]
             for i, arm in enumerate(arms):
-                points = sorted((s["flops"][0], s["acc"][0], s["acc"][1])
-                                for (st, a, c, _), s in stats.items()
-                                if st == stage and a == arm and c == criterion)
-                if not points:
-                    continue
-                x = [100 * p[0] for p in points]
-                y = [100 * p[1] for p in points]
-                low = [100 * (p[1] - p[2]) for p in points]
-                high = [100 * (p[1] + p[2]) for p in points]
-                ax.plot(x, y, marker="o", markersize=3, color=f"C{i}", label=arm)
-                ax.fill_between(x, low, high, color=f"C{i}", alpha=0.15, linewidth=0)
+                x, y, low, high = _curve(stats, stage, arm, criterion)
+                if x:
+                    ax.plot(x, y, marker="o", markersize=3, color=f"C{i}", label=arm)
+                    ax.fill_between(x, low, high, color=f"C{i}", alpha=0.15, linewidth=0)
             ax.set_title(f"{criterion}: {'fine-tuned' if stage == 'finetuned' else 'pruned, BN re-estimated'}",
                          fontsize=9)
             ax.grid(alpha=0.3)
