@@ -7,6 +7,7 @@ call without reading our source.
 from __future__ import annotations
 
 import math
+import sys
 from typing import Iterable
 
 import torch
@@ -55,6 +56,14 @@ def check_finite_tensor(name: str, x: torch.Tensor) -> None:
 def is_compiling() -> bool:
     compiler = getattr(torch, "compiler", None)
     return bool(compiler is not None and compiler.is_compiling())
+
+
+def compiled_original(model):
+    """The module inside a ``torch.compile(model)`` wrapper (an OptimizedModule), else None.
+    Looked up without importing torch._dynamo: no wrapper exists before it is imported."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    optimized = getattr(eval_frame, "OptimizedModule", ())
+    return model._orig_mod if isinstance(model, optimized) else None
 
 
 def _shape_name(ndim: int) -> str:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import math
-import sys
 import warnings
 
 import torch
 from torch import nn
 
-from ._checks import check_choice, is_compiling
+from ._checks import check_choice, compiled_original, is_compiling
 from .ops import backends
 from .ops.pcc_options import DEFAULT_EPS, PCCOptions, pcc_shape
 from .pcc import pcc
@@ -175,8 +174,6 @@ class PCCRegularizer:
 
 
 def _was_compiled(model: nn.Module) -> bool:
-    """torch.compile(model) (an OptimizedModule) or model.compile(); looked up without importing
-    torch._dynamo (no compiled module exists before it is imported)."""
-    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
-    optimized = getattr(eval_frame, "OptimizedModule", ())
-    return isinstance(model, optimized) or getattr(model, "_compiled_call_impl", None) is not None
+    """torch.compile(model) (an OptimizedModule) or model.compile()."""
+    return (compiled_original(model) is not None
+            or getattr(model, "_compiled_call_impl", None) is not None)

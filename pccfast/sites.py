@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ._checks import compiled_original
 from ._hooks import marked
 
 # Activations: module types, and functions / tensor methods with their out-of-place form.
@@ -323,8 +324,8 @@ def _registration_order_sites(model: nn.Module) -> list[Site]:
 
 def find_sites(model: nn.Module) -> list[Site]:
     """Every activation output that follows a conv (optionally through a BatchNorm), in order."""
-    inner = getattr(model, "_orig_mod", None)
-    if type(model).__name__ == "OptimizedModule" and isinstance(inner, nn.Module):
+    inner = compiled_original(model)
+    if inner is not None:
         # torch.compile(model): fx traces the original; names keep the wrapper's "_orig_mod."
         def outer(name: str) -> str:
             return f"_orig_mod.{name}" if name else ""

@@ -95,12 +95,13 @@ def unwrap_parallel(model):
     same parameters, with the names of the model as written)."""
     from torch.nn.parallel import DataParallel, DistributedDataParallel
 
+    from .._checks import compiled_original
+
     while True:
         if isinstance(model, (DataParallel, DistributedDataParallel)):
             model = model.module
-        elif type(model).__name__ == "OptimizedModule" and isinstance(
-                getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
+        elif compiled_original(model) is not None:
+            model = compiled_original(model)
         else:
             return model
 
