@@ -82,6 +82,21 @@ def write_rows(path: Path, rows: list[dict]) -> None:
     atomic_write_text(path, buffer.getvalue())
 
 
+def _pretrain_units(cfg) -> float:
+    """Pre-training in training-image equivalents (PCC costs about 20% more)."""
+    return cfg.pretrain.epochs * (cfg.data.train_limit or 50000) * (1.2 if cfg.pcc.enabled else 1.0)
+
+
+def _prune_units(cfg, target: float) -> float:
+    """Pruning a cell and measuring it: BN re-estimation and testing of the smaller model, in
+    forward passes (about a third of a training step each)."""
+    return (cfg.prune.bn_images + (cfg.data.test_limit or 10000)) * (1.0 - target) / 3
+
+
+def _finetune_units(cfg, target: float) -> float:
+    return cfg.finetune.epochs * (cfg.data.train_limit or 50000) * (1.0 - target)
+
+
 def _fmt(value) -> str:
     return "" if value is None else (f"{value:.6f}" if isinstance(value, float) else str(value))
 
@@ -186,19 +201,17 @@ class Study:
         """Rough work left of one arm x seed in training-image equivalents (for the ETA):
         pre-training unless its model is in the work folder, and the cells not in ``done``."""
         cfg = arm.config
-        n = cfg.data.train_limit or 50000
         done = done or set()
         total = 0.0
         if not (self.work_dir(arm, seed) / "pretrained.pt").is_file():
-            total += cfg.pretrain.epochs * n * (1.2 if cfg.pcc.enabled else 1.0)
+            total += _pretrain_units(cfg)
         for criterion in self.config.criteria:
             for target in self.config.targets:
-                left = 1.0 - target
                 if Key(arm.name, seed, criterion, target, "pruned_bn") not in done:
-                    total += (cfg.prune.bn_images + (cfg.data.test_limit or 10000)) * left / 3
+                    total += _prune_units(cfg, target)
                 if (target in self.config.finetune_targets
                         and Key(arm.name, seed, criterion, target, "finetuned") not in done):
-                    total += cfg.finetune.epochs * n * left
+                    total += _finetune_units(cfg, target)
         return total
 
     def _data_for(self, cfg):
@@ -237,8 +250,7 @@ class Study:
                           f"{len(stale)} earlier rows are redone from a new pre-training")
                 rows[:] = [r for r in rows if r not in stale]
                 done = {Key.of(r) for r in rows}
-            bar.update(cfg.pretrain.epochs * (cfg.data.train_limit or 50000)
-                       * (1.2 if cfg.pcc.enabled else 1.0))
+            bar.update(_pretrain_units(cfg))
 
         def add(key: Key, acc, flops=None, params=None, seconds=None, note=""):
             if key in done:  # a cell redone after its fine-tuning was interrupted
@@ -276,13 +288,12 @@ class Study:
                 for stage in ("pruned", "pruned_bn"):
                     add(Key(arm.name, seed, criterion, target, stage), result[f"{stage}_acc"],
                         result["flops_removed"], result["params_removed"], result["seconds"])
-                left = 1.0 - target
-                bar.update((cfg.prune.bn_images + (cfg.data.test_limit or 10000)) * left / 3)
+                bar.update(_prune_units(cfg, target))
                 if fine:
                     tuned = cell.finetune(cfg, data, env, self.progress)
                     add(Key(arm.name, seed, criterion, target, "finetuned"), tuned["acc"],
                         result["flops_removed"], result["params_removed"], tuned["seconds"])
-                    bar.update(cfg.finetune.epochs * (cfg.data.train_limit or 50000) * left)
+                    bar.update(_finetune_units(cfg, target))
                 write_rows(self.csv_path, rows)  # the record grows cell by cell
                 self.echo(f"study  {arm.name} seed {seed} {criterion} {100 * target:.1f}%: "
                           f"{100 * result['flops_removed']:.1f}% FLOPs removed, "
