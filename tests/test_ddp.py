@@ -103,8 +103,9 @@ def _assert_same_choice(score, kept_a, kept_b, *, tau, slack):
     move by at most ``slack``: its count from the tau cut, its channels a top-k set."""
     score = score.double()
     n = len(score)
-    cumulative = torch.cumsum(score[torch.argsort(-score, stable=True)], 0)
-    assert kept_a == sorted(torch.argsort(-score, stable=True)[:len(kept_a)].tolist())
+    order = torch.argsort(-score, stable=True)  # ties to the lower index, as the planner ranks
+    cumulative = torch.cumsum(score[order], 0)
+    assert kept_a == sorted(order[:len(kept_a)].tolist())
     if kept_a == kept_b:
         return
     k, cut, moved = len(kept_b), tau * float(score.sum()), (1 + tau) * n * slack
