@@ -258,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "pretrain.epochs=5 --set study.seeds=[0] (arms still override "
                             "the base)")
     study.add_argument("--device", metavar="DEV", help="override run.device")
-    study.add_argument("--dry-run", action="store_true", help="print the cells, what is done and the work left, and exit")
+    study.add_argument("--dry-run", action="store_true",
+                       help="print the cells, what is done and the work left, and exit")
     study.add_argument("--report", action="store_true",
                        help="rewrite study.md and the plots from study.csv and exit (e.g. while "
                             "the study runs in another process)")
