@@ -19,7 +19,25 @@ import os
 import sys
 from pathlib import Path
 
-from .prune.criteria import CRITERIA
+from .prune.criteria import CRITERIA, get_criterion
+from .regularizer import MODES
+
+
+def _criterion(text: str) -> str:
+    """--criterion: a registered name or package.module:Class, checked while parsing."""
+    try:
+        get_criterion(text, "--criterion")
+    except (TypeError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+    return text
+
+
+def _criteria_help() -> str:
+    names = ", ".join(f"{name} ({cls.summary})" if cls.summary else name
+                      for name, cls in CRITERIA.items())
+    return (f"what the ci stage scores channels by: {names}, or package.module:Class (a "
+            "pccfast.prune.Criterion subclass)")
+
 
 # (flag, config paths it sets, argparse keywords)
 FLAGS = [
@@ -40,10 +58,10 @@ FLAGS = [
     ("--channels-last", ["pretrain.channels_last", "finetune.channels_last"], dict(action="store_const", const=True, help="channels_last memory format")),
     ("--compile", ["pretrain.compile", "finetune.compile"], dict(action="store_const", const=True, help="torch.compile the model for training")),
     ("--pcc-weight", ["pcc.weight"], dict(type=float, metavar="W", help="weight of the PCC term in pre-training (0: none)")),
-    ("--pcc-mode", ["pcc.mode"], dict(choices=("promote", "suppress"), help="promote (reward correlation, default) or suppress")),
+    ("--pcc-mode", ["pcc.mode"], dict(choices=tuple(MODES), help="promote (reward correlation, default) or suppress")),
     ("--no-pcc", ["pcc.weight"], dict(action="store_const", const=0.0, help="pre-train without the PCC term")),
     ("--calib-images", ["ci.images"], dict(type=int, metavar="N", help="calibration images for CI (640 unless the config says otherwise)")),
-    ("--criterion", ["ci.criterion"], dict(choices=CRITERIA, help="what the ci stage scores channels by: ci (channel independence, default), l1 (filter L1 norm), hrank (feature-map rank), taylor (|activation x gradient|), random (seeded control)")),
+    ("--criterion", ["ci.criterion"], dict(type=_criterion, metavar="NAME")),  # help: the registry
     ("--bn-images", ["prune.bn_images"], dict(type=int, metavar="N", help="also report the pruned accuracy with BatchNorm statistics re-estimated on N training images (pruned_bn_acc; 0: off; the saved model is unchanged)")),
     ("--finetune-epochs", ["finetune.epochs"], dict(type=int, metavar="N", help="fine-tuning epochs")),
     ("--finetune-lr", ["finetune.lr"], dict(type=float, metavar="LR", help="fine-tuning learning rate")),
@@ -78,6 +96,8 @@ def _common_parser() -> argparse.ArgumentParser:
     common.add_argument("--no-progress", action="store_true", help="no progress bars")
     group = common.add_argument_group("settings (override the config)")
     for flag, _, kw in FLAGS:
+        if flag == "--criterion":  # the registry as it is now, registered criteria included
+            kw = {**kw, "help": _criteria_help()}
         group.add_argument(flag, dest=_dest(flag), default=argparse.SUPPRESS, **kw)
     prune = group.add_mutually_exclusive_group()
     for flag, _, kw in PRUNE_FLAGS:

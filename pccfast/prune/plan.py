@@ -442,6 +442,16 @@ class Plan:
         return "\n".join(lines)
 
 
+def _check_shares(scores: dict[str, torch.Tensor], what: str) -> None:
+    """tau (and a budget searching it) keeps a share of each layer's score sum: a negative score
+    would make that share meaningless, so it is refused rather than planned."""
+    for name, value in scores.items():
+        if bool((value < 0).any()):
+            raise ValueError(f"{what} keeps a share of each layer's score sum, so it needs "
+                             f"scores >= 0, but scores[{name!r}] has {float(value.min()):.4g}; "
+                             "use rates (a budget with rates scales them) or shift the scores")
+
+
 def make_plan(graph, scores, *, rates=None, tau=None, target_flops=None, target_params=None) -> Plan:
     """Chooses the kept channels of every prunable group of ``graph`` (see the module docstring).
 
@@ -468,12 +478,15 @@ def make_plan(graph, scores, *, rates=None, tau=None, target_flops=None, target_
     if targets:
         metric, target = next(iter(targets.items()))
         checked = check_scores(graph, scores, prunable)
+        if rates is None:
+            _check_shares(checked, f"target_{metric} without rates")
         keep, found = keep_for_budget(graph, checked, metric, float(target), rates)
         method, setting = f"target_{metric}", {f"target_{metric}": float(target), **found}
         if rates is not None:
             setting["rates"] = rates if isinstance(rates, str) else list(rates)
     elif tau is not None:
         checked = check_scores(graph, scores, prunable)
+        _check_shares(checked, "tau")
         keep = {n: keep_from_tau(checked[n], float(tau)) for n in prunable}
         method, setting = "tau", {"tau": float(tau)}
     else:

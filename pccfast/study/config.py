@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass, field
 
 from ..pipeline.config import RunConfig
-from ..prune.criteria import CRITERIA
+from ..prune.criteria import CRITERIA, get_criterion  # noqa: F401 (CRITERIA: pccfast.study's)
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
@@ -131,8 +131,10 @@ def _criteria(value) -> list[str]:
     if not isinstance(value, list) or not value:
         raise ValueError(f"study.criteria must be a non-empty list, got {value!r}")
     for v in value:
-        if v not in CRITERIA:
-            raise ValueError(f"study.criteria: unknown criterion {v!r} (known: {list(CRITERIA)})")
+        try:
+            get_criterion(v, "a criterion")
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"study.criteria: unknown criterion {v!r}: {exc}") from exc
     if len(set(value)) != len(value):
         raise ValueError(f"study.criteria has repeated entries: {value}")
     return list(value)
