@@ -26,7 +26,7 @@ from .regularizer import MODES
 def _criterion(text: str) -> str:
     """--criterion: a registered name or package.module:Class, checked while parsing."""
     try:
-        get_criterion(text, "--criterion")
+        get_criterion(text, "the value")
     except (TypeError, ValueError) as exc:
         raise argparse.ArgumentTypeError(str(exc)) from exc
     return text
@@ -237,7 +237,7 @@ STAGES = {
     "demo": "the whole method on the bundled digits in a few CPU minutes (default --out runs/demo)",
     "run": "every stage: pretrain (PCC) -> ci (scores by --criterion) -> prune -> finetune -> report",
     "train": "pre-train with the PCC regulariser (and the baseline with --baseline)",
-    "ci": "channel independence (or --criterion l1/hrank/taylor/random) of every scored layer of the pretrained model",
+    "ci": "channel independence (or another --criterion's scores) of every scored layer of the pretrained model",
     "prune": "plan from the ci stage's scores (--rates/--tau/--target-*) and remove the channels",
     "finetune": "fine-tune the pruned model",
     "eval": "test accuracy, params and FLOPs of the latest model (or --model-file)",
