@@ -65,7 +65,10 @@ class Criterion:
     needs: ``"nothing"`` (scores from the weights or a seed: implement :meth:`layer_scores`),
       ``"images"`` (scores from each calibration batch's activations, in no-grad eval mode:
       implement :meth:`image_scores`) or ``"gradients"`` (the same with the loss gradient of the
-      activation, from one backward per batch; the loader must give labels).
+      activation, from one backward per batch; the loader must give labels. Where the model
+      applies its activation as a function after the hooked module, the pair is that module's
+      output ``z`` and ``dL/dz``: override :meth:`check_sites` to refuse such sites where that
+      matters, as ``taylor`` does for all but ReLU).
     label: what reports call the scores (default ``"NAME scores"``).
     summary: a few words for ``--help``.
     """
