@@ -9,22 +9,12 @@ Everything here reads; nothing is written (the run folder is checked by the CLI 
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 
 from ..models._common import eval_mode, load_state_checked
+from ..plotting import plots_missing
 
 TRAINING_COMMANDS = ("run", "demo", "train")  # commands whose first stage is (pre-)training
-
-
-def plots_missing() -> str | None:
-    """Why report.md would have no plots (matplotlib missing), else None."""
-    try:
-        found = importlib.util.find_spec("matplotlib") is not None
-    except (ImportError, ValueError):
-        found = False
-    return None if found else "matplotlib is not installed (pip install matplotlib)"
 
 
 def check_run(pipe, command: str, resume: bool = False) -> list[str]:
@@ -38,10 +28,10 @@ def check_run(pipe, command: str, resume: bool = False) -> list[str]:
     if command not in TRAINING_COMMANDS:
         return notes
     from ..ops.backends import resolve
-    from .stages import build_model, load_init
+    from .steps import load_init, model_for_data
 
     cfg, data, env = pipe.cfg, pipe.data, pipe.env
-    model = build_model(cfg, data.num_classes, in_channels=data.input_size[1])
+    model = model_for_data(cfg, data)
     _check_forward(model, cfg.model.name, data)
     if cfg.model.init:
         load_init(model, cfg.model.init)
