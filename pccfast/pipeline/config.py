@@ -113,8 +113,9 @@ class PruneSection:
             _check_rates_syntax(self.rates)
 
     @property
-    def criterion(self) -> dict:
-        """The one keyword for pccfast.prune (rates=, tau=, target_flops= or target_params=)."""
+    def budget(self) -> dict:
+        """How much to prune: the one keyword for pccfast.prune (rates=, tau=, target_flops= or
+        target_params=); empty when none is set. (Which channels: ci.criterion.)"""
         return {k: getattr(self, k) for k in PRUNE_KEYS if getattr(self, k) is not None}
 
 
@@ -166,7 +167,7 @@ class RunConfig:
                         f"config [{section}] has no key {key!r} (known: {', '.join(current[section])})"
                     )
                 if section == "prune" and key in PRUNE_KEYS and value is not None:
-                    for other in PRUNE_KEYS:  # one criterion: setting one clears the others
+                    for other in PRUNE_KEYS:  # one budget: setting one clears the others
                         current[section][other] = None
                 current[section][key] = value
         return cls._build(current)

@@ -301,18 +301,19 @@ class Pipeline:
         return scores
 
     def prune(self) -> dict:
-        """Plan from the CI scores and the criterion, remove channels -> pruned.pt, plan.json."""
+        """A plan from the scores (ci.criterion) and the budget (prune.rates / tau / target_*),
+        then removal of the channels -> pruned.pt, plan.json."""
         source = self._require("pretrain")
         self._require("ci")
-        criterion = self.cfg.prune.criterion
-        if not criterion:
+        budget = self.cfg.prune.budget
+        if not budget:
             raise ValueError("prune needs one of --rates, --tau, --target-flops, --target-params")
         started = time.perf_counter()
         if self.env.is_main:
             self.folder.invalidate("prune")
             scores = self.read_scores()
             pruned, plan, before, after = steps.prune_model(
-                self._load(source), scores, self.data.input_size, criterion)
+                self._load(source), scores, self.data.input_size, budget)
             save_model(pruned.cpu(), self.folder.model_path("prune"))
             save_json(self.folder.path("plan.json"),
                       {**_plan_json(plan), "criterion": self.cfg.ci.criterion})
@@ -328,12 +329,12 @@ class Pipeline:
                        flops_removed=removed(before, after, "flops"),
                        params_before=before["params"], flops_before=before["flops"],
                        params_after=after["params"], flops_after=after["flops"],
-                       criterion=criterion)
+                       budget=budget)
             self.folder.update_summary(seconds={"prune": seconds}, **out)
             self._record("prune")
             bn = out["pruned_bn_acc"]
             bn_text = "" if bn is None else f", {100 * bn:.2f}% with BN statistics re-estimated"
-            self.echo(f"prune     {self.cfg.ci.criterion} scores, {_criterion_text(criterion)}: "
+            self.echo(f"prune     {self.cfg.ci.criterion} scores, {_budget_text(budget)}: "
                       f"{100 * out['params_removed']:.1f}% "
                       f"params, {100 * out['flops_removed']:.1f}% FLOPs removed; test accuracy "
                       f"{100 * acc:.2f}%{bn_text} ({seconds:.1f} s)")
@@ -441,8 +442,8 @@ class Pipeline:
         return self.folder.read_summary()
 
 
-def _criterion_text(criterion: dict) -> str:
-    (key, value), = criterion.items()
+def _budget_text(budget: dict) -> str:
+    (key, value), = budget.items()
     return f"{key.replace('_', ' ')} {value}"
 
 

@@ -304,7 +304,7 @@ class Study:
                     raise ValueError(f"{cfg.model.name} has no prunable layer at these settings")
                 for allocation in self.config.allocations:
                     for target in self.config.targets:
-                        checks._check_criterion(model, data.input_size,
+                        checks.check_budget(model, data.input_size,
                                                 self.config.budget(allocation, target))
             except ValueError as exc:
                 raise ValueError(f"[arms.{arm.name}]: {exc}") from exc
