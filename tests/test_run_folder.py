@@ -222,3 +222,57 @@ def test_stage_settings_chain_and_ignore_speed_settings():
         ["a.b=1 (now 2)", "e.f=unset (now null)"]
     assert downstream("pretrain") == ["pretrain", "ci", "prune", "finetune"]
     assert downstream("baseline") == ["baseline"]
+
+
+# ---------------------------------------------------------------- the user's own files
+
+@pytest.mark.parametrize("name", ["config.json", "report.md", "summary.json", "plan.json",
+                                  "metrics.jsonl", "plots/channels_kept.png",
+                                  "checkpoints/pretrain.pt"])
+def test_run_never_touches_the_users_files(tmp_path, capsys, name):
+    """`run --out .` in a project holding its own file of a pccfast name refuses, naming it,
+    before anything is written; the file is unchanged."""
+    own = tmp_path / name
+    own.parent.mkdir(parents=True, exist_ok=True)
+    own.write_text('{"project": "mine"}\n')
+    assert main(["run", *FLAGS, "--out", str(tmp_path)]) == 2
+    err = _error(capsys)
+    assert f"{own} is not a file pccfast wrote" in err and "another --out" in err
+    assert own.read_text() == '{"project": "mine"}\n'
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")
+                  if p.is_file()) == [name]
+
+
+@pytest.mark.parametrize("command", ["train", "prune", "report"])
+def test_stage_commands_name_a_foreign_config(tmp_path, capsys, command):
+    (tmp_path / "config.json").write_text('{"model": "mine", "lr": 3}\n')
+    assert main([command, "--out", str(tmp_path), "--no-progress"]) == 2
+    assert f"{tmp_path / 'config.json'} is not a file pccfast wrote" in _error(capsys)
+    assert (tmp_path / "config.json").read_text() == '{"model": "mine", "lr": 3}\n'
+
+
+def test_a_broken_pccfast_config_is_named(run, capsys):
+    tree = json.loads((run / "config.json").read_text())
+    tree["model"]["colour"] = "red"
+    (run / "config.json").write_text(json.dumps(tree))
+    assert main(["train", "--out", str(run), "--no-progress"]) == 2
+    err = _error(capsys)
+    assert f"{run / 'config.json'}: config [model] has no key 'colour'" in err
+
+
+def test_run_folders_claim_their_files_and_keep_others(run, capsys):
+    """A finished run claimed its files (its manifest); a folder from before manifests (a whole
+    pccfast config.json) is adopted; the user's other files stay."""
+    manifest = json.loads((run / ".pccfast-files.json").read_text())
+    assert {"config.json", "report.md", "stages.json", "plan.json"} <= set(manifest["files"])
+    (run / ".pccfast-files.json").unlink()  # as an older pccfast left it
+    (run / "notes.md").write_text("mine")
+    assert main(["report", "--out", str(run)]) == 0
+    assert (run / "notes.md").read_text() == "mine"
+    assert RunFolder(run).foreign() == []
+
+
+def test_report_of_an_empty_folder_is_refused(tmp_path, capsys):
+    assert main(["report", "--out", str(tmp_path)]) == 2
+    assert "holds no pccfast run" in _error(capsys)
+    assert list(tmp_path.iterdir()) == []
