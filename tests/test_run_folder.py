@@ -276,3 +276,75 @@ def test_report_of_an_empty_folder_is_refused(tmp_path, capsys):
     assert main(["report", "--out", str(tmp_path)]) == 2
     assert "holds no pccfast run" in _error(capsys)
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- data replaced under a run
+
+def _digits_npz(path, flip: bool = False):
+    """The bundled digits as an npz file; ``flip``: the same shapes, other images."""
+    import numpy as np
+
+    from pccfast.data import load_data
+
+    data = load_data("digits", train_limit=128, test_limit=32, seed=0)
+    x_train = data.train.images.permute(0, 2, 3, 1).numpy()
+    x_test = data.test.images.permute(0, 2, 3, 1).numpy()
+    if flip:
+        x_train, x_test = x_train[:, :, ::-1].copy(), x_test[:, :, ::-1].copy()
+    np.savez(path, x_train=x_train, y_train=data.train.labels.numpy(), x_test=x_test,
+             y_test=data.test.labels.numpy())
+    return path
+
+
+def test_data_replaced_under_a_run_is_refused(tmp_path, capsys):
+    """Same path, same shapes, other images: --resume and the later stages refuse, naming the
+    file; a finished stage is never reported done on data it never saw."""
+    npz = _digits_npz(tmp_path / "digits.npz")
+    out = tmp_path / "run"
+    flags = [f for f in FLAGS if f != "digits"]
+    flags[flags.index("--data") + 1:flags.index("--data") + 1] = [f"npz:{npz}"]
+    assert main(["train", *flags, "--out", str(out)]) == 0
+    settings = json.loads((out / "stages.json").read_text())["pretrain"]["settings"]
+    assert settings["data.file:digits.npz"].startswith("sha256 ")
+    capsys.readouterr()
+    _digits_npz(npz, flip=True)
+    assert main(["run", "--resume", "--out", str(out), "--no-progress"]) == 2
+    err = _error(capsys)
+    assert "cannot resume" in err and "data.file:digits.npz=" in err
+    assert main(["ci", "--out", str(out), "--no-progress"]) == 2
+    assert "made with other settings: data.file:digits.npz=" in _error(capsys)
+    _digits_npz(npz)  # the original bytes again (a newer modification time)
+    assert main(["ci", "--out", str(out), "--no-progress"]) == 0
+
+
+def test_data_stamps(tmp_path):
+    """Content for files (a new modification time alone is no change), modification times for
+    image folders' class folders; records made before stamps still compare equal."""
+    import os
+
+    from pccfast.data.stamps import data_stamps
+
+    npz = _digits_npz(tmp_path / "d.npz")
+    first = data_stamps(f"npz:{npz}")
+    os.utime(npz, (1e9, 1e9))
+    assert data_stamps(f"npz:{npz}") == first
+    with open(npz, "r+b") as f:
+        f.seek(200)
+        byte = f.read(1)
+        f.seek(200)
+        f.write(bytes([byte[0] ^ 1]))
+    assert data_stamps(f"npz:{npz}") != first
+    assert data_stamps("digits") == {}
+    root = tmp_path / "images"
+    for split in ("train", "val"):
+        for cls in ("cat", "dog"):
+            (root / split / cls).mkdir(parents=True)
+            os.utime(root / split / cls, (1e9, 1e9))
+    before = data_stamps(f"imagefolder:{root}")
+    assert set(before) >= {"data.file:train/cat/", "data.file:val/dog/"}
+    os.utime(root / "train" / "dog", (2e9, 2e9))  # (what adding an image does)
+    assert data_stamps(f"imagefolder:{root}") != before
+    current = stage_settings(RunConfig().to_dict(), "ci", None, first)
+    legacy = {k: v for k, v in current.items() if not k.startswith("data.file")}
+    assert differences(legacy, current) == []
+    assert differences({**legacy, "data.file:d.npz": "sha256 0"}, current) != []
