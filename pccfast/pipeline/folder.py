@@ -142,6 +142,7 @@ class RunFolder:
             raise ValueError(f"{self.config_path} is not valid JSON ({exc})") from exc
 
     def write_config(self, tree: dict) -> None:
+        self.claim(("config.json",))
         save_json(self.config_path, tree)
 
     def read_summary(self) -> dict:
@@ -159,6 +160,7 @@ class RunFolder:
         summary.update(fields)
         if seconds:
             summary["seconds"] = {**summary.get("seconds", {}), **seconds}
+        self.claim(("summary.json",))
         save_json(self.summary_path, summary)
         return summary
 
@@ -166,6 +168,7 @@ class RunFolder:
 
     def log_metrics(self, record: dict) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
+        self.claim(("metrics.jsonl",))
         line = json.dumps({**record, "time": round(time.time(), 3)})
         with open(self.metrics_path, "a") as f:
             f.write(line + "\n")
@@ -211,6 +214,7 @@ class RunFolder:
         """Marks ``stage`` finished, made with ``settings`` (the last write of a stage)."""
         records = self.read_records()
         records[stage] = {"fingerprint": fingerprint(settings), "settings": settings}
+        self.claim(("stages.json",))
         save_json(self.records_path, records)
 
     def invalidate(self, stage: str, keep_checkpoint: bool = False) -> None:
