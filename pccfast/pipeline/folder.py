@@ -26,7 +26,7 @@ import json
 import time
 from pathlib import Path
 
-from ..atomic import atomic_write_text
+from ..atomic import atomic_write_text, no_space
 from .config import save_json
 from .records import STAGES, downstream, fingerprint
 
@@ -170,9 +170,12 @@ class RunFolder:
         self.out.mkdir(parents=True, exist_ok=True)
         self.claim(("metrics.jsonl",))
         line = json.dumps({**record, "time": round(time.time(), 3)})
-        with open(self.metrics_path, "a") as f:
-            f.write(line + "\n")
-            f.flush()
+        try:
+            with open(self.metrics_path, "a") as f:
+                f.write(line + "\n")
+                f.flush()
+        except OSError as exc:
+            raise no_space(exc, self.metrics_path) or exc
 
     def read_metrics(self) -> list[dict]:
         """Every record, the last one kept per (stage, epoch) (a resumed epoch is logged twice)."""
