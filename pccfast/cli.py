@@ -179,8 +179,8 @@ def _stage(args) -> int:
     if not args.out:
         raise ValueError(f"pccfast {args.command} needs --out DIR (the run folder)")
     fresh = args.command in ("run", "demo") and not args.resume
-    if args.command != "eval":  # (the user's own files of pccfast's names are never touched)
-        RunFolder(args.out).refuse_foreign()
+    if args.command not in ("eval", "report"):  # (report checks the files it writes)
+        RunFolder(args.out).refuse_foreign()  # the user's files of pccfast's names stay theirs
     cfg = resolve_config(args, inherit=not fresh)
     env = distributed.setup(cfg.run.device)
     try:
