@@ -98,3 +98,62 @@ def test_one_rate_with_a_budget_scales_it():
     assert plan.method == "target_flops" and plan.setting["rates"] == 0.5
     assert abs(plan.removed["flops"] - 0.3) <= 0.005 + 1e-12
     assert pccfast.prune.Plan.from_json(plan.to_json()).setting == plan.setting
+
+
+# ---------------------------------------------------------------- models pruning cannot take
+
+def test_tied_weights_are_refused_not_untied():
+    model = Chain(tie=True).eval()
+    with pytest.raises(ValueError, match=r"c2.weight and c3.weight are one tensor \(tied weights\)"
+                                         r".*pruning would untie them"):
+        pccfast.prune(model, _scores(model), input_size=SIZE, tau=0.6)
+    untied = Chain().eval()  # the same model untied prunes
+    pccfast.prune(untied, _scores(untied), input_size=SIZE, tau=0.6)
+
+
+def test_meta_device_models_are_refused():
+    with torch.device("meta"):
+        model = Chain()
+    scores = {k: v for k, v in _scores(Chain()).items()}
+    with pytest.raises(ValueError, match="meta device .* parameter c1.weight: load its weights"):
+        pccfast.prune(model, scores, input_size=SIZE, tau=0.5)
+    with pytest.raises(ValueError, match="meta device"):
+        pccfast.CICollector(model)
+
+
+class DataDependent(Chain):
+    """A data-dependent ``if``: torch.fx cannot trace it."""
+
+    def forward(self, x):
+        x = torch.relu(self.c1(x))
+        if x.sum() > 0:
+            x = torch.relu(self.c2(x))
+        return self.fc(torch.relu(self.c3(x)).mean((2, 3)))
+
+
+def test_an_untraceable_forward_is_named_by_fx():
+    """fx's reason (the data-dependent if) comes first, not Torch-Pruning's."""
+    col = pccfast.CICollector(DataDependent().eval(), progress=False)
+    with pytest.warns(UserWarning), pytest.raises(
+            ValueError, match="has no scored layer: pccfast's engine cannot prune through "
+                              "DataDependent .*cannot be used as inputs to control flow"):
+        col.update(torch.randn(2, 3, 9, 11))
+
+
+@pytest.mark.parametrize("criterion", ["ci", "hrank"])
+def test_one_by_one_maps_warn(criterion):
+    """Scores of 1x1 maps say little (as the regulariser warns for PCC): a warning per layer."""
+    import warnings
+
+    model = Chain().eval()
+    col = pccfast.ScoreCollector(model, criterion, progress=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        col.update(torch.randn(3, 3, 1, 1))
+        col.update(torch.randn(3, 3, 1, 1))  # once per layer
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 3 and all(f"its {criterion} score says little" in m
+                                      for m in messages), messages
+    assert [m.split(" has 1x1 maps")[0] for m in messages] == [
+        f"ScoreCollector: {name}" for name in ("c1", "c2", "c3")]
+    assert set(col.scores()) == {"c1", "c2", "c3"}

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from torch import nn
 
+from .._checks import check_materialised
 from ..models._common import unwrap_parallel
 from .graph import build_graph
 from .plan import Plan, make_plan
 from .surgery import apply_plan, max_masked_difference
+from .ties import check_ties
 
 # The pruned forward must match the masked original to this fraction of the output's scale.
 VERIFY_RTOL = 1e-4
@@ -41,6 +43,7 @@ def prune(model: nn.Module, scores: dict, *, rates=None, tau: float | None = Non
     before/after and kept indices; ``plan.to_json()`` / ``plan.save(path)`` store it.
     """
     model = unwrap_parallel(model)
+    check_materialised("model", model)
     graph = build_graph(model, input_size, residual, prune_classifier_input, engine)
     if not graph.prunable:
         raise ValueError(f"{type(model).__name__} has no prunable layer: "
@@ -48,6 +51,7 @@ def prune(model: nn.Module, scores: dict, *, rates=None, tau: float | None = Non
     plan = make_plan(graph, scores, rates=rates, tau=tau, target_flops=target_flops,
                      target_params=target_params)
     pruned = apply_plan(model, plan, graph)
+    check_ties(model, pruned)
     plan.before = _counts(graph, {}, model)
     plan.after = _counts(graph, plan.widths, pruned)
     if graph.engine == "torch_pruning":  # the search's closed form, checked on the real model
