@@ -348,3 +348,16 @@ def test_data_stamps(tmp_path):
     legacy = {k: v for k, v in current.items() if not k.startswith("data.file")}
     assert differences(legacy, current) == []
     assert differences({**legacy, "data.file:d.npz": "sha256 0"}, current) != []
+
+
+def test_a_stage_run_from_python_never_touches_the_users_files(tmp_path):
+    """Pipeline (no CLI): a stage claims what it removes and rewrites before touching it."""
+    from pccfast.pipeline import Pipeline
+
+    own = tmp_path / "plan.json"
+    own.write_text("mine")
+    with pytest.raises(ValueError, match=f"{own} is not a file pccfast wrote"):
+        RunFolder(tmp_path).invalidate("prune")
+    with pytest.raises(ValueError, match=f"{own} is not a file pccfast wrote"):
+        Pipeline(RunConfig(), tmp_path).folder.clear()
+    assert own.read_text() == "mine"

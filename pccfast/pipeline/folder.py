@@ -224,8 +224,12 @@ class RunFolder:
         """Removes the outputs of ``stage`` and of every stage reading from it, and the report.
 
         Their records go first: a crash half-way leaves files without a record, which no stage
-        reads. keep_checkpoint: keep ``stage``'s checkpoint and metrics (it resumes)."""
+        reads. keep_checkpoint: keep ``stage``'s checkpoint and metrics (it resumes). Claims
+        the files it removes and the stages rewrite (refusing a user's file of their names)."""
         stages = downstream(stage)
+        self.claim(("summary.json", "metrics.jsonl", "stages.json")
+                   + tuple(n for s in stages for n in STAGE_FILES[s])
+                   + tuple(f"checkpoints/{s}.pt" for s in stages) + REPORT_FILES)
         records = self.read_records()
         if any(s in records for s in stages):
             save_json(self.records_path, {k: v for k, v in records.items() if k not in stages})
@@ -247,6 +251,7 @@ class RunFolder:
 
     def clear(self) -> None:
         """Removes every file pccfast writes here except config.json (a fresh run)."""
+        self.claim()
         for stage in STAGES:
             self.invalidate(stage)
         for path in (self.summary_path, self.metrics_path, self.records_path):
