@@ -232,7 +232,8 @@ def keep_from_tau(score: torch.Tensor, tau: float) -> int:
 
 
 def check_scores(graph, scores, needed: list[str]) -> dict[str, torch.Tensor]:
-    """Scores as CPU float64 tensors; every group in ``needed`` present with its width."""
+    """Scores as CPU float64 tensors; every group in ``needed`` present with its width, its
+    scores finite and >= 0, and not every score 0 (such scores cannot rank channels)."""
     if not isinstance(scores, dict):
         raise TypeError(f"scores must be a dict layer name -> CI tensor (CICollector.scores()), "
                         f"got {type(scores).__name__}")

@@ -24,7 +24,8 @@ def prune(model: nn.Module, scores: dict, *, rates=None, tau: float | None = Non
 
     model: the trained network (left unchanged; the pruned one is a smaller copy; a DDP
       or torch.compile wrapper is unwrapped).
-    scores: layer name -> per-channel mean CI (float64), from ``CICollector.scores()``.
+    scores: layer name -> per-channel mean CI (float64), from ``CICollector.scores()``; any
+      criterion's, finite and >= 0 (a larger score keeps the channel).
     How much (one of):
       rates: a CHIP rate list, ``"[0.21]*7+[0.75]*5"`` (a string, a list, or one float for
         every layer), entries in CHIP's order (:func:`pccfast.prune.plan.rate_layout`);
@@ -38,6 +39,9 @@ def prune(model: nn.Module, scores: dict, *, rates=None, tau: float | None = Non
     engine: ``"auto"``, ``"pccfast"`` or ``"torch_pruning"`` (see :func:`build_graph`).
     verify: check on a random input that the pruned forward equals the original forward with
       the removed channels zeroed (two forward passes; raises RuntimeError if not).
+
+    Refused: tied weights (one parameter in several modules: surgery would untie them) and
+    meta-device models.
 
     The plan (:class:`~pccfast.prune.plan.Plan`) lists every prunable layer's width
     before/after and kept indices; ``plan.to_json()`` / ``plan.save(path)`` store it.
