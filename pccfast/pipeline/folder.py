@@ -259,7 +259,8 @@ class RunFolder:
 
 
 def _is_run_config(path: Path) -> bool:
-    """Whether ``path`` is a config.json as pccfast writes it (every section of a RunConfig)."""
+    """Whether ``path`` is a config.json as pccfast writes it: RunConfig sections only, among
+    them the five every pccfast version wrote."""
     import dataclasses
 
     from .config import RunConfig
@@ -271,5 +272,5 @@ def _is_run_config(path: Path) -> bool:
     except (json.JSONDecodeError, UnicodeDecodeError, OSError):
         return False
     sections = {f.name for f in dataclasses.fields(RunConfig)}
-    return isinstance(tree, dict) and set(tree) == sections and all(
-        isinstance(v, dict) for v in tree.values())
+    return (isinstance(tree, dict) and {"data", "model", "pretrain", "prune", "run"} <= set(tree)
+            <= sections and all(isinstance(v, dict) for v in tree.values()))
