@@ -130,12 +130,14 @@ class CIImportance:
             return
         import sys
 
+        kinds = tuple(k for k in (getattr(tp.pruner, "BasePruner", None),
+                                  getattr(tp.pruner, "MetaPruner", None)) if k is not None)
         frame = sys._getframe(2)
         for _ in range(4):  # (Torch-Pruning's estimate_importance calls the importance)
-            if frame is None:
+            if frame is None or not kinds:
                 return
             pruner = frame.f_locals.get("self")
-            if isinstance(pruner, tp.pruner.BasePruner):
+            if isinstance(pruner, kinds):
                 if getattr(pruner, "global_pruning", False):
                     raise ValueError(
                         "CIImportance(normalize=False) with global_pruning=True would rank the "
