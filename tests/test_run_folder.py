@@ -361,3 +361,30 @@ def test_a_stage_run_from_python_never_touches_the_users_files(tmp_path):
     with pytest.raises(ValueError, match=f"{own} is not a file pccfast wrote"):
         Pipeline(RunConfig(), tmp_path).folder.clear()
     assert own.read_text() == "mine"
+
+
+def test_a_full_disk_is_one_line_naming_the_file(tmp_path, monkeypatch, capsys):
+    import errno
+    import os
+
+    class Full:
+        def __init__(self, f):
+            self._f = f
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self._f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self._f.__exit__(*exc)
+
+    real = os.fdopen
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode: Full(real(fd, mode)))
+    assert main(["train", *FLAGS, "--out", str(tmp_path / "run")]) == 2
+    err = _error(capsys)
+    assert f"no space left on device: cannot write {tmp_path / 'run'}" in err
