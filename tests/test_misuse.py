@@ -114,7 +114,7 @@ def test_tied_weights_are_refused_not_untied():
 def test_meta_device_models_are_refused():
     with torch.device("meta"):
         model = Chain()
-    scores = {k: v for k, v in _scores(Chain()).items()}
+    scores = _scores(Chain())
     with pytest.raises(ValueError, match="meta device .* parameter c1.weight: load its weights"):
         pccfast.prune(model, scores, input_size=SIZE, tau=0.5)
     with pytest.raises(ValueError, match="meta device"):
