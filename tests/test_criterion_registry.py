@@ -201,18 +201,3 @@ def test_cli_and_study_take_package_module_class(tmp_path, capsys):
     with pytest.raises(ValueError, match="unknown criterion 'no_such_module:X'"):
         StudyConfig.from_dict(tree)
 
-
-def test_tau_and_budgets_refuse_negative_scores_rates_take_them():
-    """A criterion may score below 0 (e.g. minus l1); tau keeps a share of each layer's sum,
-    which negative scores make meaningless: a clear error, not a plan."""
-    torch.manual_seed(2)
-    model = vgg16_cifar(width=0.125)
-    negated = {k: -v for k, v in pccfast.scores(model, criterion="l1", input_size=SIZE).items()}
-    for how in (dict(tau=0.5), dict(target_flops=0.3)):
-        with pytest.raises(ValueError, match="needs scores >= 0"):
-            pccfast.prune(model, negated, input_size=SIZE, **how)
-    pruned, plan = pccfast.prune(model, negated, rates=0.5, input_size=SIZE)
-    first = plan.layers[0]
-    norms = -negated[first.name]
-    dropped = sorted(set(range(first.width_before)) - set(first.kept_indices))
-    assert dropped and float(norms[first.kept_indices].max()) <= float(norms[dropped].min())

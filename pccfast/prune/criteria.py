@@ -71,12 +71,15 @@ class Criterion:
       matters, as ``taylor`` does for all but ReLU).
     label: what reports call the scores (default ``"NAME scores"``).
     summary: a few words for ``--help``.
+    spatial: the score reads each channel's H x W map as a whole (its rank, its independence),
+      so 1x1 maps leave it little to go by: the collector warns once per layer.
     """
 
     name: str = ""
     needs: str = "images"
     label: str = ""
     summary: str = ""
+    spatial: bool = False
 
     def image_scores(self, activation: torch.Tensor, grad: torch.Tensor | None = None,
                      backend: str = "auto") -> torch.Tensor:
@@ -225,7 +228,7 @@ def random_scores(layer: str, width: int, seed: int) -> torch.Tensor:
 
 @register_criterion
 class ChannelIndependence(Criterion):
-    name, needs, label = "ci", "images", "CI"
+    name, needs, label, spatial = "ci", "images", "CI", True
     summary = "channel independence, the default"
 
     def image_scores(self, activation, grad=None, backend="auto"):
@@ -243,7 +246,7 @@ class FilterL1(Criterion):
 
 @register_criterion
 class HRank(Criterion):
-    name, needs = "hrank", "images"
+    name, needs, spatial = "hrank", "images", True
     summary = "feature-map rank"
 
     def image_scores(self, activation, grad=None, backend="auto"):

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._checks import check_choice, check_float_tensor
+from .._checks import check_choice, check_float_tensor, check_materialised
 from ..models._common import eval_mode, unwrap_parallel
 from ..ops import backends
 from ..sites import Site, SiteHooks
@@ -88,6 +88,7 @@ class ScoreCollector:
             raise TypeError(f"loss_fn must be None or a callable (output, labels) -> loss, "
                             f"got {type(loss_fn).__name__}")
         self.model = unwrap_parallel(model)
+        check_materialised("model", self.model)
         self.scorer = get_criterion(criterion)  # the one lookup of the criterion's name
         self.criterion = criterion_name(criterion)
         self._gradients = self.scorer.needs == "gradients"
@@ -177,6 +178,9 @@ class ScoreCollector:
             if activation.requires_grad:
                 activation.register_hook(lambda grad, i=index: self._gradient_arrived(i, grad))
             return
+        if self.scorer.spatial and activation.dim() == 4 \
+                and activation.shape[-1] * activation.shape[-2] == 1:
+            self._warn_single_pixel(site.name, tuple(activation.shape))
         self._add(site.name, self._image_scores(site, activation))
 
     def _image_scores(self, site: Site, activation: torch.Tensor, grad=None) -> torch.Tensor:
@@ -189,6 +193,19 @@ class ScoreCollector:
                              f"= {expected} tensor at {site.name}, got "
                              f"{_shape_of(found)}")
         return found.detach().to(torch.float64)
+
+    def _warn_single_pixel(self, site: str, shape) -> None:
+        """1x1 maps (as PCCRegularizer warns) for a criterion that reads each channel's map as a
+        whole (``Criterion.spatial``): its rank is 0 or 1, its CI its size, not its independence."""
+        warned = self.__dict__.setdefault("_single_pixel", set())
+        if site in warned:
+            return
+        warned.add(site)
+        warnings.warn(f"{type(self).__name__}: {site} has 1x1 maps (activation shape {shape}), "
+                      f"so each channel's map is one value and its {self.criterion} score says "
+                      "little (it reads the map as a whole: hrank gives 0 or 1, ci the value's "
+                      "size, not the channel's independence); score at a larger input size",
+                      stacklevel=2)
 
     def _add(self, site: str, per_image: torch.Tensor) -> None:
         total = per_image.sum(0)  # (N, C) float64 -> (C,)
