@@ -201,3 +201,22 @@ def test_cli_and_study_take_package_module_class(tmp_path, capsys):
     with pytest.raises(ValueError, match="unknown criterion 'no_such_module:X'"):
         StudyConfig.from_dict(tree)
 
+
+
+def test_the_one_by_one_warning_is_asked_of_the_criterion():
+    """Criterion.spatial (the score reads each map as a whole) decides the 1x1-map warning."""
+    import warnings
+
+    from torch import nn
+
+    class Spatial(ChannelMean):
+        name, spatial = "spatial_mean", True
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Conv2d(4, 5, 1), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(5, 2))
+    for criterion, warned in ((ChannelMean, 0), (Spatial, 2)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pccfast.scores(model, [torch.randn(3, 3, 1, 1)], criterion=criterion)
+        messages = [str(w.message) for w in caught if "1x1 maps" in str(w.message)]
+        assert len(messages) == warned, messages
