@@ -16,6 +16,7 @@ from .io import load, save
 from .pcc import PCCLoss, pcc, pcc_matrix
 from .prune import CICollector, ScoreCollector, count
 from .prune import collect_scores as scores
+from .prune_entry import prune  # callable; its attributes are the pccfast.prune package's
 from .regularizer import PCCRegularizer
 
 __version__ = "0.1.0"

@@ -92,14 +92,16 @@ class Site:
 
 
 def _leaf_types():
-    from .models.resnet_cifar import PadShortcut
+    from .prune.layer_rules import leaf_types
 
-    return (PadShortcut, _BatchNorm, nn.Conv2d, nn.Linear)
+    return (_BatchNorm, nn.Conv2d, nn.Linear) + leaf_types()
 
 
 class Tracer(fx.Tracer):
     """torch.fx's tracer with convs, linears and BatchNorms (subclasses too: timm's
-    ``BatchNormAct2d``, ``Conv2dSame``) and option-A shortcuts kept as single calls."""
+    ``BatchNormAct2d``, ``Conv2dSame``) and the layer types registered as leaves
+    (:func:`pccfast.prune.layer_rules.register_layer`, e.g. option-A shortcuts) kept as single
+    calls."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return isinstance(m, _leaf_types()) or super().is_leaf_module(m, qualname)
@@ -180,7 +182,7 @@ def is_global_pool(node: fx.Node, modules) -> bool:
     return False
 
 
-def _flags(graph: fx.Graph, modules) -> tuple[set, set]:
+def pooled_and_last(graph: fx.Graph, modules) -> tuple[set, set]:
     """(pooled, channels_last): nodes computed from globally pooled maps only; nodes whose
     channels are the last dim (after ``permute(0, 2, 3, 1)``, until the next reshape)."""
     pooled, last = set(), set()
@@ -223,7 +225,7 @@ def scored_sites(graph: fx.Graph, modules: dict[str, nn.Module], chip_pool: bool
     chip_pool: where a MaxPool2d module directly follows an activation module, score the pool's
     output instead (CHIP's choice for VGG: the tensor the next conv reads).
     """
-    pooled, last = _flags(graph, modules)
+    pooled, last = pooled_and_last(graph, modules)
     call_index, calls = _call_indices(graph)
 
     def only_user(node):

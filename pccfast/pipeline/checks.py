@@ -13,7 +13,7 @@ import importlib.util
 
 import torch
 
-from ..models._common import eval_mode, load_state_checked
+from .._modules import eval_mode, load_state_checked
 
 TRAINING_COMMANDS = ("run", "demo", "train")  # commands whose first stage is (pre-)training
 

@@ -22,8 +22,9 @@ from pathlib import Path
 
 import torch
 
+from .._modules import load_state_checked
 from ..io import read_torch_file
-from ..models._common import RECIPE_ATTRIBUTE, load_state_checked, record_description
+from ..models._common import RECIPE_ATTRIBUTE, record_description
 from ..train import distributed as dist_utils
 from ..train.checkpoint import atomic_torch_save, load_checkpoint
 from ..train.distributed import DistEnv
@@ -72,11 +73,7 @@ def build_model(cfg: RunConfig, num_classes: int, in_channels: int = 3) -> torch
     kwargs["in_channels"] = in_channels
     from .. import models
 
-    if hasattr(models, "create"):
-        return models.create(name, **kwargs)
-    if not hasattr(models, name):
-        raise ValueError(f"model {name!r} is not in pccfast.models")
-    return getattr(models, name)(**kwargs)
+    return models.create(name, **kwargs)
 
 
 def load_init(model: torch.nn.Module, path: str) -> None:

@@ -23,11 +23,11 @@ import torch
 from torch import nn
 
 from .._hooks import marked
-from ..models._common import eval_mode, unwrap_parallel
+from .._modules import eval_mode, unwrap_parallel
 
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d) + _TRANSPOSED
-_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+COUNTED_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d) + _TRANSPOSED
+COUNTED_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 def check_input_size(input_size) -> tuple[int, ...]:
@@ -76,7 +76,7 @@ def layer_params(model: nn.Module) -> int:
     """Weights and biases of the Conv and Linear layers and of the attention projections."""
     total = 0
     for module in model.modules():
-        if isinstance(module, _CONVS + (nn.Linear,)):
+        if isinstance(module, COUNTED_CONVS + (nn.Linear,)):
             total += sum(p.numel() for p in module.parameters(recurse=False))
         elif isinstance(module, nn.MultiheadAttention):  # in_proj_weight: no Linear module
             total += sum(p.numel() for p in module.parameters(recurse=False))
@@ -105,9 +105,9 @@ def count(model: nn.Module, input_size=(1, 3, 32, 32), device=None) -> dict[str,
             totals["flops"] += output.numel() * module.in_features
         elif isinstance(module, _TRANSPOSED):  # every input element meets out/groups kernels
             totals["flops"] += args[0].numel() * math.prod(module.weight.shape[1:])
-        elif isinstance(module, _CONVS):  # every output element costs its fan-in
+        elif isinstance(module, COUNTED_CONVS):  # every output element costs its fan-in
             totals["flops"] += output.numel() * math.prod(module.weight.shape[1:])
-        elif isinstance(module, _NORMS):
+        elif isinstance(module, COUNTED_NORMS):
             totals["flops_bn"] += 2 * output.numel()
 
     @marked
@@ -118,7 +118,7 @@ def count(model: nn.Module, input_size=(1, 3, 32, 32), device=None) -> dict[str,
                                                    if isinstance(a, torch.Tensor)])[1]
 
     handles = [m.register_forward_hook(hook) for m in model.modules()
-               if isinstance(m, _CONVS + (nn.Linear,) + _NORMS)]
+               if isinstance(m, COUNTED_CONVS + (nn.Linear,) + COUNTED_NORMS)]
     handles += [m.register_forward_hook(attention_hook, with_kwargs=True)
                 for m in model.modules()
                 if isinstance(m, nn.MultiheadAttention) or is_window_attention(m)]

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..models._common import unwrap_parallel
-from .graph import build_graph
+from .._modules import unwrap_parallel
+from .counting import count
+from .engines import build_graph, engine_of
 from .plan import Plan, make_plan
 from .surgery import apply_plan, max_masked_difference
 
@@ -50,9 +51,7 @@ def prune(model: nn.Module, scores: dict, *, rates=None, tau: float | None = Non
     pruned = apply_plan(model, plan, graph)
     plan.before = _counts(graph, {}, model)
     plan.after = _counts(graph, plan.widths, pruned)
-    if graph.engine == "torch_pruning":  # the search's closed form, checked on the real model
-        from .counting import count
-
+    if not engine_of(graph).exact_cost:  # the search's closed form, checked on the real model
         counted = count(pruned, input_size)
         plan.after = {k: counted[k] for k in plan.after}
     if verify:

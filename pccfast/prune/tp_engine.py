@@ -22,10 +22,12 @@ import torch
 from torch import nn
 
 from .._hooks import clean_copy, marked
-from ..models._common import eval_mode
-from .counting import count
-from .graph import (ChannelGroup, Port, PruningGraph, TorchPruningFailure, UnsupportedLayerError,
-                    _build_fx_graph)
+from .._modules import eval_mode
+from .counting import COUNTED_CONVS, COUNTED_NORMS, count
+from .fx_graph import build_fx_graph
+from .fx_surgery import zeroing_hook
+from .graph_types import (ChannelGroup, Port, PruningGraph, TorchPruningFailure,
+                          UnsupportedLayerError)
 
 
 def torch_pruning_missing() -> str:
@@ -99,7 +101,7 @@ def _failure(model: nn.Module, input_size, exc: Exception, doing: str) -> TorchP
     detail = f"{type(exc).__name__}{where} while {doing}"
     part = ""
     try:
-        _build_fx_graph(model, input_size, "stream", False)
+        build_fx_graph(model, input_size, "stream", False)
     except UnsupportedLayerError as stop:
         part = f"; pccfast's own pruner stops at {stop.layer} ({stop.what}): {stop.why}"
     except Exception:  # the model does not trace: Torch-Pruning's detail is all there is
@@ -200,10 +202,9 @@ def _layer_shapes(model: nn.Module, input_size) -> list[tuple] | None:
     """(name, kind, in, out, groups, weights per in/out pair, bias, output positions over the
     calls) of every Conv2d, Linear and BatchNorm :func:`pccfast.count` counts; None when the
     model has other layers count() counts (its closed form would miss them)."""
-    from .counting import _CONVS, _NORMS
-
     names = {m: n for n, m in model.named_modules()}
-    if any(isinstance(m, _CONVS + _NORMS) and not isinstance(m, (nn.Conv2d, nn.BatchNorm2d))
+    if any(isinstance(m, COUNTED_CONVS + COUNTED_NORMS)
+           and not isinstance(m, (nn.Conv2d, nn.BatchNorm2d))
            or isinstance(m, nn.MultiheadAttention) for m in model.modules()):
         return None
     positions: dict[str, int] = {}
@@ -321,8 +322,6 @@ def apply_tp_plan(model: nn.Module, graph: TPGraph, kept: dict[str, torch.Tensor
 
 def tp_mask_hooks(model: nn.Module, graph: TPGraph, kept: dict[str, torch.Tensor]) -> list:
     """Hooks zeroing the removed channels at every output Torch-Pruning would shrink."""
-    from .surgery import _zeroing
-
     tp = _tp()
     dg = _dependency_graph(model, graph.input_size)
     modules = dict(model.named_modules())
@@ -340,7 +339,6 @@ def tp_mask_hooks(model: nn.Module, graph: TPGraph, kept: dict[str, torch.Tensor
                      getattr(module, "out_features", None))
             if width is None:
                 continue
-            removed = torch.zeros(width, dtype=torch.bool)
-            removed[list(item.idxs)] = True
-            handles.append(module.register_forward_hook(_zeroing(removed)))
+            removed = torch.as_tensor(sorted(set(item.idxs)), dtype=torch.long)
+            handles.append(module.register_forward_hook(zeroing_hook(removed, 1)))
     return handles
