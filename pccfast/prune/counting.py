@@ -4,7 +4,8 @@
   projections (BatchNorm excluded);
 - ``params_all``: every parameter of the model (BN included; torchvision's 25.56M for ResNet-50);
 - ``flops``: multiply-accumulates (MACs) of Conv and Linear layers, biases not counted, and of
-  attention layers (``nn.MultiheadAttention``, torchvision's Swin window attention): their
+  attention layers (``nn.MultiheadAttention``, torchvision's Swin window attention, timm's ViT
+  and Swin attention): their
   q/k/v and output projections and the two token-by-token products (``QK^T`` and ``AV``),
   which run as functions, not Linear modules, so a hook on Linear alone would miss them;
 - ``flops_bn``: the BatchNorm layers' own operations, counted as thop does (2 per element of the
@@ -49,9 +50,32 @@ def is_window_attention(module: nn.Module) -> bool:
             and type(module).__name__.startswith("ShiftedWindowAttention"))
 
 
+def is_token_attention(module: nn.Module) -> bool:
+    """timm's ViT/DeiT ``Attention`` and Swin ``WindowAttention`` on ``(N, tokens, C)``: their
+    projections are Linear modules (counted as such), the ``QK^T`` and ``AV`` products run as
+    functions (counted by :func:`attention_products`)."""
+    return (type(module).__module__.startswith("timm.")
+            and type(module).__name__ in ("Attention", "WindowAttention")
+            and isinstance(getattr(module, "qkv", None), nn.Linear)
+            and isinstance(getattr(module, "proj", None), nn.Linear))
+
+
+def attention_products(module: nn.Module, shape) -> int:
+    """MACs of ``QK^T`` and ``AV`` of a token attention on ``(N, tokens, C)`` (per window for
+    Swin: N counts the windows)."""
+    n, tokens = shape[0], shape[1]
+    return 2 * n * tokens * tokens * (module.qkv.out_features // 3)
+
+
 def attention_cost(module: nn.Module, shapes) -> tuple[int, int]:
     """(params, MACs) of one attention call on inputs of ``shapes`` (query, key, value for
     ``nn.MultiheadAttention``; ``(N, H, W, C)`` for Swin): projections, ``QK^T`` and ``AV``."""
+    if is_token_attention(module):
+        linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+        tokens = math.prod(shapes[0][:-1])
+        params = sum(p.numel() for m in linears for p in m.parameters(recurse=False))
+        macs = tokens * sum(m.in_features * m.out_features for m in linears)
+        return params, macs + attention_products(module, shapes[0])
     if isinstance(module, nn.MultiheadAttention):
         q, k = shapes[0], shapes[1] if len(shapes) > 1 else shapes[0]
         v = shapes[2] if len(shapes) > 2 else k
@@ -114,14 +138,18 @@ def count(model: nn.Module, input_size=(1, 3, 32, 32), device=None) -> dict[str,
     def attention_hook(module, args, kwargs, output):
         names = ("query", "key", "value") if isinstance(module, nn.MultiheadAttention) else ("x",)
         inputs = list(args) + [kwargs[n] for n in names[len(args):] if n in kwargs]
-        totals["flops"] += attention_cost(module, [tuple(a.shape) for a in inputs[:3]
-                                                   if isinstance(a, torch.Tensor)])[1]
+        shapes = [tuple(a.shape) for a in inputs[:3] if isinstance(a, torch.Tensor)]
+        if is_token_attention(module):  # its projections are counted as Linear modules
+            totals["flops"] += attention_products(module, shapes[0])
+        else:
+            totals["flops"] += attention_cost(module, shapes)[1]
 
     handles = [m.register_forward_hook(hook) for m in model.modules()
                if isinstance(m, COUNTED_CONVS + (nn.Linear,) + COUNTED_NORMS)]
     handles += [m.register_forward_hook(attention_hook, with_kwargs=True)
                 for m in model.modules()
-                if isinstance(m, nn.MultiheadAttention) or is_window_attention(m)]
+                if isinstance(m, nn.MultiheadAttention) or is_window_attention(m)
+                or is_token_attention(m)]
     try:
         with eval_mode(model), torch.no_grad():
             model(torch.randn(input_size, device=device))

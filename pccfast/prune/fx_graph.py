@@ -59,8 +59,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .._modules import eval_mode
 from ..sites import ACTIVATION_FUNCTIONS, ACTIVATION_METHODS, ACTIVATION_MODULES
-from ..sites import eval_modules, pooled_and_last, scored_sites, trace
-from .counting import attention_cost, is_window_attention
+from ..sites import eval_modules, is_drop_path, pooled_and_last, scored_sites, trace
+from .counting import attention_cost, is_token_attention, is_window_attention
+from .fx_surgery import UNPRUNABLE_CONV_HINT, unprunable_conv
 from .graph_types import ChannelGroup, CostTerm, Port, PruningGraph, UnsupportedLayerError
 from .layer_rules import register_layer, rule_for
 
@@ -304,6 +305,7 @@ class GraphBuilder:
         self.attention_seen: set[str] = set()  # attention modules called as functions
         self.attention_widths: set[int] = set()
         self.attention_count = 0
+        self.from_input: set[fx.Node] = set()  # nodes computed from the model's inputs
 
     # -- helpers for handlers ---------------------------------------------------------------
     def width(self, segs) -> int:
@@ -368,6 +370,10 @@ class GraphBuilder:
         if out is not None and before_out is not None:
             self.groups.union(out, before_out, n.name, n.what, stream=False)
 
+    def constant(self, n: NodeInfo) -> bool:
+        """Whether the node is computed from parameters and buffers only (not the input)."""
+        return n.node not in self.from_input
+
     def first(self, n: NodeInfo) -> bool:
         """Whether this is the module's first call (later calls add no params)."""
         return self.call_index[n.node] == 0
@@ -379,6 +385,8 @@ class GraphBuilder:
         return self._finish()
 
     def _visit(self, node: fx.Node) -> None:
+        if node.op == "placeholder" or any(a in self.from_input for a in node.all_input_nodes):
+            self.from_input.add(node)
         if node.op == "call_module":
             self.call_index[node] = self.calls.get(node.target, 0)
             self.calls[node.target] = self.call_index[node] + 1
@@ -408,6 +416,8 @@ class GraphBuilder:
             rule = rule_for(n.module)
             if rule is not None:
                 rule.graph(self, n)
+            elif is_drop_path(n.module):
+                _pass_graph(self, n)
             elif n.inputs:
                 raise n.error("unknown module type")
             return
@@ -515,7 +525,7 @@ def build_fx_graph(model: nn.Module, input_size, residual: str = "stream",
 # -- attention: kept whole, counted as a constant ---------------------------------------------
 def _is_attention(b: GraphBuilder, n: NodeInfo) -> bool:
     node = n.node
-    return (isinstance(n.module, _ATTENTION_MODULES)
+    return (isinstance(n.module, _ATTENTION_MODULES) or is_token_attention(n.module)
             or _is(node, names=_ATTENTION_FUNCTION_NAMES)
             or (node.op == "call_function" and node.target is operator.getitem
                 and n.x in b.attention_tuples))
@@ -523,7 +533,8 @@ def _is_attention(b: GraphBuilder, n: NodeInfo) -> bool:
 
 def _attention(b: GraphBuilder, n: NodeInfo) -> None:
     node = n.node
-    called = isinstance(n.module, _ATTENTION_MODULES) or _is(node, names=_ATTENTION_FUNCTION_NAMES)
+    called = (isinstance(n.module, _ATTENTION_MODULES) or is_token_attention(n.module)
+              or _is(node, names=_ATTENTION_FUNCTION_NAMES))
     why = (f"read or written by the attention {n.name} ({n.what}): pccfast keeps attention "
            "heads and the stream they read")
     for a in n.inputs:
@@ -534,7 +545,8 @@ def _attention(b: GraphBuilder, n: NodeInfo) -> None:
             list(node.meta.get("nn_module_stack", {}) or [""])[-1])
         module = b.modules.get(owner)
         if not (isinstance(module, nn.MultiheadAttention) or (
-                module is not None and is_window_attention(module))):
+                module is not None and (is_window_attention(module)
+                                        or is_token_attention(module)))):
             raise n.error(f"attention inside {type(module).__name__}, whose projections "
                           "pccfast cannot count (it counts nn.MultiheadAttention and Swin's "
                           "window attention)")
@@ -563,12 +575,9 @@ def _conv_graph(b: GraphBuilder, n: NodeInfo) -> None:
     module, node, xl = n.module, n.node, n.xl
     if xl is None or xl.dim != 1:
         raise n.error("its input has no channel group")
-    extra = [name for name, _ in module.named_parameters(recurse=False)
-             if name not in ("weight", "bias")]
-    if extra:  # e.g. timm's ScaledStdConv2d: a per-channel gain, weights standardised over
-        #        their inputs (removing an input channel changes the others)
-        raise n.error(f"a conv with parameters {', '.join(extra)} besides weight and bias, "
-                      "which pccfast does not slice")
+    inexact = unprunable_conv(module)
+    if inexact:  # e.g. timm's ScaledStdConv2d (NFNet)
+        raise UnsupportedLayerError(n.name, n.what, inexact, UNPRUNABLE_CONV_HINT)
     g_count, c_in, c_out = module.groups, module.in_channels, module.out_channels
     spatial = math.prod(n.meta.shape) // c_out
     kernel = math.prod(module.kernel_size)
@@ -617,10 +626,16 @@ def _batch_norm_graph(b: GraphBuilder, n: NodeInfo) -> None:
 
 
 def _linear_graph(b: GraphBuilder, n: NodeInfo) -> None:
-    """A classifier on (N, features), or a pointwise layer on a channels-last map or tokens."""
+    """A classifier on (N, features), a pointwise layer on a channels-last map or tokens, or a
+    layer on constants (a fixed cost)."""
     module, node, x, xl = n.module, n.node, n.x, n.xl
     bias = module.bias is not None
     rows = math.prod(n.meta.shape) // module.out_features
+    if b.constant(n):  # on a table of constants (Swin V2's cpb_mlp): a fixed cost
+        fan = module.in_features * module.out_features
+        b.terms.append((node.target, None, None, fan + (module.out_features if bias else 0),
+                        rows * fan, False, b.first(n), 1))
+        return
     x_meta = _tensor_meta(x)
     x_shape = tuple(x_meta.shape) if x_meta is not None else ()
     pointwise = xl is not None and len(x_shape) >= 3 and xl.dim == len(x_shape) - 1
@@ -826,6 +841,21 @@ def _permute_call(b: GraphBuilder, n: NodeInfo) -> bool:
     return True
 
 
+@_on_call((torch.transpose,), ("transpose",))
+def _transpose_call(b: GraphBuilder, n: NodeInfo) -> bool:
+    """Two dims swapped (timm's patch embedding: ``(N, C, HW) -> (N, HW, C)``)."""
+    node = n.node
+    dims = node.args[1:3] if len(node.args) >= 3 else (node.kwargs.get("dim0"),
+                                                        node.kwargs.get("dim1"))
+    if n.xl is None or not all(isinstance(d, int) for d in dims):
+        return False
+    rank = len(n.meta.shape)
+    a, c = (d % rank for d in dims)
+    dim = c if n.xl.dim == a else a if n.xl.dim == c else n.xl.dim
+    b.follow(n, layout=_Layout(n.xl.segs, dim))
+    return True
+
+
 @_on_call((torch.flatten,), _FLATTEN_METHODS)
 def _flatten_call(b: GraphBuilder, n: NodeInfo) -> bool:
     """(N, C, H, W) -> (N, C*H*W) for a classifier, or (N, C, H*W) tokens; else a regrouping."""
@@ -847,6 +877,63 @@ def _flatten_call(b: GraphBuilder, n: NodeInfo) -> bool:
     return False
 
 
+@_on_call((torch.flatten, torch.reshape), _FLATTEN_METHODS)
+def _channels_last_reshape_call(b: GraphBuilder, n: NodeInfo) -> bool:
+    """A reshape of a channels-last tensor that keeps the channels last (timm's Swin windows),
+    or merges the dims just before them into the channels (patch merging: one segment run per
+    merged position)."""
+    xl, out = n.xl, tuple(n.meta.shape)
+    if xl is None or not isinstance(n.x, fx.Node) or _tensor_meta(n.x) is None:
+        return False
+    shape = tuple(_tensor_meta(n.x).shape)
+    if xl.dim != len(shape) - 1 or len(out) < 2:
+        return False
+    if out[-1] == shape[-1]:
+        b.follow(n, layout=_Layout(xl.segs, len(out) - 1))
+        return True
+    merged = out[-1] // shape[-1]
+    for k in range(len(shape) - 1):
+        if (out[-1] == merged * shape[-1] and math.prod(shape[k:-1]) == merged
+                and shape[:k] == out[:-1]):
+            b.follow(n, layout=_Layout(xl.segs * merged, len(out) - 1))
+            return True
+    return False
+
+
+@_on_call((F.pad,))
+def _pad_call(b: GraphBuilder, n: NodeInfo) -> bool:
+    """Padding of other dims than the channels: channel ``c`` stays ``c``; a removed (zero)
+    channel stays zero unless padded with a nonzero constant."""
+    node = n.node
+    pad = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
+    if n.xl is None or not isinstance(pad, (tuple, list)) or not (len(n.inputs) == 1
+                                                                  and n.inputs[0] is n.x):
+        return False
+    at = 2 * (len(n.meta.shape) - 1 - n.xl.dim)
+    if any(pad[at:at + 2]):
+        return False
+    mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
+    value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value", None)
+    b.follow(n)
+    if mode == "constant" and value not in (None, 0, 0.0):
+        b.gated.add(node)
+    return True
+
+
+@_on_call((torch.roll,), ("roll",))
+def _roll_call(b: GraphBuilder, n: NodeInfo) -> bool:
+    """A cyclic shift along other dims than the channels (Swin's shifted windows)."""
+    node = n.node
+    dims = node.args[2] if len(node.args) > 2 else node.kwargs.get("dims")
+    dims = (dims,) if isinstance(dims, int) else dims
+    if n.xl is None or not isinstance(dims, (tuple, list)) or not dims:
+        return False
+    if n.xl.dim in {d % len(n.meta.shape) for d in dims}:
+        return False
+    b.follow(n)
+    return True
+
+
 @_on_call((torch.mean, torch.amax), ("mean", "amax"))
 def _reduce_call(b: GraphBuilder, n: NodeInfo) -> bool:
     """A mean/max over spatial dims (global pooling): channels stay."""
@@ -858,8 +945,9 @@ def _reduce_call(b: GraphBuilder, n: NodeInfo) -> bool:
         return False
     if len(n.meta.shape) == len(in_shape):
         b.chan[n.node] = n.xl  # keepdim
-    elif len(n.meta.shape) == 2 and n.xl.dim == 1:
-        b.flat[n.node] = (n.xl.segs, 1)
+    elif len(n.meta.shape) == 2 and (n.xl.dim == 1 or (
+            n.xl.dim == len(in_shape) - 1 and dims == set(range(1, n.xl.dim)))):
+        b.flat[n.node] = (n.xl.segs, 1)  # (N, C) from (N, C, H, W) or (N, H, W, C)
     else:
         raise n.error("reduces to an unexpected shape")
     if n.x in b.gated:

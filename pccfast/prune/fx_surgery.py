@@ -69,6 +69,26 @@ def _slice_in(module: nn.Module, role: str, index: torch.Tensor, factor: int) ->
 
 
 _BUILT_IN_ROLES = ("conv_out", "dw", "bn", "linear_out", "conv_in", "linear_in")
+# Convs that standardise each filter over its inputs (timm's weight-standardised convs, NFNet,
+# BiT): removing an input channel changes the weights of the others.
+_STANDARDISED_CONVS = ("StdConv2d", "StdConv2dSame", "ScaledStdConv2d", "ScaledStdConv2dSame")
+UNPRUNABLE_CONV_HINT = ("Neither pccfast nor its Torch-Pruning fallback prunes this layer type "
+                        "exactly: keep the model unpruned, or register a rule for the type "
+                        "(pccfast.prune.layer_rules.register_layer) that prunes it exactly")
+
+
+def unprunable_conv(module: nn.Module) -> str:
+    """Why slicing ``module`` as a plain conv would not be exact ("" when it would): parameters
+    besides weight and bias (timm's ScaledStdConv2d's per-channel gain), or weights
+    standardised over their inputs."""
+    extra = [n for n, _ in module.named_parameters(recurse=False) if n not in ("weight", "bias")]
+    why = []
+    if extra:
+        why.append(f"its parameters {', '.join(extra)} (besides weight and bias) are not sliced")
+    if type(module).__name__ in _STANDARDISED_CONVS:
+        why.append("its weights are standardised over their input channels, so removing one "
+                   "changes the others")
+    return "; ".join(why)
 
 
 def _port_indices(graph, kept: dict[str, torch.Tensor]) -> dict[tuple[str, str], tuple]:

@@ -14,8 +14,11 @@ it disagrees (a layer it does not model) the search counts pruned copies instead
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
+import signal
+import threading
 import traceback
 
 import torch
@@ -25,9 +28,48 @@ from .._hooks import clean_copy, marked
 from .._modules import eval_mode
 from .counting import COUNTED_CONVS, COUNTED_NORMS, count
 from .fx_graph import build_fx_graph
-from .fx_surgery import zeroing_hook
+from .fx_surgery import UNPRUNABLE_CONV_HINT, unprunable_conv, zeroing_hook
 from .graph_types import (ChannelGroup, Port, PruningGraph, TorchPruningFailure,
                           UnsupportedLayerError)
+
+
+# Torch-Pruning's grouping can run for hours on some graphs (torchvision's swin_v2_s, timm's
+# coatnet_0_rw_224: _fix_dependency_graph_non_recursive): the fallback gives up after this long.
+TIME_LIMIT_S = 120.0
+
+
+class _TimeUp(BaseException):
+    """The alarm (a BaseException, so Torch-Pruning's and our ``except Exception`` pass it)."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float, model_name: str):
+    """Raises :class:`TorchPruningFailure` when the block runs past ``seconds``. The bound
+    needs SIGALRM, so it holds in the main thread of a Unix process; elsewhere (other threads,
+    Windows, a timer already set by the caller) the block runs unbounded."""
+    usable = (hasattr(signal, "setitimer") and seconds and seconds > 0
+              and threading.current_thread() is threading.main_thread()
+              and signal.getitimer(signal.ITIMER_REAL)[0] == 0)
+    if not usable:
+        yield
+        return
+
+    def alarm(signum, frame):
+        raise _TimeUp
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    except _TimeUp:
+        raise TorchPruningFailure(
+            f"Torch-Pruning did not finish grouping {model_name}'s layers within {seconds:g} s "
+            "(pccfast.prune.tp_engine.TIME_LIMIT_S)",
+            f"no result within {seconds:g} s; pccfast.prune.tp_engine.TIME_LIMIT_S bounds it"
+        ) from None
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def torch_pruning_missing() -> str:
@@ -242,6 +284,16 @@ def _layer_shapes(model: nn.Module, input_size) -> list[tuple] | None:
 
 def build_tp_graph(model: nn.Module, input_size, residual: str = "stream",
                    prune_classifier_input: bool = False) -> TPGraph:
+    for name, module in model.named_modules():  # Torch-Pruning slices them as plain convs
+        inexact = unprunable_conv(module) if isinstance(module, nn.Conv2d) else ""
+        if inexact:
+            raise UnsupportedLayerError(name, type(module).__name__, inexact,
+                                        UNPRUNABLE_CONV_HINT)
+    with time_limit(TIME_LIMIT_S, type(model).__name__):
+        return _build_tp_graph(model, input_size, residual, prune_classifier_input)
+
+
+def _build_tp_graph(model, input_size, residual, prune_classifier_input) -> TPGraph:
     tp = _tp()
     dg = _dependency_graph(model, input_size)
     names = {m: n for n, m in model.named_modules()}
@@ -289,10 +341,28 @@ def build_tp_graph(model: nn.Module, input_size, residual: str = "stream",
             g.prunable, g.reason = False, "a residual stream (residual='inner')"
         elif not g.sites:
             g.prunable, g.reason = False, "no scored activation (no activation after its conv/BN)"
+        elif not _allows_halving(tp, dg, conv):
+            g.prunable, g.reason = False, (
+                f"Torch-Pruning refuses to prune it to {max(1, conv.out_channels // 2)} "
+                "channels (a layer coupled with it, e.g. behind a slice or split, would lose "
+                "all its channels)")
         groups.append(g)
         roots[g.name] = names[conv]
         shares[g.name] = [(layer, side, n) for (layer, side), n in share.items()]
     return TPGraph(model, groups, input_size, residual, prune_classifier_input, roots, shares)
+
+
+def _allows_halving(tp, dg, conv: nn.Conv2d) -> bool:
+    """Whether Torch-Pruning lets the group of ``conv`` keep half its channels (the build-time
+    cost probe's widths; ghostnet's and resnest's split/concat groups do not)."""
+    removed = list(range(max(1, conv.out_channels // 2), conv.out_channels))
+    if not removed:
+        return True
+    try:
+        group = dg.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=removed)
+        return bool(dg.check_pruning_group(group))
+    except Exception:  # Torch-Pruning's own failure: the group is not prunable either
+        return False
 
 
 def apply_tp_plan(model: nn.Module, graph: TPGraph, kept: dict[str, torch.Tensor]) -> nn.Module:
