@@ -123,16 +123,18 @@ def test_weight_standardised_convs_are_refused_by_both_engines():
                     build_graph(model, (1, 3, 16, 16), engine=engine)
 
 
-def test_ghostnet_prunes_through_torch_pruning(tmp_path):
-    """ghostnet_100's ghost modules (a concat cut back by a slice) go to Torch-Pruning; groups
-    it refuses to halve are kept with that reason (issue 20: the build-time cost probe raised a
-    bare "refuses to prune conv_stem" out of CICollector.update), the rest meet the target."""
+@pytest.mark.parametrize("name, refused", [("ghostnet_100", "conv_stem"), ("cspresnet50", None)])
+def test_timm_models_prune_through_torch_pruning(name, refused, tmp_path):
+    """ghostnet_100's ghost modules (a concat cut back by a slice) and cspresnet50's
+    cross-stage splits go to Torch-Pruning; groups it refuses to halve are kept with that
+    reason (issue 20: the build-time cost probe raised a bare "refuses to prune conv_stem" out
+    of CICollector.update), the rest meet the target."""
     timm = pytest.importorskip("timm")
     pytest.importorskip("torch_pruning")
     from pccfast.prune.plan import BUDGET_TOLERANCE
 
     torch.manual_seed(0)
-    model = timm.create_model("ghostnet_100", pretrained=False, num_classes=10)
+    model = timm.create_model(name, pretrained=False, num_classes=10)
     size, images = (1, 3, 32, 32), torch.randn(2, 3, 32, 32)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -140,7 +142,8 @@ def test_ghostnet_prunes_through_torch_pruning(tmp_path):
         col.update(images)
         graph = build_graph(model, size)
         assert graph.engine == "torch_pruning"
-        assert "Torch-Pruning refuses to prune it to" in graph.group("conv_stem").reason
+        if refused:
+            assert "Torch-Pruning refuses to prune it to" in graph.group(refused).reason
         pruned, plan = pccfast.prune(model, col.scores(), target_flops=0.5, input_size=size)
     col.remove()
     assert abs(plan.removed["flops"] - 0.5) <= BUDGET_TOLERANCE
@@ -150,6 +153,27 @@ def test_ghostnet_prunes_through_torch_pruning(tmp_path):
     loaded = pccfast.load(tmp_path / "pruned.pt", allow_pickle=True)
     with torch.no_grad():
         torch.testing.assert_close(loaded.eval()(images), pruned.eval()(images), rtol=0, atol=0)
+
+
+def test_a_channel_split_is_refused_where_it_happens():
+    """mixnet_s splits its channels among convs of several kernel sizes: pccfast's graph names
+    the split; through Torch-Pruning no group is both scored and allowed to halve, so pruning
+    is refused with the reasons counted, instead of a raw RuntimeError (issue 20)."""
+    timm = pytest.importorskip("timm")
+    pytest.importorskip("torch_pruning")
+    model = timm.create_model("mixnet_s", pretrained=False, num_classes=10)
+    size = (1, 3, 32, 32)
+    with pytest.raises(ValueError, match=r"cannot prune through blocks\.1\.0\.conv_pw: "
+                                         r"split .*splits the channels"):
+        build_graph(model, size, engine="pccfast")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        col = pccfast.CICollector(model, progress=False)
+        col.update(torch.randn(1, 3, 32, 32))
+        with pytest.raises(ValueError, match=r"has no prunable layer.*torch_pruning engine.*"
+                                             r"Torch-Pruning refuses to prune it to"):
+            pccfast.prune(model, col.scores(), target_flops=0.5, input_size=size)
+    col.remove()
 
 
 def test_nfnet_is_refused_clearly():

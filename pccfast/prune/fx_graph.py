@@ -422,6 +422,7 @@ class GraphBuilder:
                 raise n.error("unknown module type")
             return
         # call_function / call_method / get_attr
+        _refuse_channel_split(n)
         if not n.inputs or meta is None:  # constants; x.size(), x.shape: no tensor comes out
             return
         for (functions, methods, names), handler in _CALL_HANDLERS:
@@ -520,6 +521,23 @@ def build_fx_graph(model: nn.Module, input_size, residual: str = "stream",
     cannot be followed."""
     gm = _trace(model, input_size)
     return GraphBuilder(model, gm, input_size, residual, prune_classifier_input).run()
+
+
+_SPLIT_FUNCTIONS = (torch.split, torch.chunk, torch.tensor_split)
+_SPLIT_METHODS = ("split", "chunk", "tensor_split")
+
+
+def _refuse_channel_split(n: NodeInfo) -> None:
+    """A split along the channels (MixNet's mixed kernels, Res2Net) returns a tuple no handler
+    sees: refuse it here, where it happens."""
+    if n.xl is None or not _is(n.node, _SPLIT_FUNCTIONS, _SPLIT_METHODS):
+        return
+    node = n.node
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    x_meta = _tensor_meta(n.x)
+    if isinstance(dim, int) and x_meta is not None and dim % len(x_meta.shape) == n.xl.dim:
+        raise n.error("splits the channels into parts, each read by other layers (mixed "
+                      "kernel sizes, Res2Net); pccfast's graph does not split a channel group")
 
 
 # -- attention: kept whole, counted as a constant ---------------------------------------------

@@ -234,7 +234,11 @@ class TPGraph(PruningGraph):
         if key not in self._costs:
             kept = {k: torch.arange(v) for k, v in key}
             pruned = apply_tp_plan(self.model, self, kept) if kept else self.model
-            counts = count(pruned, self.input_size)
+            try:
+                counts = count(pruned, self.input_size)
+            except Exception as exc:  # mixnet's split sizes: Torch-Pruning left them whole
+                raise _failure(self.model, self.input_size, exc,
+                               "running a copy it pruned") from exc
             self._costs[key] = {"params": counts["params"], "flops": counts["flops"],
                                 "flops_bn": counts["flops_bn"]}
         return dict(self._costs[key])
@@ -329,7 +333,8 @@ def _build_tp_graph(model, input_size, residual, prune_classifier_input) -> TPGr
         kind = "stream" if len(conv_names) > 1 else "conv"
         g = ChannelGroup(names[conv], conv.out_channels, kind, list(dict.fromkeys(producers)),
                          list(dict.fromkeys(consumers)),
-                         [sites[c] for c in conv_names if c in sites])
+                         [sites[names[m]] for m in members  # a split's parts are narrower
+                          if names[m] in sites and m.out_channels == conv.out_channels])
         reads_linear = any(p.role == "linear_in" for p in g.consumers)
         touches_output = any(p.module in outputs for p in g.producers)
         if touches_output:
