@@ -128,13 +128,19 @@ def _study(args) -> int:
         tree.setdefault(section, {}).update(values)
     config = StudyConfig.from_dict(tree)
     study = Study(config, args.out, device=args.device, progress=not args.no_progress)
-    if args.dry_run:
-        print(study.describe())
-        return 0
     if args.report:
         print(f"study  {study.write_report()}")
         return 0
-    path = study.run()
+    if args.dry_run:
+        study.check()
+        print(study.describe())
+        return 0
+    try:
+        path = study.run()
+    except KeyboardInterrupt:
+        print(f"pccfast study: interrupted; every finished cell is in {study.csv_path}: run the "
+              "same command again to resume", file=sys.stderr)
+        return 130
     print(f"study  {path}, {Path(args.out) / 'study.md'}")
     return 0
 

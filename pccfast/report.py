@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 from .pipeline.folder import RunFolder
+from .plotting import plots_missing, pyplot
 
 STAGE_ORDER = ("baseline", "pretrain", "finetune")
 STAGE_LABEL = {"baseline": "baseline (no PCC)", "pretrain": "pre-training with PCC",
@@ -107,10 +108,7 @@ def _first(entry: dict, keys):
 
 
 def _plot_curves(records: list[dict], path: Path) -> bool:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     stages = [s for s in STAGE_ORDER if any(r.get("stage") == s for r in records)]
     stages += sorted({r.get("stage") for r in records} - set(stages) - {None})
@@ -146,10 +144,7 @@ def _short(name: str) -> str:
 
 
 def _plot_ci(scores: dict, path: Path) -> bool:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import numpy as np
 
     if not scores:
@@ -172,10 +167,7 @@ def _plot_ci(scores: dict, path: Path) -> bool:
 
 
 def _plot_kept(rows: list[tuple[str, int, int]], path: Path) -> bool:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     if not rows:
         return False
@@ -223,8 +215,6 @@ def write_report(out) -> Path:
     plan = json.loads(plan_path.read_text()) if plan_path.is_file() else None
     widths = layer_widths(plan) if plan is not None else []
     scores = _read_scores(folder)
-    from .pipeline.checks import plots_missing
-
     no_plots = plots_missing()  # the report is still written, without its figures
     if no_plots is None:
         try:

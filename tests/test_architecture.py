@@ -81,16 +81,8 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return out
 
 
-def _inside_pipeline(component: list[str]) -> bool:
-    return all(m.startswith("pccfast.pipeline") or m == "pccfast.report" for m in component)
-
-
 def test_no_import_cycle():
     found = cycles(import_graph())
-    # Circle (a) of issue 15 (pipeline/checks.py <-> stages.py <-> report.py) is being removed on
-    # main at the same time; until that lands, cycles entirely inside pccfast/pipeline and
-    # pccfast/report.py are tolerated here. TODO(lead): drop this filter after the merge.
-    found = [c for c in found if not _inside_pipeline(c)]
     assert not found, "import cycles in pccfast/: " + "; ".join(" <-> ".join(c) for c in found)
 
 

@@ -31,6 +31,11 @@ BUDGET_TOLERANCE = 0.005  # budgets are met to within half a percentage point
 PLAN_FORMAT = "pccfast.plan"
 PLAN_VERSION = 1
 
+
+class BudgetError(ValueError):
+    """A FLOPs or params target that no keep counts of this model meet within the tolerance."""
+
+
 MAX_RATE_ENTRIES = 100_000  # far beyond any network's prunable layers; bounds the parser
 _TOKEN = re.compile(r"\s*(?:(?P<number>\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?|(?P<op>[\[\],*+]))")
 
@@ -335,7 +340,7 @@ def keep_for_budget(graph, scores, metric: str, target: float, rates=None):
         else:
             why = (f"this model's prunable layers allow removing {lo:.4f} to {hi:.4f} of its "
                    f"{metric} (closest: {removed:.4f})")
-        raise ValueError(
+        raise BudgetError(
             f"target_{metric}={target} cannot be met within {BUDGET_TOLERANCE * 100:.1f} points: "
             + why + (f". {graph.limits}" if getattr(graph, "limits", "") else ""))
     return keep, setting
