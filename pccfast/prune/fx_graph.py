@@ -715,8 +715,7 @@ def _flatten_graph(b: GraphBuilder, n: NodeInfo) -> None:
     raise n.error("flattens other than from dim 1")
 
 
-for _cls in (nn.Conv2d,):
-    register_layer(_cls, graph=_conv_graph, leaf=True)
+register_layer(nn.Conv2d, graph=_conv_graph, leaf=True)
 register_layer(_BatchNorm, graph=_batch_norm_graph, leaf=True)
 register_layer(nn.Linear, graph=_linear_graph, leaf=True)
 register_layer(nn.Flatten, graph=_flatten_graph)
