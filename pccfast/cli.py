@@ -104,9 +104,14 @@ def resolve_config(args, inherit: bool):
 
     cfg = demo_config() if args.command == "demo" else RunConfig()
     if inherit and args.out:
-        saved = RunFolder(args.out).read_config()
+        folder = RunFolder(args.out)
+        folder.refuse_foreign(("config.json",))  # a project's own config.json is not ours
+        saved = folder.read_config()
         if saved is not None:
-            cfg = RunConfig.from_dict(saved, cfg)
+            try:
+                cfg = RunConfig.from_dict(saved, cfg)
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"{folder.config_path}: {exc}") from exc
     if args.config:
         cfg = RunConfig.from_dict(load_toml(args.config), cfg)
     cfg = RunConfig.from_dict(flag_overrides(args), cfg)
@@ -171,6 +176,7 @@ def _info(args) -> int:
 
 def _stage(args) -> int:
     from .pipeline import Pipeline
+    from .pipeline.folder import RunFolder
     from .report import format_table
     from .train import distributed
 
@@ -179,6 +185,8 @@ def _stage(args) -> int:
     if not args.out:
         raise ValueError(f"pccfast {args.command} needs --out DIR (the run folder)")
     fresh = args.command in ("run", "demo") and not args.resume
+    if args.command not in ("eval", "report"):  # (report checks the files it writes)
+        RunFolder(args.out).refuse_foreign()  # the user's files of pccfast's names stay theirs
     cfg = resolve_config(args, inherit=not fresh)
     env = distributed.setup(cfg.run.device)
     try:
@@ -188,6 +196,7 @@ def _stage(args) -> int:
         if args.command not in ("eval", "report"):  # read-only commands write no config.json
             if env.is_main:
                 prepare_out(args.out)
+                pipe.folder.claim()
             distributed.barrier()
             pipe.prepare(args.command, resume=args.resume)  # refusals before anything is written
             if env.is_main:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .pipeline.folder import RunFolder
+from .pipeline.folder import REPORT_FILES, RunFolder
 from .plotting import plots_missing, pyplot
 
 STAGE_ORDER = ("baseline", "pretrain", "finetune")
@@ -208,6 +208,11 @@ def write_report(out) -> Path:
     folder = RunFolder(out)
     if not folder.out.is_dir():
         raise FileNotFoundError(f"run folder {folder.out} does not exist")
+    folder.refuse_foreign(("config.json", "summary.json", "metrics.jsonl") + REPORT_FILES)
+    if not any(folder.path(n).is_file() for n in ("config.json", "summary.json", "metrics.jsonl")):
+        raise ValueError(f"{folder.out} holds no pccfast run (no config.json, summary.json or "
+                         f"metrics.jsonl): run `pccfast run --out {folder.out}` first")
+    folder.claim(REPORT_FILES)
     summary = folder.read_summary()
     config = folder.read_config() or {}
     records = folder.read_metrics()

@@ -357,6 +357,7 @@ def test_weights_of_another_width_name_the_file_and_the_shapes(grey_npz, tmp_pat
     assert not (tmp_path / "a").exists()
 
     run = tmp_path / "b"
+    RunFolder(run).claim()  # (as a run that wrote the checkpoint would have)
     ckpt = RunFolder(run).checkpoint("pretrain")
     save_checkpoint(ckpt, stage="pretrain", epoch=1, model=wide,
                     optimizer=torch.optim.SGD(wide.parameters(), lr=0.1), scaler=None,

@@ -96,7 +96,18 @@ class Pipeline:
 
     def settings(self, stage: str) -> dict:
         """The settings ``stage``'s outputs depend on (records.py), from this run's config."""
-        return stage_settings(self.cfg.to_dict(), stage, self._init_digest())
+        return stage_settings(self.cfg.to_dict(), stage, self._init_digest(), self._data_stamps())
+
+    def _data_stamps(self) -> dict:
+        """The data files' stamps, taken once the data is loaded (a download comes first)."""
+        if getattr(self, "_stamps", None) is None:
+            from ..data.stamps import data_stamps
+
+            stamps = data_stamps(self.cfg.data.spec)
+            if self._data is None:
+                return stamps
+            self._stamps = stamps
+        return self._stamps
 
     def _init_digest(self) -> str | None:
         if not self.cfg.model.init:

@@ -87,10 +87,13 @@ def _fall_back(model, input_size, residual, prune_classifier_input, exc):
     warnings.warn(f"cannot prune through {exc.layer} ({exc.what}): {exc.why}; using "
                   "Torch-Pruning's DependencyGraph", stacklevel=3)
     try:
-        return TORCH_PRUNING.build(model, input_size, residual, prune_classifier_input)
+        graph = TORCH_PRUNING.build(model, input_size, residual, prune_classifier_input)
     except TorchPruningFailure as failure:
         raise UnsupportedLayerError(
             exc.layer, exc.what, exc.why,
             f"Torch-Pruning, pccfast's fallback, fails on {type(model).__name__} too "
             f"({failure.detail}), so this model cannot be pruned"
         ) from failure
+    graph.fallback_reason = (f"pccfast's engine cannot prune through {exc.layer} ({exc.what}): "
+                             f"{exc.why}")
+    return graph

@@ -146,6 +146,7 @@ class PruningGraph:
         self.blocks = blocks
         self._by_name = {g.name: g for g in groups}
         self.limits = ""  # what the model keeps by design (attention), for budget errors
+        self.fallback_reason = ""  # why pccfast's engine gave way to Torch-Pruning's
 
     def group(self, name: str) -> ChannelGroup:
         return self._by_name[name]
@@ -189,7 +190,9 @@ class PruningGraph:
                 reason = g.reason or "prunable"
                 counts[reason] = counts.get(reason, 0) + 1
         listed = "; ".join(f"{n} x {r}" for r, n in sorted(counts.items(), key=lambda x: -x[1]))
-        return (f"{type(self.model).__name__}'s channel groups ({self.engine} engine): "
+        first = (f"{self.fallback_reason}; so Torch-Pruning built the graph, and "
+                 if self.fallback_reason else "")
+        return (f"{first}{type(self.model).__name__}'s channel groups ({self.engine} engine): "
                 f"{listed or 'none (no conv)'}. pccfast scores the activation after a conv "
                 "(or after a pointwise Linear on a channels-last map or on tokens, as in "
                 "ConvNeXt's and transformers' MLPs)")
