@@ -54,22 +54,33 @@ def time_limit(seconds: float, model_name: str):
         yield
         return
 
+    late, active = [], [True]
+
     def alarm(signum, frame):
-        raise _TimeUp
+        late.append(True)
+        if active[0]:
+            raise _TimeUp
+
+    def stop():
+        active[0] = False
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
     previous = signal.signal(signal.SIGALRM, alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    # Repeats: an alarm raised inside a finaliser is swallowed by Python, so it comes again.
+    signal.setitimer(signal.ITIMER_REAL, seconds, min(seconds, 1.0))
     try:
-        yield
-    except _TimeUp:
+        try:
+            yield
+        finally:
+            stop()
+    except _TimeUp:  # from the block, or (rarely) from stop() itself
+        stop()
+    if late:  # also when the block finished after a swallowed alarm: past the limit either way
         raise TorchPruningFailure(
             f"Torch-Pruning did not finish grouping {model_name}'s layers within {seconds:g} s "
             "(pccfast.prune.tp_engine.TIME_LIMIT_S)",
-            f"no result within {seconds:g} s; pccfast.prune.tp_engine.TIME_LIMIT_S bounds it"
-        ) from None
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+            f"no result within {seconds:g} s; pccfast.prune.tp_engine.TIME_LIMIT_S bounds it")
 
 
 def torch_pruning_missing() -> str:
