@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from ..io import read_torch_file
+from ..speed import speedup_summary
 from ..models._common import RECIPE_ATTRIBUTE, load_state_checked, record_description
 from ..train import distributed as dist_utils
 from ..train.checkpoint import atomic_torch_save, load_checkpoint
@@ -403,8 +404,10 @@ class Pipeline:
             model = self._load(source).eval()
             size = self.data.input_size
             before = count(model, size)
-            pruned, plan = pccfast.prune(model, scores, input_size=size, **criterion)
+            pruned, plan = pccfast.prune(model, scores, input_size=size,
+                                         round_to=self.cfg.prune.round_to, **criterion)
             after = count(pruned, size)
+            speed = speedup_summary(model, pruned, size) if self.cfg.prune.speed else {}
             save_model(pruned.cpu(), self.folder.model_path("prune"))
             save_json(self.folder.path("plan.json"),
                       {**_plan_json(plan), "criterion": self.cfg.ci.criterion})
@@ -420,7 +423,7 @@ class Pipeline:
                        flops_removed=removed(before, after, "flops"),
                        params_before=before["params"], flops_before=before["flops"],
                        params_after=after["params"], flops_after=after["flops"],
-                       criterion=criterion)
+                       criterion=criterion, **speed)
             self.folder.update_summary(seconds={"prune": seconds}, **out)
             self._record("prune")
             bn = out["pruned_bn_acc"]
