@@ -51,6 +51,9 @@ def add_commands(commands, common) -> None:
                        help="torch CPU threads while timing (default: torch's)")
     bench.add_argument("--rounds", type=int, default=20, metavar="N",
                        help="timed rounds per batch size, each running both models (default 20)")
+    bench.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                       help="wall clock (latency, default) or process CPU time (steadier on a "
+                            "shared machine; latency on one thread)")
     bench.add_argument("--onnx", action="store_true",
                        help="also time both models exported to ONNX in onnxruntime")
     bench.set_defaults(run=_bench)
@@ -134,7 +137,8 @@ def _bench(args) -> int:
     baseline = None if base_path is None else models.load(base_path,
                                                           user_file=bool(args.baseline_file))
     results = {"pytorch": benchmark(model, size, baseline=baseline, batch_sizes=args.batch_sizes,
-                                    device="cpu", threads=args.threads, rounds=args.rounds)}
+                                    device="cpu", threads=args.threads, rounds=args.rounds,
+                                    clock=args.clock)}
     if args.onnx:
         results["onnxruntime"] = _bench_onnx(model, baseline, size, args)
     print(f"model {model_path}" + (f" against {base_path}" if base_path else ""))
@@ -164,7 +168,8 @@ def _bench_onnx(model, baseline, size, args):
             path = export(m, Path(tmp) / f"m{i}.onnx", size, format="onnx")
             sessions.append(load_onnx_session(path, threads=args.threads))
         result = benchmark(sessions[0], size, baseline=sessions[1],
-                           batch_sizes=args.batch_sizes, device="cpu", rounds=args.rounds)
+                           batch_sizes=args.batch_sizes, device="cpu", rounds=args.rounds,
+                           clock=args.clock)
     result.extra["threads_note"] = "onnxruntime intra-op threads: " + (
         str(args.threads) if args.threads else "its default")
     return result

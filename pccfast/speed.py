@@ -115,12 +115,19 @@ def _runner(model, x: torch.Tensor):
     return run
 
 
-class _Clock:
-    """Times one call: events on CUDA (after a synchronise), perf_counter elsewhere."""
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
-    def __init__(self, device: torch.device, clock=time.perf_counter):
+
+class _Clock:
+    """Times one call: events on CUDA (after a synchronise); on CPU the wall clock, or with
+    ``clock="cpu"`` the process's CPU time (all its threads), which other processes on a shared
+    machine do not inflate: a latency proxy for one thread, a total-work measure for several."""
+
+    def __init__(self, device: torch.device, clock: str = "wall"):
+        if clock not in CLOCKS:
+            raise ValueError(f"clock must be one of {tuple(CLOCKS)}, got {clock!r}")
         self.cuda = device.type == "cuda"
-        self.clock = clock
+        self.clock = CLOCKS[clock]
 
     def __call__(self, fn) -> float:
         if self.cuda:
@@ -192,7 +199,8 @@ def speedups(baseline_s: list[float], model_s: list[float]) -> tuple[float, floa
 def benchmark(model, input_size, *, baseline=None, batch_sizes=DEFAULT_BATCH_SIZES,
               device=None, threads: int | None = None, dtype=torch.float32,
               channels_last: bool = False, rounds: int = 20, warmup: int = 2,
-              max_seconds: float | None = None, seed: int = 0) -> BenchResult:
+              max_seconds: float | None = None, seed: int = 0,
+              clock: str = "wall") -> BenchResult:
     """Times ``model``'s forward (inference mode) at each batch size, against ``baseline``.
 
     input_size: one image's shape ``(C, H, W)`` (or ``(1, C, H, W)``; the batch is replaced).
@@ -204,6 +212,8 @@ def benchmark(model, input_size, *, baseline=None, batch_sizes=DEFAULT_BATCH_SIZ
     threads: torch CPU threads while timing (None: as set); recorded in the result.
     dtype / channels_last: of the input (bf16 and channels_last for GPUs).
     rounds / warmup / max_seconds: timed rounds, untimed rounds first, a time cap per batch size.
+    clock: ``"wall"`` (latency) or ``"cpu"`` (process CPU time: steadier on a shared machine;
+      equals latency on one thread); CUDA always uses events.
     """
     size = _image_size(input_size)
     batches = _batch_sizes(batch_sizes)
@@ -215,16 +225,17 @@ def benchmark(model, input_size, *, baseline=None, batch_sizes=DEFAULT_BATCH_SIZ
             x = torch.randn((n, *size), generator=gen).to(dev, dtype)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            clock = _Clock(dev)
+            timer = _Clock(dev, clock)
             fns = [_runner(model, x)] + ([_runner(baseline, x)] if baseline is not None else [])
             model_s, *base = time_rounds(*fns, rounds=rounds, warmup=warmup,
-                                         max_seconds=max_seconds, clock=clock)
+                                         max_seconds=max_seconds, clock=timer)
             row = BenchRow(n, _timing(model_s))
             if base:
                 row.baseline = _timing(base[0])
                 row.speedup_q1, row.speedup, row.speedup_q3 = speedups(base[0], model_s)
             rows.append(row)
-    return BenchResult(rows, str(dev), used, size, str(dtype).replace("torch.", ""))
+    return BenchResult(rows, str(dev), used, size, str(dtype).replace("torch.", ""),
+                       {"clock": "cuda events" if dev.type == "cuda" else clock})
 
 
 def _image_size(input_size) -> tuple[int, ...]:

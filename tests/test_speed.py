@@ -47,7 +47,7 @@ def test_the_speedup_is_the_median_of_per_round_ratios(monkeypatch):
              "base": iter([3.0, 30.0, 3.0, 3.0, 30.0])}
 
     class Clock:
-        def __init__(self, device):
+        def __init__(self, device, clock="wall"):
             pass
 
         def __call__(self, fn):
@@ -88,10 +88,13 @@ class Stack(nn.Module):
         return self.body(x).mean((2, 3))
 
 
-def test_a_model_eight_times_heavier_ranks_as_slower():
+@pytest.mark.parametrize("clock", ["wall", "cpu"])
+def test_a_model_eight_times_heavier_ranks_as_slower(clock):
     torch.manual_seed(0)
     light, heavy = Stack(1).eval(), Stack(8, width=96).eval()  # ~60x the MACs
-    result = pccfast.benchmark(light, (3, 24, 24), baseline=heavy, batch_sizes=(1, 3), rounds=5)
+    result = pccfast.benchmark(light, (3, 24, 24), baseline=heavy, batch_sizes=(1, 3), rounds=5,
+                               clock=clock)
+    assert result.extra == {"clock": clock}
     assert [r.batch_size for r in result.rows] == [1, 3]
     for row in result.rows:
         assert row.speedup > 1.0  # light is faster than heavy: baseline / model time
@@ -117,6 +120,7 @@ def test_threads_are_set_while_timing_and_restored():
     (dict(batch_sizes=(1, 0)), "batch_sizes must be positive integers"),
     (dict(threads=0), "threads must be a positive integer"),
     (dict(rounds=0), "rounds must be a positive integer"),
+    (dict(clock="gpu"), "clock must be one of"),
 ])
 def test_bad_arguments_are_named(kwargs, message):
     args = dict(input_size=(3, 8, 8))
