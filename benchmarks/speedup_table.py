@@ -100,14 +100,14 @@ def _sessions(models, size, threads, tmp):
     return out
 
 
-def measure(models, size, batch, device, dtype, channels_last, flops, rounds=None):
+def measure(models, size, batch, device, dtype, channels_last, flops, rounds=None, clock="wall"):
     x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(batch))
     x = x.to(device, dtype)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     fns = [_runner(m, x) for m in models]
     times = time_rounds(*fns, rounds=rounds or _rounds_for(batch, flops), warmup=1,
-                        clock=_Clock(torch.device(device)))
+                        clock=_Clock(torch.device(device), clock))
     return times
 
 
@@ -121,6 +121,9 @@ def main(argv=None):
     p.add_argument("--no-onnx", action="store_true")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="CPU timing: wall clock, or process CPU time (steadier on a shared "
+                        "machine; latency on one thread)")
     p.add_argument("--out")
     p.add_argument("--dry-run", action="store_true",
                    help="toy models, batch 1 and 2, two rounds, no onnx: checks the script")
@@ -154,7 +157,7 @@ def main(argv=None):
                             else torch.contiguous_format) for m in models]
                     for batch in args.batch_sizes:
                         times = measure(runnable, size, batch, args.device, dtype,
-                                        args.channels_last, flops, rounds)
+                                        args.channels_last, flops, rounds, args.clock)
                         base = _timing(times[0])
                         notes.append(f"{label} {engine} b{batch}: original "
                                      f"{base.median_ms:.2f} ms ({base.q1_ms:.2f}-"
@@ -173,7 +176,8 @@ def main(argv=None):
     load = os.getloadavg()
     header = (f"{datetime.date.today()}, {platform.processor() or platform.machine()}, "
               f"{os.cpu_count()} cores, torch {torch.__version__}, device {args.device}, "
-              f"{threads} thread(s), {args.dtype}"
+              f"{threads} thread(s), {args.dtype}, "
+              f"{'CUDA events' if args.device != 'cpu' else args.clock + ' clock'}"
               f"{', channels_last' if args.channels_last else ''}, load average at the end "
               f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}")
     text = "\n".join([header, "", *lines, "", "Original model latency (median, quartiles):", "",
