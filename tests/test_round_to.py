@@ -11,8 +11,8 @@ import torch
 
 import pccfast
 from pccfast.prune.graph import ChannelGroup, build_graph
-from pccfast.prune.plan import (BUDGET_TOLERANCE, Plan, check_round_to, keep_from_rate,
-                                keep_from_tau, round_keep_to)
+from pccfast.prune.plan import (BUDGET_TOLERANCE, Plan, check_round_to, keep_for_budget,
+                                keep_from_rate, keep_from_tau, round_keep_to, step_keep)
 from test_model_families import TORCHVISION, GroupedNet, random_scores
 
 
@@ -30,6 +30,16 @@ def group(width, chunks=1):
 ])
 def test_keep_counts_round_up_to_whole_steps(width, chunks, round_to, k, expected):
     assert round_keep_to(group(width, chunks), k, round_to) == expected
+
+
+@pytest.mark.parametrize("width, chunks, round_to, k, down, up", [
+    (64, 1, 8, 16, 8, 24), (64, 1, 8, 8, None, 16), (64, 1, 8, 64, 56, None),
+    (60, 1, 8, 60, 56, None), (60, 1, 8, 56, 48, 60),  # the full width is on the grid
+    (16, 4, 8, 8, None, 16), (48, 3, 8, 48, 24, None), (10, 1, 1, 5, 4, 6),
+])
+def test_the_refinement_steps_on_the_rounded_grid(width, chunks, round_to, k, down, up):
+    g = group(width, chunks)
+    assert step_keep(g, k, -1, round_to) == down and step_keep(g, k, +1, round_to) == up
 
 
 @pytest.mark.parametrize("value, error", [(0, ValueError), (-8, ValueError), (2.5, TypeError),
@@ -108,6 +118,25 @@ def test_a_budget_is_met_over_the_rounded_counts():
     assert abs(plan.removed["flops"] - 0.6) <= BUDGET_TOLERANCE
     assert_rounded(plan, 8, graph)
     assert pccfast.count(pruned, (1, 3, 32, 32))["flops"] == plan.after["flops"]
+
+
+@pytest.mark.parametrize("rates", [None, "[0.3]*7+[0.6]*5"])
+def test_a_small_models_budget_is_met_by_refining_in_steps_of_round_to(rates):
+    """A quarter-width VGG (16-128 channels): tau (or the rate scale) alone moves several layers
+    by 8 channels at once and misses 0.4; the channel refinement finishes in steps of 8."""
+    torch.manual_seed(0)
+    model = pccfast.models.vgg16_cifar(width=0.25).eval()
+    graph = build_graph(model, (1, 3, 32, 32))
+    scores = random_scores(graph)
+    keep, setting = keep_for_budget(graph, scores, "flops", 0.4, rates, round_to=8)
+    assert setting["channels_moved"] > 0  # the search alone did not meet it
+    assert setting["channels_moved"] % 8 == 0
+    for name, k in keep.items():
+        width = graph.group(name).width
+        assert k == width or (k % 8 == 0 and k >= 8), (name, k)
+    pruned, plan = pccfast.prune(model, scores, target_flops=0.4, rates=rates, round_to=8)
+    assert abs(plan.removed["flops"] - 0.4) <= BUDGET_TOLERANCE
+    assert_rounded(plan, 8, graph)
 
 
 def test_an_unreachable_budget_is_refused_with_the_range():

@@ -245,6 +245,14 @@ def round_keep_to(group, k: int, round_to: int) -> int:
     return min(group.width, max(step, -(-int(k) // step) * step))
 
 
+def step_keep(group, k: int, sign: int, round_to: int) -> int | None:
+    """The next keep count below (``sign`` -1) or above (+1) ``k`` on the group's
+    :func:`round_step` grid (the full width counts as on it); None past either end."""
+    step = round_step(group, round_to)
+    new = (k - 1) // step * step if sign < 0 else min(group.width, (k // step + 1) * step)
+    return new if step <= new <= group.width and new != k else None
+
+
 def rounded(graph, keep: dict[str, int], round_to: int) -> dict[str, int]:
     """Every keep count of ``keep`` through :func:`round_keep_to`."""
     if round_to == 1:
@@ -340,7 +348,7 @@ def keep_for_budget(graph, scores, metric: str, target: float, rates=None, round
             # tau moves every layer at once, in steps that can exceed the tolerance on a small
             # model: finish channel by channel, in the order tau itself would take them
             removed, keep, moved = _refine_by_channels(graph, keep, cumulative, metric, target,
-                                                       before)
+                                                       before, round_to)
             setting["channels_moved"] = moved
     else:
         slots = rate_layout(graph)
@@ -363,7 +371,8 @@ def keep_for_budget(graph, scores, metric: str, target: float, rates=None, round
         if abs(removed - target) > BUDGET_TOLERANCE:
             # layers of one rate and width move together: finish channel by channel, in an
             # order that depends on the graph alone (the counts stay the same for any scores)
-            removed, keep, moved = _refine_by_channels(graph, keep, None, metric, target, before)
+            removed, keep, moved = _refine_by_channels(graph, keep, None, metric, target, before,
+                                                       round_to)
             setting["channels_moved"] = moved
     if abs(removed - target) > BUDGET_TOLERANCE:
         lo = evaluate(1.0 if rates is None else 0.0)[0]
@@ -391,9 +400,11 @@ def _critical_tau(cumulative: torch.Tensor, rank: int) -> float:
 
 
 def _refine_by_channels(graph, keep: dict[str, int], cumulative: dict | None, metric: str,
-                        target: float, before: dict, max_moves: int = 10_000):
-    """Moves single channels (a whole group chunk where a grouped conv needs it) from ``keep``
-    until ``target`` is met within the tolerance, or no move gets closer.
+                        target: float, before: dict, round_to: int = 1,
+                        max_moves: int = 10_000):
+    """Moves single channels (one step of :func:`step_keep`: ``round_to`` channels, or a whole
+    group chunk where a grouped conv needs it) from ``keep`` until ``target`` is met within the
+    tolerance, or no move gets closer.
 
     Each step takes a move that gets closer to the target, preferring one that lands within
     the tolerance, then the channel a tau plan would drop first (highest critical tau, see
@@ -403,15 +414,14 @@ def _refine_by_channels(graph, keep: dict[str, int], cumulative: dict | None, me
     -> (removed, keep, channels moved).
     """
     names = [g.name for g in graph.prunable]
-    keep = {n: graph.group(n).round_keep(keep[n]) for n in names}
+    keep = {n: round_keep_to(graph.group(n), keep[n], round_to) for n in names}
 
     def moves(state: dict[str, int], sign: int):
         """(new state, layer index, order key) for every one-step move; sign -1 removes."""
         out = []
         for i, n in enumerate(names):
-            g = graph.group(n)
-            k = state[n] + sign * g.chunks
-            if not g.chunks <= k <= g.width:
+            k = step_keep(graph.group(n), state[n], sign, round_to)
+            if k is None:
                 continue
             rank = state[n] - 1 if sign < 0 else state[n]  # the channel dropped / added
             critical = 0.0 if cumulative is None else _critical_tau(cumulative[n], rank)
