@@ -102,3 +102,18 @@ def test_no_speed_skips_the_measurement(run_folder, tmp_path):
     assert main(["prune", "--out", str(out), "--no-speed", "--no-progress"]) == 0
     s = _summary(out)
     assert "speedup_cpu" not in s and s["pruned_acc"] is not None
+
+
+@pytest.mark.parametrize("command, flags", [
+    ("bench", ("--out", "--model-file", "--baseline-file", "--batch-sizes", "--threads",
+               "--clock", "--onnx", "--input-size")),
+    ("export", ("--out", "--model-file", "--format", "--path", "--input-size")),
+])
+def test_help_of_bench_and_export(command, flags, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    assert f"pccfast {command}" in text
+    for flag in flags:
+        assert flag in text, flag
