@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pccfast  # noqa: E402
 from pccfast.prune.graph import build_graph  # noqa: E402
-from pccfast.speed import _Clock, _runner, _timing, speedups, time_rounds, torch_threads  # noqa: E402
+from pccfast.speed import (_Clock, _runner, _timing, speedups, time_rounds,  # noqa: E402
+                           torch_threads)
 
 # name: (builder, input size, pruning keywords, label)
 ROWS = {

@@ -610,7 +610,8 @@ def make_plan(graph, scores, *, rates=None, tau=None, target_flops=None, target_
             setting["rates"] = rates if isinstance(rates, str) else list(rates)
     elif tau is not None:
         checked = check_scores(graph, scores, prunable)
-        keep = rounded(graph, {n: keep_from_tau(checked[n], float(tau)) for n in prunable}, round_to)
+        keep = rounded(graph, {n: keep_from_tau(checked[n], float(tau)) for n in prunable},
+                       round_to)
         method, setting = "tau", {"tau": float(tau)}
     else:
         keep, values = keep_from_rates(graph, rates, round_to)
