@@ -38,6 +38,11 @@ BUDGET_TOLERANCE = 0.005  # budgets are met to within half a percentage point
 PLAN_FORMAT = "pccfast.plan"
 PLAN_VERSION = 1
 
+
+class BudgetError(ValueError):
+    """A FLOPs or params target that no keep counts of this model meet within the tolerance."""
+
+
 MAX_RATE_ENTRIES = 100_000  # far beyond any network's prunable layers; bounds the parser
 _TOKEN = re.compile(r"\s*(?:(?P<number>\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?|(?P<op>[\[\],*+]))")
 
@@ -277,7 +282,8 @@ def keep_from_tau(score: torch.Tensor, tau: float) -> int:
 
 
 def check_scores(graph, scores, needed: list[str]) -> dict[str, torch.Tensor]:
-    """Scores as CPU float64 tensors; every group in ``needed`` present with its width."""
+    """Scores as CPU float64 tensors; every group in ``needed`` present with its width, its
+    scores finite and >= 0, and not every score 0 (such scores cannot rank channels)."""
     if not isinstance(scores, dict):
         raise TypeError(f"scores must be a dict layer name -> CI tensor (CICollector.scores()), "
                         f"got {type(scores).__name__}")
@@ -294,10 +300,28 @@ def check_scores(graph, scores, needed: list[str]) -> dict[str, torch.Tensor]:
         width = graph.group(name).width
         if value.numel() != width:
             raise ValueError(f"scores[{name!r}] has {value.numel()} values, layer has {width} channels")
-        if not bool(torch.isfinite(value).all()):
-            raise ValueError(f"scores[{name!r}] contains NaN or Inf")
+        _check_rankable(name, value)
         out[name] = value
+    if out and not any(bool(v.any()) for v in out.values()):
+        raise ValueError(f"scores are 0 for every channel of all {len(out)} layers, so they "
+                         "cannot rank channels (scores of an untrained or dead model?): collect "
+                         "them again on the trained model")
     return out
+
+
+def _check_rankable(name: str, value: torch.Tensor) -> None:
+    """Finite and non-negative: every criterion scores >= 0, a larger score keeping the channel,
+    and tau and budgets take shares of a layer's total (negative scores make that meaningless)."""
+    bad = ~torch.isfinite(value)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        raise ValueError(f"scores[{name!r}] holds {int(bad.sum())} NaN or Inf value(s) (channel "
+                         f"{i}: {float(value[i])}); scores must be finite: collect them again")
+    if bool((value < 0).any()):
+        i = int(value.argmin())
+        raise ValueError(f"scores[{name!r}] holds {int((value < 0).sum())} negative value(s) "
+                         f"(channel {i}: {float(value[i]):.6g}); scores must be >= 0, a larger "
+                         "score keeping the channel (CI, l1, hrank, taylor and random all are)")
 
 
 # ----------------------------------------------------------------------------- budgets
@@ -384,7 +408,7 @@ def keep_for_budget(graph, scores, metric: str, target: float, rates=None, round
         else:
             why = (f"this model's prunable layers allow removing {lo:.4f} to {hi:.4f} of its "
                    f"{metric} (closest: {removed:.4f})")
-        raise ValueError(
+        raise BudgetError(
             f"target_{metric}={target} cannot be met within {BUDGET_TOLERANCE * 100:.1f} points: "
             + why + (f". {graph.limits}" if getattr(graph, "limits", "") else ""))
     return keep, setting
@@ -606,8 +630,8 @@ def make_plan(graph, scores, *, rates=None, tau=None, target_flops=None, target_
         checked = check_scores(graph, scores, prunable)
         keep, found = keep_for_budget(graph, checked, metric, float(target), rates, round_to)
         method, setting = f"target_{metric}", {f"target_{metric}": float(target), **found}
-        if rates is not None:
-            setting["rates"] = rates if isinstance(rates, str) else list(rates)
+        if rates is not None:  # (one float is a rate for every layer)
+            setting["rates"] = rates if isinstance(rates, (str, int, float)) else list(rates)
     elif tau is not None:
         checked = check_scores(graph, scores, prunable)
         keep = rounded(graph, {n: keep_from_tau(checked[n], float(tau)) for n in prunable},
