@@ -292,3 +292,23 @@ def test_an_interrupted_study_says_how_to_resume(tmp_path, monkeypatch, capsys):
                  "--no-progress"]) == 130
     err = capsys.readouterr().err
     assert "interrupted" in err and "resume" in err and "Traceback" not in err
+
+
+def test_a_data_file_replaced_under_a_study_invalidates_its_caches(tmp_path):
+    """The study's caches carry the data files' stamps, as run folders' records do."""
+    import numpy as np
+
+    from pccfast.study.cells import settings_of
+
+    path = tmp_path / "d.npz"
+    x = np.zeros((4, 8, 8, 3), np.uint8)
+    y = np.arange(4) % 2
+    np.savez(path, x_train=x, y_train=y, x_test=x, y_test=y)
+    config = design(data={"spec": f"npz:{path}", "val_images": 0})
+    cfg = config.arm_config(config.arms[0], 0)
+    before = {stage: settings_of(cfg, stage) for stage in ("pretrain", "ci", "prune")}
+    np.savez(path, x_train=x + 1, y_train=y, x_test=x, y_test=y)  # same shapes, new pixels
+    for stage, settings in before.items():
+        now = settings_of(cfg, stage)
+        changed = [k for k in now if now[k] != settings.get(k)]
+        assert changed and all(k.startswith("data.file:") for k in changed), stage

@@ -23,7 +23,7 @@ from ..io import load as load_model
 from ..io import save as save_model
 from ..pipeline import steps
 from ..pipeline.config import RunConfig
-from ..pipeline.records import fingerprint, stage_settings
+from ..pipeline.records import file_digest, fingerprint, stage_settings
 
 
 def _read_json(path: Path):
@@ -38,9 +38,19 @@ def _same(record, settings: dict) -> bool:
     return isinstance(record, dict) and record.get("settings") == json.loads(json.dumps(settings))
 
 
+def settings_of(cfg: RunConfig, stage: str) -> dict:
+    """What ``stage``'s outputs depend on, as a run folder records it: the settings, the data
+    files' stamps and model.init's digest (a file replaced under a study is never reused)."""
+    from ..data.stamps import data_stamps
+
+    init = Path(cfg.model.init).expanduser() if cfg.model.init else None
+    digest = file_digest(init) if init is not None and init.is_file() else None
+    return stage_settings(cfg.to_dict(), stage, digest, data_stamps(cfg.data.spec))
+
+
 def pretrain_settings(cfg: RunConfig) -> dict:
     """What the pre-trained model depends on (data, model, run.seed, pretrain, pcc)."""
-    return stage_settings(cfg.to_dict(), "pretrain")
+    return settings_of(cfg, "pretrain")
 
 
 def with_criterion(cfg: RunConfig, criterion: str) -> RunConfig:
@@ -123,7 +133,7 @@ def features(work: Path, model, cfg: RunConfig, data, env, images: int) -> list[
 def scores(work: Path, criterion: str, model, cfg: RunConfig, data, env) -> dict:
     """layer -> (C,) float64 scores of ``criterion``, cached in ``work`` with their settings."""
     cfg = with_criterion(cfg, criterion)
-    settings = stage_settings(cfg.to_dict(), "ci")
+    settings = settings_of(cfg, "ci")
     path = work / f"scores-{criterion}.pt"
     if path.is_file():
         try:
@@ -152,8 +162,8 @@ class Cell:
         self.budget = budget
 
     def _settings(self, cfg: RunConfig, stage: str) -> dict:
-        tree = with_criterion(cfg, self.criterion).to_dict()
-        return {**stage_settings(tree, stage), "study.budget": self.budget}
+        return {**settings_of(with_criterion(cfg, self.criterion), stage),
+                "study.budget": self.budget}
 
     def _loaders(self, cfg, data, env) -> dict:
         out = {"acc": data.test_loader(cfg.finetune.batch_size, device=env.device,
