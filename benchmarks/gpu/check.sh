@@ -9,7 +9,10 @@
 #     - a full ResNet-50 training step with and without the regulariser on all scored layers;
 #     - CI for the VGG-16-CIFAR and ResNet-50 scored shapes: CUDA fast path vs CPU vs brute force,
 #       the end-to-end CICollector pass over 640 ResNet-50 images (target under 10 s),
-#       and the batched Jacobi eigensolver vs torch.linalg.eigh.
+#       and the batched Jacobi eigensolver vs torch.linalg.eigh;
+#     - FLOPs removed vs time saved (benchmarks/speedup_table.py): pruned VGG-16, ResNet-56,
+#       ResNet-50, MobileNetV2, EfficientNet-B0 vs their originals, with and without round_to,
+#       batch 1 and 64, CUDA events, bf16, channels_last.
 #
 #   usage (from the repository root):  bash benchmarks/gpu/check.sh [--dry-run]
 #   Tables and logs go to $OUT when it is set (the device tool's output folder), else to
@@ -58,6 +61,7 @@ if [[ $DRY -eq 1 ]]; then
   step bench_pcc 300 env TRITON_INTERPRET=1 "$PY" benchmarks/gpu/bench_pcc.py --dry-run
   step bench_ci 300 "$PY" benchmarks/gpu/bench_ci.py --dry-run
   step bench_train_step 300 "$PY" benchmarks/gpu/bench_train_step.py --dry-run
+  step speedup_table 300 "$PY" benchmarks/speedup_table.py --dry-run --out "$OUTDIR/speedup.md"
   exit $status
 fi
 
@@ -74,6 +78,8 @@ step gpu_tests 100 "$PY" -m pytest -q -m gpu "${PARALLEL[@]}" -p no:cacheprovide
 step bench_pcc 130 "$PY" benchmarks/gpu/bench_pcc.py --reps 5 --shapes 64x56,256x56,2048x7
 step bench_train_step 60 "$PY" benchmarks/gpu/bench_train_step.py --steps 8 --rounds 2
 step bench_ci 90 "$PY" benchmarks/gpu/bench_ci.py --repeats 2 --brute-images 1 --out "$OUTDIR/ci_gpu.md"
+step speedup_table 90 "$PY" benchmarks/speedup_table.py --device cuda --dtype bfloat16 \
+  --channels-last --round-to 1,8,32 --out "$OUTDIR/speedup_gpu.md"
 step gpu_sweep 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider -k against_reference_on_gpu \
   tests/test_pcc_triton.py
 echo "=== done: exit $status after ${SECONDS}s (tables above; logs in $OUTDIR)"

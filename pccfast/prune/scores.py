@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._checks import check_choice, check_float_tensor, check_materialised
-from ..models._common import eval_mode, unwrap_parallel
+from .._modules import eval_mode, unwrap_parallel
 from ..ops import backends
 from ..sites import Site, SiteHooks
 from .criteria import ScoredLayer, criterion_name, get_criterion
