@@ -286,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(run=_stage)
     from .cli_deploy import add_commands
 
-    add_commands(commands, common)
+    add_commands(commands, common, resolve_config)
     text = ("compare pre-training arms x pruning criteria x FLOPs targets over seeds: every "
             "cell its own folder, resumable; writes study.csv, study.md and plots")
     study = commands.add_parser("study", help=text, description=text)

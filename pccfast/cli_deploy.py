@@ -37,8 +37,10 @@ def _batch_sizes(text: str) -> tuple[int, ...]:
     return sizes
 
 
-def add_commands(commands, common) -> None:
-    """Adds ``bench`` and ``export`` to the CLI's subcommands (``common``: the shared flags)."""
+def add_commands(commands, common, resolve_config) -> None:
+    """Adds ``bench`` and ``export`` to the CLI's subcommands (``common``: the shared flags;
+    ``resolve_config(args, inherit)``: the CLI's settings of a run folder, handed down so that
+    this module never imports the CLI back)."""
     text = ("measured forward latency: the run's pruned model against its original (or "
             "--model-file against --baseline-file), alternating, median and quartiles")
     bench = commands.add_parser("bench", help=text, description=text, parents=[common])
@@ -56,7 +58,7 @@ def add_commands(commands, common) -> None:
                             "shared machine; latency on one thread)")
     bench.add_argument("--onnx", action="store_true",
                        help="also time both models exported to ONNX in onnxruntime")
-    bench.set_defaults(run=_bench)
+    bench.set_defaults(run=_bench, resolve_config=resolve_config)
     text = "write the run's latest model (or --model-file) as ONNX, TorchScript or torch.export"
     export = commands.add_parser("export", help=text, description=text, parents=[common])
     _model_flags(export)
@@ -65,7 +67,7 @@ def add_commands(commands, common) -> None:
                              "exported (torch.export.save)")
     export.add_argument("--path", metavar="FILE",
                         help="where to write (default: DIR/export/<model><suffix>)")
-    export.set_defaults(run=_export)
+    export.set_defaults(run=_export, resolve_config=resolve_config)
 
 
 def _model_flags(parser) -> None:
@@ -81,7 +83,6 @@ class _Models:
     """Finds and loads a run's models and input size (or the files named on the line)."""
 
     def __init__(self, args):
-        from .cli import resolve_config
         from .pipeline import Pipeline
 
         self.args = args
@@ -90,7 +91,8 @@ class _Models:
                              f"--model-file FILE")
         self.pipe = None
         if args.out:
-            self.pipe = Pipeline(resolve_config(args, inherit=True), args.out, progress=False)
+            self.pipe = Pipeline(args.resolve_config(args, inherit=True), args.out,
+                                 progress=False)
 
     def load(self, path: Path, user_file: bool):
         from .io import load
