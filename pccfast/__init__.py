@@ -10,6 +10,7 @@
     pccfast.save(pruned, "m.pt"); model = pccfast.load("m.pt")
 """
 
+from . import _openmp  # noqa: F401  (first: the OpenMP wait policy, before torch loads)
 from . import models
 from .ci import channel_independence
 from .io import load, save
