@@ -65,7 +65,8 @@ def step_macs_and_pcc_floor(model, x, options: PCCOptions) -> tuple[int, int]:
             else:
                 forward += output.numel() * module.in_features
             if name in convs and output.dim() == 4:
-                g, m, k = pcc_shape(output.shape, options)
+                shape = pcc_shape(output.shape, options)
+                g, m, k = shape.groups, shape.rows, shape.features
                 side = min(m, k) if options.penalty == "square" else m
                 pcc_macs += 2 * g * m * k * side
         return hook

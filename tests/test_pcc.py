@@ -147,10 +147,10 @@ def test_cpu_backend_both_schedules(threads):
     """Both schedules of the CPU kernels against the reference: whole groups per thread (one
     parallel region; 6 groups on 1 or 3 threads) and chunks of groups with parallel products
     (6 groups on 4 threads). Long rows (17x19 pixels, or 20 channels) take the matrix products,
-    pixel rows spanning two row blocks of R; short rows (3x3 maps) the pair loops;
+    pixel rows spanning two row blocks of R; short rows (2x2 maps) the pair loops;
     channels_last and fp16 the strided and converting row loops."""
     g = torch.Generator().manual_seed(threads)
-    inputs = [torch.randn(6, 20, 17, 19, generator=g).relu(), torch.randn(6, 40, 3, 3, generator=g)]
+    inputs = [torch.randn(6, 20, 17, 19, generator=g).relu(), torch.randn(6, 40, 2, 2, generator=g)]
     for x in inputs:
         x[:, 1] = 0.5  # a constant row
     saved = torch.get_num_threads()
