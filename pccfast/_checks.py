@@ -68,3 +68,16 @@ def compiled_original(model):
 
 def _shape_name(ndim: int) -> str:
     return {2: "(C, P)", 3: "(C, H, W)", 4: "(N, C, H, W)"}.get(ndim, f"{ndim}-d")
+
+
+def check_materialised(name: str, model) -> None:
+    """A model whose tensors hold values: a meta-device model (shapes only, e.g. built under
+    ``torch.device("meta")``) fails deep inside tracing or scoring otherwise."""
+    for kind, tensors in (("parameter", model.named_parameters()),
+                          ("buffer", model.named_buffers())):
+        for tensor_name, tensor in tensors:
+            if tensor.is_meta:
+                raise ValueError(
+                    f"{name} has tensors on the meta device (shapes without values), e.g. "
+                    f"{kind} {tensor_name}: load its weights first (model.to_empty(device='cpu'),"
+                    " then load_state_dict)")

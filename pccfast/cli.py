@@ -104,9 +104,14 @@ def resolve_config(args, inherit: bool):
 
     cfg = demo_config() if args.command == "demo" else RunConfig()
     if inherit and args.out:
-        saved = RunFolder(args.out).read_config()
+        folder = RunFolder(args.out)
+        folder.refuse_foreign(("config.json",))  # a project's own config.json is not ours
+        saved = folder.read_config()
         if saved is not None:
-            cfg = RunConfig.from_dict(saved, cfg)
+            try:
+                cfg = RunConfig.from_dict(saved, cfg)
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"{folder.config_path}: {exc}") from exc
     if args.config:
         cfg = RunConfig.from_dict(load_toml(args.config), cfg)
     cfg = RunConfig.from_dict(flag_overrides(args), cfg)
@@ -128,13 +133,19 @@ def _study(args) -> int:
         tree.setdefault(section, {}).update(values)
     config = StudyConfig.from_dict(tree)
     study = Study(config, args.out, device=args.device, progress=not args.no_progress)
-    if args.dry_run:
-        print(study.describe())
-        return 0
     if args.report:
         print(f"study  {study.write_report()}")
         return 0
-    path = study.run()
+    if args.dry_run:
+        study.check()
+        print(study.describe())
+        return 0
+    try:
+        path = study.run()
+    except KeyboardInterrupt:
+        print(f"pccfast study: interrupted; every finished cell is in {study.csv_path}: run the "
+              "same command again to resume", file=sys.stderr)
+        return 130
     print(f"study  {path}, {Path(args.out) / 'study.md'}")
     return 0
 
@@ -165,6 +176,7 @@ def _info(args) -> int:
 
 def _stage(args) -> int:
     from .pipeline import Pipeline
+    from .pipeline.folder import RunFolder
     from .report import format_table
     from .train import distributed
 
@@ -173,6 +185,8 @@ def _stage(args) -> int:
     if not args.out:
         raise ValueError(f"pccfast {args.command} needs --out DIR (the run folder)")
     fresh = args.command in ("run", "demo") and not args.resume
+    if args.command not in ("eval", "report"):  # (report checks the files it writes)
+        RunFolder(args.out).refuse_foreign()  # the user's files of pccfast's names stay theirs
     cfg = resolve_config(args, inherit=not fresh)
     env = distributed.setup(cfg.run.device)
     try:
@@ -182,6 +196,7 @@ def _stage(args) -> int:
         if args.command not in ("eval", "report"):  # read-only commands write no config.json
             if env.is_main:
                 prepare_out(args.out)
+                pipe.folder.claim()
             distributed.barrier()
             pipe.prepare(args.command, resume=args.resume)  # refusals before anything is written
             if env.is_main:

@@ -13,7 +13,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .pipeline.folder import RunFolder
+from .pipeline.folder import REPORT_FILES, RunFolder
+from .plotting import plots_missing, pyplot
 
 STAGE_ORDER = ("baseline", "pretrain", "finetune")
 STAGE_LABEL = {"baseline": "baseline (no PCC)", "pretrain": "pre-training with PCC",
@@ -107,10 +108,7 @@ def _first(entry: dict, keys):
 
 
 def _plot_curves(records: list[dict], path: Path) -> bool:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     stages = [s for s in STAGE_ORDER if any(r.get("stage") == s for r in records)]
     stages += sorted({r.get("stage") for r in records} - set(stages) - {None})
@@ -146,10 +144,7 @@ def _short(name: str) -> str:
 
 
 def _plot_ci(scores: dict, path: Path) -> bool:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import numpy as np
 
     if not scores:
@@ -172,10 +167,7 @@ def _plot_ci(scores: dict, path: Path) -> bool:
 
 
 def _plot_kept(rows: list[tuple[str, int, int]], path: Path) -> bool:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     if not rows:
         return False
@@ -216,6 +208,11 @@ def write_report(out) -> Path:
     folder = RunFolder(out)
     if not folder.out.is_dir():
         raise FileNotFoundError(f"run folder {folder.out} does not exist")
+    folder.refuse_foreign(("config.json", "summary.json", "metrics.jsonl") + REPORT_FILES)
+    if not any(folder.path(n).is_file() for n in ("config.json", "summary.json", "metrics.jsonl")):
+        raise ValueError(f"{folder.out} holds no pccfast run (no config.json, summary.json or "
+                         f"metrics.jsonl): run `pccfast run --out {folder.out}` first")
+    folder.claim(REPORT_FILES)
     summary = folder.read_summary()
     config = folder.read_config() or {}
     records = folder.read_metrics()
@@ -223,8 +220,6 @@ def write_report(out) -> Path:
     plan = json.loads(plan_path.read_text()) if plan_path.is_file() else None
     widths = layer_widths(plan) if plan is not None else []
     scores = _read_scores(folder)
-    from .pipeline.checks import plots_missing
-
     no_plots = plots_missing()  # the report is still written, without its figures
     if no_plots is None:
         try:

@@ -128,10 +128,10 @@ def test_configs_load_and_flags_override_them(name):
     path = CONFIGS / f"{name}.toml"
     cfg = resolve_config(_args(["run", "--config", str(path)]), inherit=False)
     assert cfg.model.name in ("vgg16_cifar", "resnet56_cifar", "resnet50")
-    assert cfg.prune.criterion
+    assert cfg.prune.budget
     over = resolve_config(_args(["run", "--config", str(path), "--epochs", "3", "--target-params",
                                  "0.4", "--set", "finetune.weight_decay=0.002"]), inherit=False)
-    assert over.pretrain.epochs == 3 and over.prune.criterion == {"target_params": 0.4}
+    assert over.pretrain.epochs == 3 and over.prune.budget == {"target_params": 0.4}
     assert over.finetune.weight_decay == 0.002
 
 
@@ -357,6 +357,7 @@ def test_weights_of_another_width_name_the_file_and_the_shapes(grey_npz, tmp_pat
     assert not (tmp_path / "a").exists()
 
     run = tmp_path / "b"
+    RunFolder(run).claim()  # (as a run that wrote the checkpoint would have)
     ckpt = RunFolder(run).checkpoint("pretrain")
     save_checkpoint(ckpt, stage="pretrain", epoch=1, model=wide,
                     optimizer=torch.optim.SGD(wide.parameters(), lr=0.1), scaler=None,

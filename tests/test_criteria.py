@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import pccfast
+from pccfast import CICollector
 from pccfast.models import resnet56_cifar, vgg16_cifar
 from pccfast.prune.criteria import channel_rank, taylor_importance
 from cases import site_activations
@@ -366,11 +367,14 @@ def test_cli_criterion_end_to_end_on_digits(tmp_path, capsys):
     assert summary["ci_criterion"] == "l1" and summary["ci_images"] == 0
     assert json.loads((out / "plan.json").read_text())["criterion"] == "l1"
     assert "- l1 scores:" in (out / "report.md").read_text()
-    saved = torch.load(out / "ci_scores.pt", weights_only=True)
+    from pccfast.pipeline.steps import read_scores
+
+    saved, meta = read_scores(out / "ci_scores.pt")  # the one score-file format
     pretrained = pccfast.load(out / "pretrained.pt")
     l1 = pccfast.scores(pretrained, criterion="l1", input_size=SIZE)
-    assert saved["criterion"] == "l1" and saved["scores"].keys() == l1.keys()
-    assert all(torch.equal(saved["scores"][k], l1[k]) for k in l1)  # l1, not CI, was computed
+    assert meta["criterion"] == "l1" and saved.keys() == l1.keys()
+    assert all(torch.equal(saved[k], l1[k]) for k in l1)  # l1, not CI, was computed
+    assert CICollector.load_scores(out / "ci_scores.pt").keys() == l1.keys()
 
     # a stage command: taylor over the calibration images (labels come with the batches)
     assert main(["ci", "--out", str(out), "--criterion", "taylor", "--no-progress"]) == 0

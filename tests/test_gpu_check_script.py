@@ -67,15 +67,20 @@ def test_check_script_skips_steps_past_its_budget(tmp_path):
 
 @pytest.mark.slow
 def test_study_script_dry_run(tmp_path):
-    """benchmarks/gpu/study_vgg16.sh on the CPU at toy sizes: every arm and criterion, the
-    tables and plot copied to $OUT."""
+    """benchmarks/gpu/study_vgg16.sh on the CPU at toy sizes: both arms, ci and random at the
+    fixed allocation, fine-tuned, the feature record; the tables and plots copied to $OUT."""
     env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path / "out"),
            "RUNS_DIR": str(tmp_path / "runs")}
     out = subprocess.run(["bash", "benchmarks/gpu/study_vgg16.sh", "--dry-run"], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert sorted(os.listdir(tmp_path / "out")) == ["accuracy_vs_flops.png", "study.csv", "study.md"]
+    assert sorted(os.listdir(tmp_path / "out")) == [
+        "accuracy_vs_flops.png", "features.csv", "features.png", "paired_differences.png",
+        "study.csv", "study.md"]
     text = (tmp_path / "out" / "study.md").read_text()
-    for arm in ("no_pcc", "pcc", "pcc_suppress"):
-        for criterion in ("ci", "l1", "hrank", "taylor", "random"):
+    assert "## Primary endpoint" in text and "## What pre-training did to the features" in text
+    rows = (tmp_path / "out" / "study.csv").read_text().splitlines()
+    assert any(",finetuned," in r and ",fixed,ci,0.846000," in r for r in rows)
+    for arm in ("no_pcc", "pcc"):
+        for criterion in ("ci", "random"):
             assert f"{arm} / {criterion}" in text

@@ -79,9 +79,11 @@ def test_report_from_a_real_plan(tmp_path):
     assert len(folder.read_metrics()) == 2
 
 
-def test_report_of_an_empty_folder_has_no_plots(tmp_path):
-    report = write_report(tmp_path).read_text()
-    assert "## Results" in report and ".png" not in report
+def test_report_of_an_empty_folder_is_refused(tmp_path):
+    """No config, summary or metrics: nothing to report (not a report of "? on ?")."""
+    with pytest.raises(ValueError, match="holds no pccfast run"):
+        write_report(tmp_path)
+    assert list(tmp_path.iterdir()) == []
     with pytest.raises(FileNotFoundError):
         write_report(tmp_path / "missing")
 

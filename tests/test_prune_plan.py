@@ -117,6 +117,70 @@ def test_budgets_are_met_within_half_a_point(kind, target):
     assert pccfast.count(pruned, CIFAR)[kind] == plan.after[kind]
 
 
+def _lockstep_scores(graph):
+    """Every layer's scores the same shares of its total, so tau moves all layers at once:
+    the budget search must then finish channel by channel (issue 19: a small model on another
+    machine's BLAS)."""
+    return {g.name: 1 + 1e-9 * torch.arange(g.width, 0, -1, dtype=torch.float64)
+            for g in graph.prunable}
+
+
+LOCKSTEP_GAPS = [0.18, 0.39, 0.56, 0.70, 0.82, 0.907]  # 1.1-3.8 points from what tau reaches
+
+
+@pytest.mark.parametrize("target", LOCKSTEP_GAPS + [0.5, 0.846])
+def test_budgets_are_met_where_tau_alone_jumps_over_them(target):
+    torch.manual_seed(0)
+    model = vgg16_cifar(width=0.125)  # 8-64 channels a layer: one tau step moves every layer
+    graph = build_graph(model, CIFAR)
+    scores = _lockstep_scores(graph)
+    pruned, plan = pccfast.prune(model, scores, target_flops=target)
+    assert abs(plan.removed["flops"] - target) <= 0.005
+    assert pccfast.count(pruned, CIFAR)["flops"] == plan.after["flops"]
+    for layer in plan.layers:  # each layer still keeps its top-scored channels
+        assert layer.kept_indices == kept_indices(scores[layer.name], layer.width_after)
+    again = pccfast.prune(model, scores, target_flops=target)[1]
+    assert again.widths == plan.widths  # deterministic
+
+
+def test_tau_alone_misses_the_lockstep_budgets():
+    """The test above would pass without the channel-by-channel step only by luck: show that
+    the tau search by itself cannot meet one of its targets."""
+    from pccfast.prune.plan import _removed, keep_from_tau_cumulative
+
+    graph = build_graph(vgg16_cifar(width=0.125), CIFAR)
+    scores = _lockstep_scores(graph)
+    before = graph.cost({})
+    cumulative = {n: torch.cumsum(s, 0) for n, s in scores.items()}
+    reachable = [_removed(graph, {n: keep_from_tau_cumulative(c, tau) for n, c in
+                                  cumulative.items()}, before, "flops")
+                 for tau in torch.linspace(0.0, 1.0, 4001).tolist()]
+    for target in LOCKSTEP_GAPS:
+        assert min(abs(r - target) for r in reachable) > 0.01, target
+
+
+@pytest.mark.parametrize("target", LOCKSTEP_GAPS)
+def test_a_scaled_rate_profile_meets_budgets_whatever_the_scores(target):
+    """The fixed allocation of the study: a rate profile scaled to the target gives the same
+    keep counts for any scores, and meets the target within the tolerance."""
+    torch.manual_seed(0)
+    model = vgg16_cifar(width=0.125)
+    graph = build_graph(model, CIFAR)
+    profile = "[0.5]*7+[0.9]*5"
+    plans = [pccfast.prune(model, scores, rates=profile, target_flops=target)[1]
+             for scores in (_lockstep_scores(graph), random_scores(graph, 3))]
+    assert plans[0].widths == plans[1].widths
+    for plan in plans:
+        assert abs(plan.removed["flops"] - target) <= 0.005
+
+
+def test_a_budget_out_of_reach_says_the_range():
+    graph = build_graph(vgg16_cifar(width=0.125), CIFAR)
+    with pytest.raises(ValueError, match=r"target_flops=0\.997 cannot be met.*allow removing "
+                                         r"0\.0000 to 0\.990"):  # one channel a layer: 0.9900
+        pccfast.prune(vgg16_cifar(width=0.125), _lockstep_scores(graph), target_flops=0.997)
+
+
 def test_budget_with_rates_scales_them(vgg):
     model, graph, scores = vgg
     _, plan = pccfast.prune(model, scores, rates="[0.21]*7+[0.75]*5", target_flops=0.7)

@@ -222,3 +222,169 @@ def test_stage_settings_chain_and_ignore_speed_settings():
         ["a.b=1 (now 2)", "e.f=unset (now null)"]
     assert downstream("pretrain") == ["pretrain", "ci", "prune", "finetune"]
     assert downstream("baseline") == ["baseline"]
+
+
+# ---------------------------------------------------------------- the user's own files
+
+@pytest.mark.parametrize("name", ["config.json", "report.md", "summary.json", "plan.json",
+                                  "metrics.jsonl", "plots/channels_kept.png",
+                                  "checkpoints/pretrain.pt"])
+def test_run_never_touches_the_users_files(tmp_path, capsys, name):
+    """`run --out .` in a project holding its own file of a pccfast name refuses, naming it,
+    before anything is written; the file is unchanged."""
+    own = tmp_path / name
+    own.parent.mkdir(parents=True, exist_ok=True)
+    own.write_text('{"project": "mine"}\n')
+    assert main(["run", *FLAGS, "--out", str(tmp_path)]) == 2
+    err = _error(capsys)
+    assert f"{own} is not a file pccfast wrote" in err and "another --out" in err
+    assert own.read_text() == '{"project": "mine"}\n'
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")
+                  if p.is_file()) == [name]
+
+
+@pytest.mark.parametrize("command", ["train", "prune", "report"])
+def test_stage_commands_name_a_foreign_config(tmp_path, capsys, command):
+    (tmp_path / "config.json").write_text('{"model": "mine", "lr": 3}\n')
+    assert main([command, "--out", str(tmp_path), "--no-progress"]) == 2
+    assert f"{tmp_path / 'config.json'} is not a file pccfast wrote" in _error(capsys)
+    assert (tmp_path / "config.json").read_text() == '{"model": "mine", "lr": 3}\n'
+
+
+def test_a_broken_pccfast_config_is_named(run, capsys):
+    tree = json.loads((run / "config.json").read_text())
+    tree["model"]["colour"] = "red"
+    (run / "config.json").write_text(json.dumps(tree))
+    assert main(["train", "--out", str(run), "--no-progress"]) == 2
+    err = _error(capsys)
+    assert f"{run / 'config.json'}: config [model] has no key 'colour'" in err
+
+
+def test_run_folders_claim_their_files_and_keep_others(run, capsys):
+    """A finished run claimed its files (its manifest); a folder from before manifests (a whole
+    pccfast config.json) is adopted; the user's other files stay."""
+    manifest = json.loads((run / ".pccfast-files.json").read_text())
+    assert {"config.json", "report.md", "stages.json", "plan.json"} <= set(manifest["files"])
+    (run / ".pccfast-files.json").unlink()  # as an older pccfast left it
+    (run / "notes.md").write_text("mine")
+    assert main(["report", "--out", str(run)]) == 0
+    assert (run / "notes.md").read_text() == "mine"
+    assert RunFolder(run).foreign() == []
+
+
+def test_report_of_an_empty_folder_is_refused(tmp_path, capsys):
+    assert main(["report", "--out", str(tmp_path)]) == 2
+    assert "holds no pccfast run" in _error(capsys)
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- data replaced under a run
+
+def _digits_npz(path, flip: bool = False):
+    """The bundled digits as an npz file; ``flip``: the same shapes, other images."""
+    import numpy as np
+
+    from pccfast.data import load_data
+
+    data = load_data("digits", train_limit=128, test_limit=32, seed=0)
+    x_train = data.train.images.permute(0, 2, 3, 1).numpy()
+    x_test = data.test.images.permute(0, 2, 3, 1).numpy()
+    if flip:
+        x_train, x_test = x_train[:, :, ::-1].copy(), x_test[:, :, ::-1].copy()
+    np.savez(path, x_train=x_train, y_train=data.train.labels.numpy(), x_test=x_test,
+             y_test=data.test.labels.numpy())
+    return path
+
+
+def test_data_replaced_under_a_run_is_refused(tmp_path, capsys):
+    """Same path, same shapes, other images: --resume and the later stages refuse, naming the
+    file; a finished stage is never reported done on data it never saw."""
+    npz = _digits_npz(tmp_path / "digits.npz")
+    out = tmp_path / "run"
+    flags = [f for f in FLAGS if f != "digits"]
+    flags[flags.index("--data") + 1:flags.index("--data") + 1] = [f"npz:{npz}"]
+    assert main(["train", *flags, "--out", str(out)]) == 0
+    settings = json.loads((out / "stages.json").read_text())["pretrain"]["settings"]
+    assert settings["data.file:digits.npz"].startswith("sha256 ")
+    capsys.readouterr()
+    _digits_npz(npz, flip=True)
+    assert main(["run", "--resume", "--out", str(out), "--no-progress"]) == 2
+    err = _error(capsys)
+    assert "cannot resume" in err and "data.file:digits.npz=" in err
+    assert main(["ci", "--out", str(out), "--no-progress"]) == 2
+    assert "made with other settings: data.file:digits.npz=" in _error(capsys)
+    _digits_npz(npz)  # the original bytes again (a newer modification time)
+    assert main(["ci", "--out", str(out), "--no-progress"]) == 0
+
+
+def test_data_stamps(tmp_path):
+    """Content for files (a new modification time alone is no change), modification times for
+    image folders' class folders; records made before stamps still compare equal."""
+    import os
+
+    from pccfast.data.stamps import data_stamps
+
+    npz = _digits_npz(tmp_path / "d.npz")
+    first = data_stamps(f"npz:{npz}")
+    os.utime(npz, (1e9, 1e9))
+    assert data_stamps(f"npz:{npz}") == first
+    with open(npz, "r+b") as f:
+        f.seek(200)
+        byte = f.read(1)
+        f.seek(200)
+        f.write(bytes([byte[0] ^ 1]))
+    assert data_stamps(f"npz:{npz}") != first
+    assert data_stamps("digits") == {}
+    root = tmp_path / "images"
+    for split in ("train", "val"):
+        for cls in ("cat", "dog"):
+            (root / split / cls).mkdir(parents=True)
+            os.utime(root / split / cls, (1e9, 1e9))
+    before = data_stamps(f"imagefolder:{root}")
+    assert set(before) >= {"data.file:train/cat/", "data.file:val/dog/"}
+    os.utime(root / "train" / "dog", (2e9, 2e9))  # (what adding an image does)
+    assert data_stamps(f"imagefolder:{root}") != before
+    current = stage_settings(RunConfig().to_dict(), "ci", None, first)
+    legacy = {k: v for k, v in current.items() if not k.startswith("data.file")}
+    assert differences(legacy, current) == []
+    assert differences({**legacy, "data.file:d.npz": "sha256 0"}, current) != []
+
+
+def test_a_stage_run_from_python_never_touches_the_users_files(tmp_path):
+    """Pipeline (no CLI): a stage claims what it removes and rewrites before touching it."""
+    from pccfast.pipeline import Pipeline
+
+    own = tmp_path / "plan.json"
+    own.write_text("mine")
+    with pytest.raises(ValueError, match=f"{own} is not a file pccfast wrote"):
+        RunFolder(tmp_path).invalidate("prune")
+    with pytest.raises(ValueError, match=f"{own} is not a file pccfast wrote"):
+        Pipeline(RunConfig(), tmp_path).folder.clear()
+    assert own.read_text() == "mine"
+
+
+def test_a_full_disk_is_one_line_naming_the_file(tmp_path, monkeypatch, capsys):
+    import errno
+    import os
+
+    class Full:
+        def __init__(self, f):
+            self._f = f
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self._f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self._f.__exit__(*exc)
+
+    real = os.fdopen
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode: Full(real(fd, mode)))
+    assert main(["train", *FLAGS, "--out", str(tmp_path / "run")]) == 2
+    err = _error(capsys)
+    assert f"no space left on device: cannot write {tmp_path / 'run'}" in err

@@ -9,7 +9,7 @@ import pytest
 
 from pccfast.study import Study, StudyConfig, StudyError
 from pccfast.study import report as study_report
-from pccfast.study.runner import Key, read_rows
+from pccfast.study.runner import PCC_STEP_COST, Key, read_rows
 
 TINY = {
     "data": {"spec": "digits", "workers": 0, "train_limit": 400, "test_limit": 200},
@@ -93,7 +93,8 @@ def test_more_targets_reuse_the_pretrained_models(finished, tmp_path, monkeypatc
     done = {Key.of(r) for r in read_rows(out / "study.csv")}
     for arm, seed in study.pairs():  # 3 criteria x the 0.7 cell (BN and test images, 30% left)
         assert study._units(arm, seed, done) == pytest.approx(3 * (128 + 200) * 0.3 / 3)
-        pretraining = 1 * 400 * (1.0 if arm.name == "no_pcc" else 1.2)  # epochs x images x PCC
+        # epochs x images x the cost of a PCC step
+        pretraining = 1 * 400 * (1.0 if arm.name == "no_pcc" else PCC_STEP_COST)
         fresh = Study(grown, tmp_path / "new")._units(arm, seed)  # no pre-trained model there
         assert fresh == pytest.approx(study._units(arm, seed) + pretraining)
     run(grown, out)
@@ -141,16 +142,16 @@ def test_tables_are_mean_and_spread_over_seeds(finished):
     accs = [float(r["acc"]) for r in rows
             if (r["arm"], r["criterion"], r["target"], r["stage"]) == ("pcc", "ci", "0.500000", "finetuned")]
     assert len(accs) == 2
-    mean, std = stats[("finetuned", "pcc", "ci", 0.5)]["acc"]
+    mean, std = stats[("finetuned", "pcc", "adaptive", "ci", 0.5)]["acc"]
     assert mean == pytest.approx(statistics.mean(accs), rel=1e-12)
     assert std == pytest.approx(statistics.stdev(accs), rel=1e-12)
     text = (finished / "study.md").read_text()
     cell = f"{100 * mean:.2f} ± {100 * std:.2f} (2)"
-    fine = text[text.index("## Accuracy after fine-tuning"):]
+    fine = text[text.index("## Test accuracy after fine-tuning"):]
     row = next(line for line in fine.splitlines() if line.startswith("| pcc / ci |"))
     assert cell in row  # one row per arm x criterion, one column per target
     assert "**" in text  # the best of each target
-    assert (finished / "plots" / "arms_by_criterion.png").stat().st_size > 0
+    assert (finished / "plots" / "paired_differences.png").stat().st_size > 0
 
 
 def test_arms_are_compared_with_the_first_one_seed_by_seed(finished):
@@ -159,15 +160,18 @@ def test_arms_are_compared_with_the_first_one_seed_by_seed(finished):
            for r in rows if r["acc"] != ""}
     diffs = [acc[("pcc", s, "l1", "0.500000", "finetuned")] - acc[("no_pcc", s, "l1", "0.500000",
                                                                     "finetuned")] for s in "01"]
-    got = study_report.paired_differences(rows, "no_pcc")[("finetuned", "pcc", "l1", 0.5)]
-    assert got["n"] == 2
-    assert got["acc"][0] == pytest.approx(statistics.mean(diffs), rel=1e-12, abs=1e-15)
-    assert got["acc"][1] == pytest.approx(statistics.stdev(diffs), rel=1e-12, abs=1e-15)
+    got = study_report.paired_differences(rows, "no_pcc")[("finetuned", "pcc", "adaptive", "l1",
+                                                            0.5)]
+    assert got.n == 2
+    assert got.mean == pytest.approx(statistics.mean(diffs), rel=1e-12, abs=1e-15)
+    assert got.sd == pytest.approx(statistics.stdev(diffs), rel=1e-12, abs=1e-15)
     assert not any(key[1] == "no_pcc" for key in study_report.paired_differences(rows, "no_pcc"))
     text = (finished / "study.md").read_text()
-    part = text[text.index("## Each arm minus no_pcc, same seed: after fine-tuning"):]
-    row = next(line for line in part.splitlines() if line.startswith("| pcc / l1 |"))
-    assert f"{100 * got['acc'][0]:+.2f} ± {100 * got['acc'][1]:.2f} (2)" in row
+    part = text[text.index("## Each arm minus no_pcc, paired by seed"):]
+    part = part[part.index("### After fine-tuning"):]
+    row = next(line for line in part.splitlines() if line.startswith("| pcc / l1 | 50.0% |"))
+    assert f"| {100 * got.mean:+.2f} | [{100 * got.low:+.2f}, {100 * got.high:+.2f}] |" in row
+    assert text.index("## Primary endpoint") < text.index("## Each arm minus")
 
 
 @pytest.mark.parametrize("change, message", [

@@ -85,3 +85,58 @@ def test_data_criteria_need_a_loader():
         CIImportance(_model(), None, input_size=SIZE)
     imp = CIImportance(_model(), None, criterion="random", input_size=SIZE, seed=3)
     assert set(imp.scores) and all(s.dtype == torch.float64 for s in imp.scores.values())
+
+
+# ---------------------------------------------------------------- misuse
+
+def _small():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 10)).eval()
+
+
+def _small_loader():
+    g = torch.Generator().manual_seed(2)
+    return [torch.randn(4, 3, 11, 13, generator=g) for _ in range(2)]
+
+
+def test_another_model_is_refused():
+    """Scores of A, a pruner on a copy of A: nothing would be pruned, silently."""
+    import copy
+
+    model = _small()
+    imp = CIImportance(model, _small_loader(), max_images=8)
+    other = copy.deepcopy(model)
+    pruner = tp.pruner.MetaPruner(other, torch.randn(1, 3, 11, 13), importance=imp,
+                                  pruning_ratio=0.5, ignored_layers=[other[8]])
+    with pytest.raises(ValueError, match="are not its modules: the pruner prunes another model"):
+        pruner.step()
+    assert other[0].out_channels == 8
+
+
+def test_a_conv_replaced_after_scoring_is_refused():
+    model = _small()
+    imp = CIImportance(model, _small_loader(), max_images=8)
+    model[3] = torch.nn.Conv2d(8, 8, 3, padding=1)
+    pruner = tp.pruner.MetaPruner(model, torch.randn(1, 3, 11, 13), importance=imp,
+                                  pruning_ratio=0.5, ignored_layers=[model[8]])
+    with pytest.raises(ValueError, match="CIImportance scored 3, but 3 was replaced since"):
+        pruner.step()
+
+
+def test_global_pruning_needs_normalize():
+    model = _small()
+    imp = CIImportance(model, _small_loader(), max_images=8)
+    pruner = tp.pruner.MetaPruner(model, torch.randn(1, 3, 11, 13), importance=imp,
+                                  pruning_ratio=0.5, global_pruning=True,
+                                  ignored_layers=[model[8]])
+    with pytest.raises(ValueError, match="pass normalize=True"):
+        pruner.step()
+    imp = CIImportance(model, _small_loader(), max_images=8, normalize=True)
+    pruner = tp.pruner.MetaPruner(model, torch.randn(1, 3, 11, 13), importance=imp,
+                                  pruning_ratio=0.5, global_pruning=True,
+                                  ignored_layers=[model[8]])
+    pruner.step()
+    assert model[0].out_channels + model[3].out_channels == 8

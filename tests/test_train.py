@@ -289,9 +289,9 @@ def test_bn_images_setting_is_checked_and_keeps_the_criterion():
     from pccfast.pipeline.config import RunConfig
 
     cfg = RunConfig.from_dict({"prune": {"rates": "[0.5]*12", "bn_images": 64}})
-    assert cfg.prune.bn_images == 64 and cfg.prune.criterion == {"rates": "[0.5]*12"}
+    assert cfg.prune.bn_images == 64 and cfg.prune.budget == {"rates": "[0.5]*12"}
     cfg = RunConfig.from_dict({"prune": {"bn_images": 32}}, base=cfg)
-    assert cfg.prune.criterion == {"rates": "[0.5]*12"}  # not cleared by a non-criterion key
+    assert cfg.prune.budget == {"rates": "[0.5]*12"}  # not cleared by a non-budget key
     for bad in (-1, 2.5, True):
         with pytest.raises(ValueError, match="prune.bn_images must be a non-negative integer"):
             RunConfig.from_dict({"prune": {"bn_images": bad}})

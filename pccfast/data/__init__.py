@@ -50,6 +50,7 @@ class ArraySplits:
     flip: bool
     mean: tuple = field(default=())
     std: tuple = field(default=())
+    val: ImageArrays | None = None  # held-out training images (load_data's val_images)
 
     def __post_init__(self):
         if not self.mean:
@@ -72,6 +73,16 @@ class ArraySplits:
                            device=device, rank=rank, world_size=world_size,
                            channels_last=channels_last)
 
+    def val_loader(self, batch_size, *, device="cpu", rank=0, world_size=1, channels_last=False,
+                   workers=0):
+        """The held-out training images (``val_images`` of load_data), without augmentation."""
+        if self.val is None:
+            raise ValueError("this dataset has no validation split: load it with val_images=N "
+                             "(config: [data] val_images)")
+        return ArrayLoader(self.val, batch_size, train=False, mean=self.mean, std=self.std,
+                           device=device, rank=rank, world_size=world_size,
+                           channels_last=channels_last)
+
     def calibration_loader(self, images, batch_size, *, seed=0, device="cpu", rank=0,
                            world_size=1, channels_last=False, workers=0):
         """``images`` seeded-random training images without augmentation, in a fixed order
@@ -84,7 +95,8 @@ class ArraySplits:
 
     def describe(self) -> str:
         c, h, w = self.train.images.shape[1:]
-        return (f"{self.name}: {len(self.train)} train / {len(self.test)} test images of "
+        val = f" / {len(self.val)} validation" if self.val is not None else ""
+        return (f"{self.name}: {len(self.train)} train{val} / {len(self.test)} test images of "
                 f"{c}x{h}x{w}, {self.num_classes} classes")
 
 
@@ -143,21 +155,28 @@ def _augment_settings(augment: str, default_pad: int, default_flip: bool, pad: i
 
 def load_data(spec: str, *, train_limit: int | None = None, test_limit: int | None = None,
               seed: int = 0, download: bool = False, augment: str = "auto", pad: int | None = None,
-              crop: int = 224):
+              crop: int = 224, val_images: int = 0):
     """Loads the dataset ``spec`` names (see the module docstring).
 
     train_limit / test_limit keep a seeded random subset of that many images (for quick runs
-    on class-sorted files). augment: "auto" (the dataset's usual: crop for digits, crop+flip
+    on class-sorted files); val_images then holds out a seeded random subset of the remaining
+    training images as a validation split (``.val``, ``val_loader``). augment: "auto" (the dataset's usual: crop for digits, crop+flip
     for colour images), "none", "crop" or "crop+flip"; pad: the crop padding in pixels.
     Raises FileNotFoundError for missing data and DataError (a ValueError) for malformed data.
     """
     kind, path = parse_spec(spec)
+    if isinstance(val_images, bool) or not isinstance(val_images, int) or val_images < 0:
+        raise ValueError(f"val_images must be a non-negative integer, got {val_images!r}")
     for name, value in (("train_limit", train_limit), ("test_limit", test_limit)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
             raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
     if kind == "imagefolder":
         from .imagefolder import load_imagefolder
 
+        if val_images:
+            raise ValueError("val_images: a validation split is supported for array datasets "
+                             "(digits, cifar10, npz), not for imagefolder data (give it its own "
+                             "val folder)")
         if augment not in ("auto", "crop+flip"):
             raise ValueError("imagefolder data uses RandomResizedCrop + flip; augment must be 'auto'")
         train, plain, test, classes = load_imagefolder(path, crop)
@@ -193,11 +212,26 @@ def load_data(spec: str, *, train_limit: int | None = None, test_limit: int | No
         h = int(train.images.shape[2])
         default_pad, default_flip = max(1, h // 8), int(train.images.shape[1]) == 3
     num_classes = check_pair(train, test, len(classes) if classes else None)
+    val = None
+    if val_images:
+        train, val = _split(train, val_images, seed)
     if not classes:
         classes = tuple(str(c) for c in range(num_classes))
     pad, flip = _augment_settings(augment, default_pad, default_flip, pad)
     name = kind if path is None else f"{kind}:{path}"
-    return ArraySplits(name, train, test, num_classes, tuple(classes), pad, flip)
+    return ArraySplits(name, train, test, num_classes, tuple(classes), pad, flip, val=val)
+
+
+def _split(train, val_images: int, seed: int):
+    """(the rest, ``val_images`` seeded-random images of ``train``), each in file order."""
+    import torch
+
+    if val_images >= len(train):
+        raise ValueError(f"val_images={val_images} leaves no training images (the training set "
+                         f"has {len(train)})")
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed + 1))
+    return (train.subset(order[val_images:].sort().values),
+            train.subset(order[:val_images].sort().values))
 
 
 __all__ = ["ArrayLoader", "ArraySplits", "DataError", "FolderLoader", "FolderSplits",

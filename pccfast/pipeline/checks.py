@@ -9,22 +9,12 @@ Everything here reads; nothing is written (the run folder is checked by the CLI 
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 
 from ..models._common import eval_mode, load_state_checked
+from ..plotting import plots_missing
 
 TRAINING_COMMANDS = ("run", "demo", "train")  # commands whose first stage is (pre-)training
-
-
-def plots_missing() -> str | None:
-    """Why report.md would have no plots (matplotlib missing), else None."""
-    try:
-        found = importlib.util.find_spec("matplotlib") is not None
-    except (ImportError, ValueError):
-        found = False
-    return None if found else "matplotlib is not installed (pip install matplotlib)"
 
 
 def check_run(pipe, command: str, resume: bool = False) -> list[str]:
@@ -38,10 +28,10 @@ def check_run(pipe, command: str, resume: bool = False) -> list[str]:
     if command not in TRAINING_COMMANDS:
         return notes
     from ..ops.backends import resolve
-    from .stages import build_model, load_init
+    from .steps import load_init, model_for_data
 
     cfg, data, env = pipe.cfg, pipe.data, pipe.env
-    model = build_model(cfg, data.num_classes, in_channels=data.input_size[1])
+    model = model_for_data(cfg, data)
     _check_forward(model, cfg.model.name, data)
     if cfg.model.init:
         load_init(model, cfg.model.init)
@@ -56,7 +46,7 @@ def check_run(pipe, command: str, resume: bool = False) -> list[str]:
     _check_batches("pretrain", cfg.pretrain, data, env, model)
     if command != "train":  # (`pccfast train` alone neither prunes nor fine-tunes)
         _check_batches("finetune", cfg.finetune, data, env, model)
-        _check_criterion(model, data.input_size, cfg.prune.criterion)
+        check_budget(model, data.input_size, cfg.prune.budget)
     return notes
 
 
@@ -108,20 +98,20 @@ def _check_batches(name: str, train_cfg, data, env, model) -> None:
                          "the model's BatchNorm layers need at least 2")
 
 
-def _check_criterion(model, input_size, criterion: dict) -> None:
+def check_budget(model, input_size, budget: dict) -> None:
     """A rate list of the model's length; a budget that pruning can reach (removing all but
     one channel of every prunable layer is the most it can do)."""
     from ..prune.graph import build_graph
     from ..prune.plan import BUDGET_TOLERANCE, keep_from_rates
 
     graph = build_graph(model, input_size)
-    if "rates" in criterion:
+    if "rates" in budget:
         try:
-            keep_from_rates(graph, criterion["rates"])
+            keep_from_rates(graph, budget["rates"])
         except ValueError as exc:
             raise ValueError(f"prune.{exc}") from exc
     for metric in ("flops", "params"):
-        target = criterion.get(f"target_{metric}")
+        target = budget.get(f"target_{metric}")
         if target is None:
             continue
         before = graph.cost({})[metric]

@@ -3,7 +3,8 @@
 A config is data (TOML sections mirroring the dataclasses below); unknown keys are errors that
 name the section and the keys it knows.
 
-    [data]      spec, train_limit, test_limit, download, augment, pad, crop, workers
+    [data]      spec, train_limit, test_limit, val_images, download, augment, pad, crop,
+                workers
     [model]     name (a zoo name or "package.module:factory"), width, init
     [pretrain]  TrainConfig fields (epochs, batch_size, lr, warmup_epochs, amp, ...)
     [pcc]       weight, mode, orientation, group, penalty, backend
@@ -36,6 +37,7 @@ class DataSection:
     pad: int | None = None
     crop: int = 224
     workers: int = 4
+    val_images: int = 0  # training images held out for choices (the test set: final numbers)
 
     def __post_init__(self):
         from ..data import AUGMENTS, parse_spec
@@ -43,6 +45,7 @@ class DataSection:
         parse_spec(self.spec)
         _check_int("data.train_limit", self.train_limit, 1, optional=True)
         _check_int("data.test_limit", self.test_limit, 1, optional=True)
+        _check_int("data.val_images", self.val_images, 0)
         _check_bool("data.download", self.download)
         if self.augment not in AUGMENTS:
             raise ValueError(f"data.augment must be one of {AUGMENTS}, got {self.augment!r}")
@@ -110,8 +113,9 @@ class PruneSection:
             _check_rates_syntax(self.rates)
 
     @property
-    def criterion(self) -> dict:
-        """The one keyword for pccfast.prune (rates=, tau=, target_flops= or target_params=)."""
+    def budget(self) -> dict:
+        """How much to prune: the one keyword for pccfast.prune (rates=, tau=, target_flops= or
+        target_params=); empty when none is set. (Which channels: ci.criterion.)"""
         return {k: getattr(self, k) for k in PRUNE_KEYS if getattr(self, k) is not None}
 
 
@@ -163,7 +167,7 @@ class RunConfig:
                         f"config [{section}] has no key {key!r} (known: {', '.join(current[section])})"
                     )
                 if section == "prune" and key in PRUNE_KEYS and value is not None:
-                    for other in PRUNE_KEYS:  # one criterion: setting one clears the others
+                    for other in PRUNE_KEYS:  # one budget: setting one clears the others
                         current[section][other] = None
                 current[section][key] = value
         return cls._build(current)

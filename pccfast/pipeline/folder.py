@@ -12,8 +12,12 @@
     DIR/checkpoints/      one training checkpoint per stage (for --resume)
     DIR/stages.json       per finished stage: the settings its outputs were made with (records.py)
     DIR/report.md         the report, with its plots in DIR/plots/*.png
+    DIR/.pccfast-files.json   the names above that pccfast claimed here (its files)
 
-A fresh run (:meth:`RunFolder.clear`) removes only these files, never anything else in DIR.
+A fresh run (:meth:`RunFolder.clear`) removes only these files, never anything else in DIR. A
+file of one of these names that pccfast did not claim (``--out .`` in a project with its own
+``config.json``) is the user's: a command that would write or remove it refuses
+(:meth:`RunFolder.claim`), naming it.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import json
 import time
 from pathlib import Path
 
-from ..atomic import atomic_write_text
+from ..atomic import atomic_write_text, no_space
 from .config import save_json
 from .records import STAGES, downstream, fingerprint
 
@@ -42,6 +46,12 @@ STAGE_SUMMARY = {
 }
 REPORT_FILES = ("report.md", "plots/training_curves.png", "plots/ci_distribution.png",
                 "plots/channels_kept.png")
+MANIFEST = ".pccfast-files.json"
+MANIFEST_FORMAT = "pccfast-run-folder"
+# every name pccfast writes or removes in a run folder
+OWNED_FILES = (("config.json", "summary.json", "metrics.jsonl", "stages.json")
+               + tuple(name for s in STAGES for name in STAGE_FILES[s])
+               + tuple(f"checkpoints/{s}.pt" for s in STAGES) + REPORT_FILES)
 
 
 class RunFolder:
@@ -74,6 +84,53 @@ class RunFolder:
         return self.out / {"baseline": "baseline.pt", "pretrain": "pretrained.pt",
                            "prune": "pruned.pt", "finetune": "finetuned.pt"}[stage]
 
+    # ------------------------------------------------------------ whose files
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.out / MANIFEST
+
+    def claimed(self) -> set[str]:
+        """The names pccfast claimed here. A folder without a manifest whose config.json is a
+        whole pccfast config was written before manifests existed: all its names are pccfast's."""
+        if self.manifest_path.is_file():
+            try:
+                data = json.loads(self.manifest_path.read_text())
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{self.manifest_path} is not valid JSON ({exc})") from exc
+            if not (isinstance(data, dict) and data.get("format") == MANIFEST_FORMAT
+                    and isinstance(data.get("files"), list)):
+                raise ValueError(f"{self.manifest_path} is not a pccfast run-folder manifest")
+            return {str(name) for name in data["files"]}
+        return set(OWNED_FILES) if _is_run_config(self.config_path) else set()
+
+    def foreign(self, names=OWNED_FILES) -> list[str]:
+        """Those of ``names`` that exist here and that pccfast did not claim (the user's)."""
+        present = [n for n in names if self.path(n).exists()]
+        if not present:
+            return []
+        mine = self.claimed()
+        return [n for n in present if n not in mine]
+
+    def refuse_foreign(self, names=OWNED_FILES) -> None:
+        """Raises ValueError naming the first of ``names`` that exists here and is the user's."""
+        theirs = self.foreign(names)
+        if theirs:
+            raise ValueError(
+                f"--out {self.out}: {self.path(theirs[0])} is not a file pccfast wrote (no record "
+                f"in {self.manifest_path}), and pccfast would overwrite or remove it; use another "
+                f"--out (e.g. runs/NAME), or move {theirs[0]} away"
+                + (f" (also: {', '.join(theirs[1:])})" if len(theirs) > 1 else ""))
+
+    def claim(self, names=OWNED_FILES) -> None:
+        """Records ``names`` as pccfast's (before they are written, so that a crash leaves none
+        unclaimed); refuses, naming the file, when one of them exists and is the user's."""
+        self.refuse_foreign(names)
+        mine = self.claimed()
+        if not set(names) <= mine or not self.manifest_path.is_file():
+            save_json(self.manifest_path, {"format": MANIFEST_FORMAT,
+                                           "files": sorted(mine | set(names))})
+
     # ------------------------------------------------------------ config and summary
 
     def read_config(self) -> dict | None:
@@ -85,6 +142,7 @@ class RunFolder:
             raise ValueError(f"{self.config_path} is not valid JSON ({exc})") from exc
 
     def write_config(self, tree: dict) -> None:
+        self.claim(("config.json",))
         save_json(self.config_path, tree)
 
     def read_summary(self) -> dict:
@@ -102,6 +160,7 @@ class RunFolder:
         summary.update(fields)
         if seconds:
             summary["seconds"] = {**summary.get("seconds", {}), **seconds}
+        self.claim(("summary.json",))
         save_json(self.summary_path, summary)
         return summary
 
@@ -109,10 +168,14 @@ class RunFolder:
 
     def log_metrics(self, record: dict) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
+        self.claim(("metrics.jsonl",))
         line = json.dumps({**record, "time": round(time.time(), 3)})
-        with open(self.metrics_path, "a") as f:
-            f.write(line + "\n")
-            f.flush()
+        try:
+            with open(self.metrics_path, "a") as f:
+                f.write(line + "\n")
+                f.flush()
+        except OSError as exc:
+            raise no_space(exc, self.metrics_path) or exc
 
     def read_metrics(self) -> list[dict]:
         """Every record, the last one kept per (stage, epoch) (a resumed epoch is logged twice)."""
@@ -154,14 +217,19 @@ class RunFolder:
         """Marks ``stage`` finished, made with ``settings`` (the last write of a stage)."""
         records = self.read_records()
         records[stage] = {"fingerprint": fingerprint(settings), "settings": settings}
+        self.claim(("stages.json",))
         save_json(self.records_path, records)
 
     def invalidate(self, stage: str, keep_checkpoint: bool = False) -> None:
         """Removes the outputs of ``stage`` and of every stage reading from it, and the report.
 
         Their records go first: a crash half-way leaves files without a record, which no stage
-        reads. keep_checkpoint: keep ``stage``'s checkpoint and metrics (it resumes)."""
+        reads. keep_checkpoint: keep ``stage``'s checkpoint and metrics (it resumes). Claims
+        the files it removes and the stages rewrite (refusing a user's file of their names)."""
         stages = downstream(stage)
+        self.claim(("summary.json", "metrics.jsonl", "stages.json")
+                   + tuple(n for s in stages for n in STAGE_FILES[s])
+                   + tuple(f"checkpoints/{s}.pt" for s in stages) + REPORT_FILES)
         records = self.read_records()
         if any(s in records for s in stages):
             save_json(self.records_path, {k: v for k, v in records.items() if k not in stages})
@@ -183,7 +251,26 @@ class RunFolder:
 
     def clear(self) -> None:
         """Removes every file pccfast writes here except config.json (a fresh run)."""
+        self.claim()
         for stage in STAGES:
             self.invalidate(stage)
         for path in (self.summary_path, self.metrics_path, self.records_path):
             path.unlink(missing_ok=True)
+
+
+def _is_run_config(path: Path) -> bool:
+    """Whether ``path`` is a config.json as pccfast writes it: RunConfig sections only, among
+    them the five every pccfast version wrote."""
+    import dataclasses
+
+    from .config import RunConfig
+
+    if not path.is_file():
+        return False
+    try:
+        tree = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        return False
+    sections = {f.name for f in dataclasses.fields(RunConfig)}
+    return (isinstance(tree, dict) and {"data", "model", "pretrain", "prune", "run"} <= set(tree)
+            <= sections and all(isinstance(v, dict) for v in tree.values()))

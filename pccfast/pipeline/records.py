@@ -2,7 +2,8 @@
 
 A stage's *settings* are the config values its outputs depend on: the data and model settings,
 run.seed, its own section(s), and those of the stages it reads from (ci reads the pretrained
-model, prune the CI scores, finetune the pruned model), plus the SHA-256 of model.init's file.
+model, prune the CI scores, finetune the pruned model), plus the SHA-256 of model.init's file
+and a stamp of every data file (``data.file:NAME``: pccfast.data.stamps).
 Each finished stage records them, and their hash (the *fingerprint*), in DIR/stages.json; its
 training checkpoint carries them too. Settings that change speed, not results, are left out.
 
@@ -55,10 +56,12 @@ def _plain(value):
     return value
 
 
-def stage_settings(tree: dict, stage: str, init_digest: str | None = None) -> dict:
+def stage_settings(tree: dict, stage: str, init_digest: str | None = None,
+                   data_stamps: dict | None = None) -> dict:
     """The flat ``{"section.key": value}`` settings ``stage``'s outputs depend on.
 
-    tree: RunConfig.to_dict(); init_digest: SHA-256 of model.init's file (None: no file)."""
+    tree: RunConfig.to_dict(); init_digest: SHA-256 of model.init's file (None: no file);
+    data_stamps: pccfast.data.stamps.data_stamps of data.spec (every stage reads the data)."""
     sections = list(COMMON_SECTIONS)
     for s in chain(stage):
         sections += [x for x in OWN_SECTIONS[s] if x not in sections]
@@ -70,6 +73,7 @@ def stage_settings(tree: dict, stage: str, init_digest: str | None = None) -> di
                 flat[name] = _plain(value)
     if init_digest is not None:
         flat[INIT_DIGEST] = init_digest
+    flat.update(data_stamps or {})
     return flat
 
 
@@ -82,10 +86,16 @@ def differences(recorded: dict, current: dict) -> list[str]:
     """``["pretrain.epochs=2 (now 6)", ...]``; empty when the settings agree.
 
     A model.init digest the current settings lack (the file is gone since) is not a difference:
-    only pre-training reads that file."""
+    only pre-training reads that file. Nor are data stamps a record lacks altogether (made by a
+    pccfast without them)."""
+    from ..data.stamps import is_stamp
+
+    unstamped = not any(is_stamp(k) for k in recorded)
     out = []
     for key in sorted(set(recorded) | set(current)):
         if key == INIT_DIGEST and key not in current:
+            continue
+        if unstamped and is_stamp(key):
             continue
         was, now = recorded.get(key, _UNSET), current.get(key, _UNSET)
         if was != now:

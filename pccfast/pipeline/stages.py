@@ -16,22 +16,22 @@ dict, read with ``weights_only=True``, so nothing in a run folder is unpickled.
 
 from __future__ import annotations
 
-import importlib
 import time
 from pathlib import Path
 
 import torch
 
-from ..io import read_torch_file
-from ..models._common import RECIPE_ATTRIBUTE, load_state_checked, record_description
+from ..models._common import RECIPE_ATTRIBUTE
 from ..train import distributed as dist_utils
-from ..train.checkpoint import atomic_torch_save, load_checkpoint
+from ..train.checkpoint import load_checkpoint
 from ..train.distributed import DistEnv
-from ..train.loop import evaluate, fit
+from ..train.loop import fit
+from . import steps
 from .config import RunConfig, save_json
 from .folder import STAGE_FILES, RunFolder
 from .records import (COMMAND, STAGES, chain, differences, downstream, file_digest,
                       fingerprint, stage_settings)
+from .steps import build_model, count, initial_model, load_init, removed  # noqa: F401 (API)
 
 TRAINED = ("baseline", "pretrain", "finetune")  # the stages with checkpoints
 NEEDS = {"ci": ("pretrain",), "prune": ("pretrain", "ci"), "finetune": ("prune",)}
@@ -39,53 +39,6 @@ NEEDS = {"ci": ("pretrain",), "prune": ("pretrain", "ci"), "finetune": ("prune",
 
 class StageError(RuntimeError):
     """A stage cannot start: an earlier stage's output is missing."""
-
-
-def build_model(cfg: RunConfig, num_classes: int, in_channels: int = 3) -> torch.nn.Module:
-    """A zoo model by name, or ``package.module:factory`` called as factory(num_classes=, width=,
-    and in_channels= for images that are not RGB). in_channels: of the data's images."""
-    kwargs = {"num_classes": num_classes}
-    if cfg.model.width is not None:
-        kwargs["width"] = cfg.model.width
-    name = cfg.model.name
-    if ":" in name:
-        module_name, _, attr = name.partition(":")
-        try:
-            factory = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as exc:
-            raise ValueError(f"model {name!r}: cannot import {attr} from {module_name} ({exc})") from exc
-        if in_channels == 3:
-            model = factory(**kwargs)
-        else:
-            try:
-                model = factory(**kwargs, in_channels=in_channels)
-            except TypeError as exc:
-                raise TypeError(f"model {name!r}: the data has {in_channels}-channel images, and "
-                                f"{attr}(..., in_channels={in_channels}) failed ({exc})") from exc
-            kwargs["in_channels"] = in_channels
-        if not isinstance(model, torch.nn.Module):
-            raise TypeError(f"model {name!r}: {attr}() returned a {type(model).__name__}, "
-                            "not a torch.nn.Module")
-        if getattr(model, RECIPE_ATTRIBUTE, None) is None:  # saved as description + weights
-            record_description(model, {"model": name, **kwargs})
-        return model
-    kwargs["in_channels"] = in_channels
-    from .. import models
-
-    if hasattr(models, "create"):
-        return models.create(name, **kwargs)
-    if not hasattr(models, name):
-        raise ValueError(f"model {name!r} is not in pccfast.models")
-    return getattr(models, name)(**kwargs)
-
-
-def load_init(model: torch.nn.Module, path: str) -> None:
-    """Loads a state dict (a file holding one, or {"state_dict": ...}) into ``model``, strictly."""
-    file = Path(path).expanduser()
-    state = read_torch_file(file, "model.init state dict")
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    load_state_checked(model, state, f"model.init {file}")
 
 
 def save_model(model: torch.nn.Module, path: Path) -> None:
@@ -101,19 +54,6 @@ def load_model(path: Path, build=None, allow_pickle: bool = False) -> torch.nn.M
     import pccfast
 
     return pccfast.load(path, allow_pickle=allow_pickle, build=build)
-
-
-def count(model: torch.nn.Module, input_size) -> dict:
-    import pccfast
-
-    model_device = next(model.parameters()).device
-    counted = pccfast.count(model, input_size=tuple(input_size))
-    model.to(model_device)
-    return {k: int(v) for k, v in dict(counted).items()}
-
-
-def removed(before: dict, after: dict, key: str) -> float:
-    return 1.0 - after[key] / before[key] if before[key] else 0.0
 
 
 class Pipeline:
@@ -137,14 +77,9 @@ class Pipeline:
     def data(self):
         """The dataset, loaded once (under DDP rank 0 first, so that it alone downloads)."""
         if self._data is None:
-            from ..data import load_data
-
-            d = self.cfg.data
-
             def load():
-                return load_data(d.spec, train_limit=d.train_limit, test_limit=d.test_limit,
-                                 seed=self.cfg.run.seed, download=d.download and self.env.is_main,
-                                 augment=d.augment, pad=d.pad, crop=d.crop)
+                return steps.load_configured_data(self.cfg, self.cfg.data.download
+                                                  and self.env.is_main)
 
             if self.env.is_main:
                 self._data = load()
@@ -161,7 +96,18 @@ class Pipeline:
 
     def settings(self, stage: str) -> dict:
         """The settings ``stage``'s outputs depend on (records.py), from this run's config."""
-        return stage_settings(self.cfg.to_dict(), stage, self._init_digest())
+        return stage_settings(self.cfg.to_dict(), stage, self._init_digest(), self._data_stamps())
+
+    def _data_stamps(self) -> dict:
+        """The data files' stamps, taken once the data is loaded (a download comes first)."""
+        if getattr(self, "_stamps", None) is None:
+            from ..data.stamps import data_stamps
+
+            stamps = data_stamps(self.cfg.data.spec)
+            if self._data is None:
+                return stamps
+            self._stamps = stamps
+        return self._stamps
 
     def _init_digest(self) -> str | None:
         if not self.cfg.model.init:
@@ -278,7 +224,7 @@ class Pipeline:
     def _build_described(self, description) -> torch.nn.Module:
         """The unpruned model of a file saved with a description, built from these settings
         (the trusted config names the code, never the file)."""
-        model = build_model(self.cfg, self.data.num_classes)
+        model = steps.model_for_data(self.cfg, self.data)
         expected = (getattr(model, RECIPE_ATTRIBUTE, None) or {}).get("external")
         if description != expected:
             raise ValueError(f"the model file was built as {description}, these settings build "
@@ -308,10 +254,7 @@ class Pipeline:
                 self.echo(f"{stage:<9} done before ({100 * results[key]:.2f}%), skipped")
                 continue
             started = time.perf_counter()
-            torch.manual_seed(self.cfg.run.seed)
-            model = build_model(self.cfg, self.data.num_classes, self.data.input_size[1])
-            if self.cfg.model.init:
-                load_init(model, self.cfg.model.init)
+            model = initial_model(self.cfg, self.data)
             pcc = None if stage == "baseline" else self.cfg.pcc
             result = self._train(stage, model, self.cfg.pretrain, pcc, resume)
             seconds = self._seconds(stage, started)
@@ -337,38 +280,20 @@ class Pipeline:
 
         Under DDP each rank scores its shard of the calibration images and the collector
         all-reduces the sums; rank 0 writes the file."""
-        import pccfast
-
         source = self._require("pretrain")
         if self.env.is_main:
             self.folder.invalidate("ci")
         started = time.perf_counter()
-        model = self._load(source).to(self.env.device).eval()
-        channels_last = self.cfg.pretrain.channels_last
-        if channels_last:
-            model.to(memory_format=torch.channels_last)
-        loader = self.data.calibration_loader(
-            self.cfg.ci.images, self.cfg.ci.batch_size, seed=self.cfg.run.seed,
-            device=self.env.device, rank=self.env.rank, world_size=self.env.world_size,
-            channels_last=channels_last, workers=self.cfg.data.workers)
         criterion = self.cfg.ci.criterion
-        collector = pccfast.ScoreCollector(model, criterion, max_images=self.cfg.ci.images,
-                                           progress=False, seed=self.cfg.run.seed)
-        try:
-            with torch.no_grad():  # (taylor turns gradients on for its own backward)
-                for batch, labels in _bar(loader, "ci", self.progress and self.env.is_main):
-                    collector.update(batch, labels)
-                    if not collector.needs_data:
-                        break  # l1, random: the first batch only tells the layers
-            scores = {name: s.detach().double().cpu() for name, s in collector.scores().items()}
-            images = int(collector.images)
-        finally:
-            collector.remove()
-        images = int(dist_utils.all_reduce_sum(torch.tensor([images], device=self.env.device)).item())
+        scores, images = steps.score_model(
+            self._load(source), self.data, criterion, images=self.cfg.ci.images,
+            batch_size=self.cfg.ci.batch_size, seed=self.cfg.run.seed, env=self.env,
+            channels_last=self.cfg.pretrain.channels_last, workers=self.cfg.data.workers,
+            progress=self.progress)
         seconds = self._seconds("ci", started)
         if self.env.is_main:
-            atomic_torch_save({"format": "pccfast-ci-scores", "images": images, "scores": scores,
-                               "criterion": criterion}, self.folder.path("ci_scores.pt"))
+            steps.save_scores(self.folder.path("ci_scores.pt"), scores, criterion, images,
+                              self.settings("ci"))
             self.folder.update_summary(seconds={"ci": seconds}, ci_images=images,
                                        ci_layers=len(scores), ci_criterion=criterion)
             self._record("ci")
@@ -378,39 +303,34 @@ class Pipeline:
 
     def read_scores(self) -> dict:
         path = self._require("ci")
-        blob = read_torch_file(path, "CI scores")
-        if not isinstance(blob, dict) or blob.get("format") != "pccfast-ci-scores":
-            raise ValueError(f"{path} is not a pccfast CI score file")
-        found, wanted = blob.get("criterion", "ci"), self.cfg.ci.criterion
-        if found != wanted:
-            raise ValueError(f"{path} holds {found} scores, but ci.criterion is {wanted}: run "
-                             f"`pccfast ci --criterion {wanted} --out {self.folder.out}` first")
-        return blob["scores"]
+        wanted = self.cfg.ci.criterion
+        scores, meta = steps.read_scores(path)
+        if meta.get("criterion", "ci") != wanted:
+            raise ValueError(f"{path} holds {meta.get('criterion')} scores, but ci.criterion is "
+                             f"{wanted}: run `pccfast ci --criterion {wanted} --out "
+                             f"{self.folder.out}` first")
+        return scores
 
     def prune(self) -> dict:
-        """Plan from the CI scores and the criterion, remove channels -> pruned.pt, plan.json."""
-        import pccfast
-
+        """A plan from the scores (ci.criterion) and the budget (prune.rates / tau / target_*),
+        then removal of the channels -> pruned.pt, plan.json."""
         source = self._require("pretrain")
         self._require("ci")
-        criterion = self.cfg.prune.criterion
-        if not criterion:
+        budget = self.cfg.prune.budget
+        if not budget:
             raise ValueError("prune needs one of --rates, --tau, --target-flops, --target-params")
         started = time.perf_counter()
         if self.env.is_main:
             self.folder.invalidate("prune")
             scores = self.read_scores()
-            model = self._load(source).eval()
-            size = self.data.input_size
-            before = count(model, size)
-            pruned, plan = pccfast.prune(model, scores, input_size=size, **criterion)
-            after = count(pruned, size)
+            pruned, plan, before, after = steps.prune_model(
+                self._load(source), scores, self.data.input_size, budget)
             save_model(pruned.cpu(), self.folder.model_path("prune"))
             save_json(self.folder.path("plan.json"),
                       {**_plan_json(plan), "criterion": self.cfg.ci.criterion})
         dist_utils.barrier()
         pruned = self._load(self.folder.model_path("prune")).to(self.env.device)
-        acc = evaluate(pruned, self._test_loader())["acc"]
+        acc = steps.accuracy(pruned, self._test_loader())
         out = {"pruned_acc": acc, "pruned_bn_acc": None}
         if self.cfg.prune.bn_images:
             out["pruned_bn_acc"] = self._accuracy_with_bn_recalibrated(pruned)
@@ -420,12 +340,12 @@ class Pipeline:
                        flops_removed=removed(before, after, "flops"),
                        params_before=before["params"], flops_before=before["flops"],
                        params_after=after["params"], flops_after=after["flops"],
-                       criterion=criterion)
+                       budget=budget)
             self.folder.update_summary(seconds={"prune": seconds}, **out)
             self._record("prune")
             bn = out["pruned_bn_acc"]
             bn_text = "" if bn is None else f", {100 * bn:.2f}% with BN statistics re-estimated"
-            self.echo(f"prune     {self.cfg.ci.criterion} scores, {_criterion_text(criterion)}: "
+            self.echo(f"prune     {self.cfg.ci.criterion} scores, {_budget_text(budget)}: "
                       f"{100 * out['params_removed']:.1f}% "
                       f"params, {100 * out['flops_removed']:.1f}% FLOPs removed; test accuracy "
                       f"{100 * acc:.2f}%{bn_text} ({seconds:.1f} s)")
@@ -440,20 +360,11 @@ class Pipeline:
     def _accuracy_with_bn_recalibrated(self, pruned) -> float:
         """Test accuracy of a copy of ``pruned`` whose BatchNorm statistics are re-estimated on
         prune.bn_images training images (other images than CI's: another seed)."""
-        import copy
-
-        from ..train import recalibrate_batchnorm
-
-        model = copy.deepcopy(pruned)
-        channels_last = self.cfg.pretrain.channels_last
-        if channels_last:
-            model.to(memory_format=torch.channels_last)
-        loader = self.data.calibration_loader(
-            self.cfg.prune.bn_images, self.cfg.ci.batch_size, seed=self.cfg.run.seed + 1,
-            device=self.env.device, rank=self.env.rank, world_size=self.env.world_size,
-            channels_last=channels_last, workers=self.cfg.data.workers)
-        recalibrate_batchnorm(model, loader)
-        return evaluate(model, self._test_loader())["acc"]
+        model = steps.reestimated(
+            pruned, self.data, images=self.cfg.prune.bn_images, batch_size=self.cfg.ci.batch_size,
+            seed=self.cfg.run.seed + 1, env=self.env,
+            channels_last=self.cfg.pretrain.channels_last, workers=self.cfg.data.workers)
+        return steps.accuracy(model, self._test_loader())
 
     def finetune(self, resume: bool = False) -> dict:
         source = self._require("prune")
@@ -492,6 +403,8 @@ class Pipeline:
             else:
                 raise StageError(f"{self.folder.out} holds no model yet: run `pccfast train` first")
         model = self._load(path, allow_pickle=trusted).to(self.env.device)
+        from ..train.loop import evaluate
+
         scores = evaluate(model, self.data.test_loader(self.cfg.finetune.batch_size,
                                                        device=self.env.device, rank=self.env.rank,
                                                        world_size=self.env.world_size,
@@ -540,17 +453,8 @@ class Pipeline:
         return self.folder.read_summary()
 
 
-def _bar(iterable, desc: str, enabled: bool):
-    import sys
-
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, desc=desc, unit="batch", leave=False, dynamic_ncols=True,
-                disable=not enabled, mininterval=0.1 if sys.stderr.isatty() else 10.0)
-
-
-def _criterion_text(criterion: dict) -> str:
-    (key, value), = criterion.items()
+def _budget_text(budget: dict) -> str:
+    (key, value), = budget.items()
     return f"{key.replace('_', ' ')} {value}"
 
 

@@ -229,6 +229,7 @@ class PruningGraph:
         self.blocks = blocks
         self._by_name = {g.name: g for g in groups}
         self.limits = ""  # what the model keeps by design (attention), for budget errors
+        self.fallback_reason = ""  # why pccfast's engine gave way to Torch-Pruning's
 
     def group(self, name: str) -> ChannelGroup:
         return self._by_name[name]
@@ -272,7 +273,9 @@ class PruningGraph:
                 reason = g.reason or "prunable"
                 counts[reason] = counts.get(reason, 0) + 1
         listed = "; ".join(f"{n} x {r}" for r, n in sorted(counts.items(), key=lambda x: -x[1]))
-        return (f"{type(self.model).__name__}'s channel groups ({self.engine} engine): "
+        first = (f"{self.fallback_reason}; so Torch-Pruning built the graph, and "
+                 if self.fallback_reason else "")
+        return (f"{first}{type(self.model).__name__}'s channel groups ({self.engine} engine): "
                 f"{listed or 'none (no conv)'}. pccfast scores the activation after a conv "
                 "(or after a pointwise Linear on a channels-last map or on tokens, as in "
                 "ConvNeXt's and transformers' MLPs)")
@@ -453,7 +456,10 @@ def build_graph(model: nn.Module, input_size=(1, 3, 32, 32), residual: str = "st
         warnings.warn(f"cannot prune through {exc.layer} ({exc.what}): {exc.why}; using "
                       "Torch-Pruning's DependencyGraph", stacklevel=2)
         try:
-            return build_tp_graph(model, input_size, residual, prune_classifier_input)
+            graph = build_tp_graph(model, input_size, residual, prune_classifier_input)
+            graph.fallback_reason = (f"pccfast's engine cannot prune through {exc.layer} "
+                                     f"({exc.what}): {exc.why}")
+            return graph
         except TorchPruningFailure as failure:
             raise UnsupportedLayerError(
                 exc.layer, exc.what, exc.why,

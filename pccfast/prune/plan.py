@@ -31,6 +31,11 @@ BUDGET_TOLERANCE = 0.005  # budgets are met to within half a percentage point
 PLAN_FORMAT = "pccfast.plan"
 PLAN_VERSION = 1
 
+
+class BudgetError(ValueError):
+    """A FLOPs or params target that no keep counts of this model meet within the tolerance."""
+
+
 MAX_RATE_ENTRIES = 100_000  # far beyond any network's prunable layers; bounds the parser
 _TOKEN = re.compile(r"\s*(?:(?P<number>\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?|(?P<op>[\[\],*+]))")
 
@@ -232,7 +237,8 @@ def keep_from_tau(score: torch.Tensor, tau: float) -> int:
 
 
 def check_scores(graph, scores, needed: list[str]) -> dict[str, torch.Tensor]:
-    """Scores as CPU float64 tensors; every group in ``needed`` present with its width."""
+    """Scores as CPU float64 tensors; every group in ``needed`` present with its width, its
+    scores finite and >= 0, and not every score 0 (such scores cannot rank channels)."""
     if not isinstance(scores, dict):
         raise TypeError(f"scores must be a dict layer name -> CI tensor (CICollector.scores()), "
                         f"got {type(scores).__name__}")
@@ -249,10 +255,28 @@ def check_scores(graph, scores, needed: list[str]) -> dict[str, torch.Tensor]:
         width = graph.group(name).width
         if value.numel() != width:
             raise ValueError(f"scores[{name!r}] has {value.numel()} values, layer has {width} channels")
-        if not bool(torch.isfinite(value).all()):
-            raise ValueError(f"scores[{name!r}] contains NaN or Inf")
+        _check_rankable(name, value)
         out[name] = value
+    if out and not any(bool(v.any()) for v in out.values()):
+        raise ValueError(f"scores are 0 for every channel of all {len(out)} layers, so they "
+                         "cannot rank channels (scores of an untrained or dead model?): collect "
+                         "them again on the trained model")
     return out
+
+
+def _check_rankable(name: str, value: torch.Tensor) -> None:
+    """Finite and non-negative: every criterion scores >= 0, a larger score keeping the channel,
+    and tau and budgets take shares of a layer's total (negative scores make that meaningless)."""
+    bad = ~torch.isfinite(value)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        raise ValueError(f"scores[{name!r}] holds {int(bad.sum())} NaN or Inf value(s) (channel "
+                         f"{i}: {float(value[i])}); scores must be finite: collect them again")
+    if bool((value < 0).any()):
+        i = int(value.argmin())
+        raise ValueError(f"scores[{name!r}] holds {int((value < 0).sum())} negative value(s) "
+                         f"(channel {i}: {float(value[i]):.6g}); scores must be >= 0, a larger "
+                         "score keeping the channel (CI, l1, hrank, taylor and random all are)")
 
 
 # ----------------------------------------------------------------------------- budgets
@@ -297,6 +321,12 @@ def keep_for_budget(graph, scores, metric: str, target: float, rates=None):
 
         removed, keep, tau = _bisect(evaluate, 0.0, 1.0, target, increasing=False)
         setting = {"tau": tau}
+        if abs(removed - target) > BUDGET_TOLERANCE:
+            # tau moves every layer at once, in steps that can exceed the tolerance on a small
+            # model: finish channel by channel, in the order tau itself would take them
+            removed, keep, moved = _refine_by_channels(graph, keep, cumulative, metric, target,
+                                                       before)
+            setting["channels_moved"] = moved
     else:
         slots = rate_layout(graph)
         base = _check_rates(rates, slots, type(graph.model).__name__)
@@ -314,16 +344,89 @@ def keep_for_budget(graph, scores, metric: str, target: float, rates=None):
 
         removed, keep, scale = _bisect(evaluate, 0.0, limit, target, increasing=True)
         setting = {"rate_scale": scale}
+        if abs(removed - target) > BUDGET_TOLERANCE:
+            # layers of one rate and width move together: finish channel by channel, in an
+            # order that depends on the graph alone (the counts stay the same for any scores)
+            removed, keep, moved = _refine_by_channels(graph, keep, None, metric, target, before)
+            setting["channels_moved"] = moved
     if abs(removed - target) > BUDGET_TOLERANCE:
         lo = evaluate(1.0 if rates is None else 0.0)[0]
         hi = evaluate(0.0 if rates is None else limit)[0]
-        raise ValueError(
+        if lo - BUDGET_TOLERANCE <= target <= hi + BUDGET_TOLERANCE:
+            why = (f"it lies within the {lo:.4f} to {hi:.4f} of its {metric} this model's "
+                   f"prunable layers allow removing, but no keep counts found come closer than "
+                   f"{removed:.4f} (one channel moves {metric} in steps too coarse here)")
+        else:
+            why = (f"this model's prunable layers allow removing {lo:.4f} to {hi:.4f} of its "
+                   f"{metric} (closest: {removed:.4f})")
+        raise BudgetError(
             f"target_{metric}={target} cannot be met within {BUDGET_TOLERANCE * 100:.1f} points: "
-            f"this model's prunable layers allow removing {lo:.4f} to {hi:.4f} of its {metric} "
-            f"(closest: {removed:.4f})" + (f". {graph.limits}" if getattr(graph, "limits", "")
-                                           else "")
-        )
+            + why + (f". {graph.limits}" if getattr(graph, "limits", "") else ""))
     return keep, setting
+
+
+def _critical_tau(cumulative: torch.Tensor, rank: int) -> float:
+    """The tau above which a tau plan keeps the channel of this rank (0 = the best): the
+    fraction of the layer's score sum held by the channels ranked before it."""
+    total = float(cumulative[-1])
+    if rank <= 0 or total <= 0.0:
+        return 0.0
+    return float(cumulative[rank - 1]) / total
+
+
+def _refine_by_channels(graph, keep: dict[str, int], cumulative: dict | None, metric: str,
+                        target: float, before: dict, max_moves: int = 10_000):
+    """Moves single channels (a whole group chunk where a grouped conv needs it) from ``keep``
+    until ``target`` is met within the tolerance, or no move gets closer.
+
+    Each step takes a move that gets closer to the target, preferring one that lands within
+    the tolerance, then the channel a tau plan would drop first (highest critical tau, see
+    :func:`_critical_tau`) or add first (lowest), ties to the earlier layer. When every single
+    move overshoots by more than it gains, the pair of one move each way that lands nearest is
+    taken. ``cumulative`` None: no scores (a rate profile's counts), layer order only. Deterministic: the result depends on the scores and the graph only.
+    -> (removed, keep, channels moved).
+    """
+    names = [g.name for g in graph.prunable]
+    keep = {n: graph.group(n).round_keep(keep[n]) for n in names}
+
+    def moves(state: dict[str, int], sign: int):
+        """(new state, layer index, order key) for every one-step move; sign -1 removes."""
+        out = []
+        for i, n in enumerate(names):
+            g = graph.group(n)
+            k = state[n] + sign * g.chunks
+            if not g.chunks <= k <= g.width:
+                continue
+            rank = state[n] - 1 if sign < 0 else state[n]  # the channel dropped / added
+            critical = 0.0 if cumulative is None else _critical_tau(cumulative[n], rank)
+            out.append(({**state, n: k}, (-critical if sign < 0 else critical, i)))
+        return out
+
+    removed = _removed(graph, keep, before, metric)
+    start = dict(keep)
+    for _ in range(max_moves):
+        error = abs(removed - target)
+        if error <= BUDGET_TOLERANCE:
+            break
+        sign = -1 if removed < target else 1  # remove channels to remove more
+        best = None
+        for state, order in moves(keep, sign):
+            got = _removed(graph, state, before, metric)
+            key = (abs(got - target) > BUDGET_TOLERANCE, order)
+            if abs(got - target) < error and (best is None or key < best[0]):
+                best = (key, state, got)
+        if best is None:  # every single move overshoots: one move each way
+            for first, order in moves(keep, sign):
+                for state, back in moves(first, -sign):
+                    got = _removed(graph, state, before, metric)
+                    key = (round(abs(got - target), 12), order, back)
+                    if abs(got - target) < error and (best is None or key < best[0]):
+                        best = (key, state, got)
+        if best is None:
+            break
+        _, keep, removed = best
+    moved = sum(abs(keep[n] - start[n]) for n in names)
+    return removed, keep, moved
 
 
 def keep_from_tau_cumulative(cumulative: torch.Tensor, tau: float) -> int:
@@ -470,8 +573,8 @@ def make_plan(graph, scores, *, rates=None, tau=None, target_flops=None, target_
         checked = check_scores(graph, scores, prunable)
         keep, found = keep_for_budget(graph, checked, metric, float(target), rates)
         method, setting = f"target_{metric}", {f"target_{metric}": float(target), **found}
-        if rates is not None:
-            setting["rates"] = rates if isinstance(rates, str) else list(rates)
+        if rates is not None:  # (one float is a rate for every layer)
+            setting["rates"] = rates if isinstance(rates, (str, int, float)) else list(rates)
     elif tau is not None:
         checked = check_scores(graph, scores, prunable)
         keep = {n: keep_from_tau(checked[n], float(tau)) for n in prunable}

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from torch import nn
 
+from .._checks import check_materialised
 from ..models._common import unwrap_parallel
 from .graph import build_graph
 from .plan import Plan, make_plan
 from .surgery import apply_plan, max_masked_difference
+from .ties import check_ties
 
 # The pruned forward must match the masked original to this fraction of the output's scale.
 VERIFY_RTOL = 1e-4
@@ -22,7 +24,8 @@ def prune(model: nn.Module, scores: dict, *, rates=None, tau: float | None = Non
 
     model: the trained network (left unchanged; the pruned one is a smaller copy; a DDP
       or torch.compile wrapper is unwrapped).
-    scores: layer name -> per-channel mean CI (float64), from ``CICollector.scores()``.
+    scores: layer name -> per-channel mean CI (float64), from ``CICollector.scores()``; any
+      criterion's, finite and >= 0 (a larger score keeps the channel).
     How much (one of):
       rates: a CHIP rate list, ``"[0.21]*7+[0.75]*5"`` (a string, a list, or one float for
         every layer), entries in CHIP's order (:func:`pccfast.prune.plan.rate_layout`);
@@ -37,10 +40,14 @@ def prune(model: nn.Module, scores: dict, *, rates=None, tau: float | None = Non
     verify: check on a random input that the pruned forward equals the original forward with
       the removed channels zeroed (two forward passes; raises RuntimeError if not).
 
+    Refused: tied weights (one parameter in several modules: surgery would untie them) and
+    meta-device models.
+
     The plan (:class:`~pccfast.prune.plan.Plan`) lists every prunable layer's width
     before/after and kept indices; ``plan.to_json()`` / ``plan.save(path)`` store it.
     """
     model = unwrap_parallel(model)
+    check_materialised("model", model)
     graph = build_graph(model, input_size, residual, prune_classifier_input, engine)
     if not graph.prunable:
         raise ValueError(f"{type(model).__name__} has no prunable layer: "
@@ -48,6 +55,7 @@ def prune(model: nn.Module, scores: dict, *, rates=None, tau: float | None = Non
     plan = make_plan(graph, scores, rates=rates, tau=tau, target_flops=target_flops,
                      target_params=target_params)
     pruned = apply_plan(model, plan, graph)
+    check_ties(model, pruned)
     plan.before = _counts(graph, {}, model)
     plan.after = _counts(graph, plan.widths, pruned)
     if graph.engine == "torch_pruning":  # the search's closed form, checked on the real model

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._checks import check_choice, check_float_tensor
+from .._checks import check_choice, check_float_tensor, check_materialised
 from ..models._common import eval_mode, unwrap_parallel
 from ..ops import backends
 from ..sites import Site, SiteHooks
@@ -84,6 +84,7 @@ class ScoreCollector:
             raise TypeError(f"loss_fn must be None or a callable (output, labels) -> loss, "
                             f"got {type(loss_fn).__name__}")
         self.model = unwrap_parallel(model)
+        check_materialised("model", self.model)
         self.criterion = check_criterion(criterion)
         self.backend = check_choice("backend", backend, backends.BACKENDS)
         self.max_images = max_images
@@ -167,7 +168,22 @@ class ScoreCollector:
             if activation.requires_grad:
                 activation.register_hook(lambda grad, i=index: self._taylor_grad(i, grad))
             return
+        if self.criterion in ("ci", "hrank") and activation.dim() == 4 \
+                and activation.shape[-1] * activation.shape[-2] == 1:
+            self._warn_single_pixel(site.name, tuple(activation.shape))
         self._add(site.name, per_image_scores(self.criterion, activation, backend=self.backend))
+
+    def _warn_single_pixel(self, site: str, shape) -> None:
+        """1x1 maps (as PCCRegularizer warns): a channel's map is one value, so its rank is 0 or 1
+        and its CI measures its size, not its independence."""
+        warned = self.__dict__.setdefault("_single_pixel", set())
+        if site in warned:
+            return
+        warned.add(site)
+        warnings.warn(f"{type(self).__name__}: {site} has 1x1 maps (activation shape {shape}), "
+                      f"so each channel's map is one value and its {self.criterion} score says "
+                      "little (hrank: 0 or 1; ci: the value's size, not the channel's "
+                      "independence); score at a larger input size", stacklevel=2)
 
     def _add(self, site: str, per_image: torch.Tensor) -> None:
         total = per_image.sum(0)  # (N, C) float64 -> (C,)

@@ -18,7 +18,9 @@ relative to the layer's mean.
 
 The scores describe the model as it was scored: a pruner that prunes in several steps
 (``iterative_steps > 1``) must re-score between steps, and CIImportance refuses a conv whose
-width has changed since.
+width has changed since, a conv replaced since (another module under a scored name), a group of
+layers that are not the scored model's (a pruner on a copy or on another model would otherwise
+prune nothing, silently), and a pruner with ``global_pruning=True`` unless ``normalize=True``.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ class CIImportance:
         self.scores = scores  # layer -> (C,) float64, as pccfast.prune takes them
         # conv module -> (its layer's scores, the width it had when scored)
         self._by_module: dict[nn.Module, tuple[str, torch.Tensor]] = {}
+        self._model = model  # (to tell its modules from another model's, and replacements)
         modules = dict(model.named_modules())
         for layer, names in convs.items():
             for name in names:
@@ -73,6 +76,8 @@ class CIImportance:
         import torch_pruning as tp
 
         out_fns = (tp.pruner.function.prune_conv_out_channels,)
+        self._check_pruner(tp)
+        self._check_layers(group, out_fns)
         width = len(group[0].root_idxs)
         total = torch.zeros(width, dtype=torch.float64)
         count = torch.zeros(width, dtype=torch.float64)
@@ -98,3 +103,46 @@ class CIImportance:
             if mean > 0:
                 imp = imp / mean
         return imp.float()
+
+    def _check_layers(self, group, out_fns) -> None:
+        """The group's layers are the scored model's, and its scored convs are the ones scored."""
+        current = {id(m): name for name, m in self._model.named_modules()}
+        scored = {name for name, _ in self._by_module.values()}
+        layers = [dep.layer for dep, _ in group if isinstance(dep.layer, nn.Module)
+                  and next(dep.layer.parameters(recurse=False), None) is not None]
+        if layers and not any(id(m) in current for m in layers):
+            raise ValueError(
+                f"CIImportance scored a {type(self._model).__name__}, but this group's layers "
+                f"({', '.join(type(m).__name__ for m in layers[:3])}...) are not its modules: the "
+                "pruner prunes another model (or a copy); build CIImportance(model, ...) on the "
+                "model the pruner prunes")
+        for dep, _ in group:
+            name = current.get(id(dep.layer))
+            if (dep.pruning_fn in out_fns and dep.layer not in self._by_module
+                    and name in scored):
+                raise ValueError(f"CIImportance scored {name}, but {name} was replaced since by "
+                                 "another module: its scores no longer describe it; score the "
+                                 "model again (a new CIImportance)")
+
+    def _check_pruner(self, tp) -> None:
+        """Raw CI of different layers are not comparable: a global ranking needs normalize."""
+        if self.normalize:
+            return
+        import sys
+
+        kinds = tuple(k for k in (getattr(tp.pruner, "BasePruner", None),
+                                  getattr(tp.pruner, "MetaPruner", None)) if k is not None)
+        frame = sys._getframe(2)
+        for _ in range(4):  # (Torch-Pruning's estimate_importance calls the importance)
+            if frame is None or not kinds:
+                return
+            pruner = frame.f_locals.get("self")
+            if isinstance(pruner, kinds):
+                if getattr(pruner, "global_pruning", False):
+                    raise ValueError(
+                        "CIImportance(normalize=False) with global_pruning=True would rank the "
+                        "channels of all layers by raw scores, which are not comparable across "
+                        "layers: pass normalize=True (scores relative to each layer's mean) or "
+                        "use global_pruning=False")
+                return
+            frame = frame.f_back

@@ -1,19 +1,23 @@
 """Runs a study cell by cell, resumably, and keeps ``study.csv`` as the record of what is done.
 
-    DIR/study.csv                  one row per arm x seed x criterion x target x stage (the record)
-    DIR/study.md, DIR/plots/*.png  the tables and curves, rewritten after every arm x seed
+    DIR/study.csv                  one row per arm x seed x allocation x criterion x target x
+                                   stage (the record)
+    DIR/features.csv               one row per arm x seed x scored layer: what pre-training did
+                                   to the features (PCC both ways, CI share)
+    DIR/study.md, DIR/plots/*.png  the tables and plots, rewritten after every arm x seed
     DIR/study.json                 the study's resolved settings
     DIR/work/ARM-seedS/            pretrained.pt, checkpoints/, scores-CRITERION.pt, cells/
                                    (intermediate files: needed only while that arm x seed runs)
 
 A row is written once its cell has finished, and a row in ``study.csv`` is never recomputed
-(a cell that cannot be measured, e.g. a FLOPs target the model cannot meet, gets rows with an
-empty ``acc`` and the reason in ``note``):
-a stopped study resumes where it stopped (an interrupted training continues from its
-checkpoint), and a study continued on another machine from the committed ``study.csv`` alone
-redoes only the arm x seed pairs that were not complete, from their pre-training (all rows of
-one arm x seed always come from one pre-trained model). Every row carries the hash of its arm's
-settings; rows made with other settings are refused, never mixed in.
+(a cell whose FLOPs target the model cannot meet gets rows with an empty ``acc`` and the reason
+in ``note``): a stopped study resumes where it stopped (an interrupted training continues from
+its checkpoint), and a study continued on another machine from the committed ``study.csv``
+alone redoes only the arm x seed pairs that were not complete, from their pre-training (all rows
+of one arm x seed always come from one pre-trained model). Every row carries the hash of its
+arm's settings; rows made with other settings are refused, never mixed in. Every cached file in
+``work/`` carries the settings it was made with and is reused only under the same ones. One
+study at a time may run in a folder (a lock file).
 """
 
 from __future__ import annotations
@@ -21,48 +25,98 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..atomic import atomic_write_text
-from .config import Arm, StudyConfig, non_default, settings_hash
+from .config import ALLOCATIONS, MAX_SEED, Arm, StudyConfig, non_default, settings_hash
 
-COLUMNS = ("arm", "seed", "criterion", "target", "stage", "acc", "flops_removed",
-           "params_removed", "seconds", "arm_hash", "note")
+COLUMNS = ("arm", "seed", "allocation", "criterion", "target", "stage", "acc", "val_acc",
+           "flops_removed", "params_removed", "kept", "seconds", "arm_hash", "note")
+# columns an older record lacks, and what they mean there
+OLDER = {"allocation": "adaptive", "val_acc": "", "kept": ""}
 STAGES = ("pretrained", "pruned", "pruned_bn", "finetuned")
+FEATURE_COLUMNS = ("arm", "seed", "layer", "channels", "pixels", "pcc_channel", "pcc_pixel",
+                   "ci_share", "ci_mean", "nuclear_mean", "images", "arm_hash")
+# Pre-training with the PCC regulariser costs this many plain steps (measured in the CPU
+# studies of 2026-12: 600-700 images/s with PCC against 1,250-1,370 without, 1.7-2.3x)
+PCC_STEP_COST = 2.0
 
 
 @dataclass(frozen=True)
 class Key:
     arm: str
     seed: int
-    criterion: str  # "-" for the pretrained row
-    target: float   # 0.0 for the pretrained row
+    allocation: str  # "-" for the pretrained row
+    criterion: str   # "-" for the pretrained row
+    target: float    # 0.0 for the pretrained row; 6 decimals, as recorded
     stage: str
 
     @classmethod
     def of(cls, row: dict) -> "Key":
-        return cls(row["arm"], int(row["seed"]), row["criterion"], float(row["target"]),
-                   row["stage"])
+        allocation = row.get("allocation") or ("-" if row["stage"] == "pretrained" else "adaptive")
+        return cls(row["arm"], int(row["seed"]), allocation, row["criterion"],
+                   round(float(row["target"]), 6), row["stage"])
 
 
 class StudyError(ValueError):
-    """The folder holds results that do not belong to this study's settings."""
+    """The folder holds results that do not belong to this study's settings, or cannot be read."""
 
 
-def arm_hash(arm: Arm) -> str:
-    return settings_hash(non_default(arm.config.to_dict()))
+def arm_hash(arm: Arm, profile: str | None = None) -> str:
+    settings = non_default(arm.config.to_dict())
+    return settings_hash({**settings, "study.profile": profile} if profile else settings)
+
+
+def _fraction(value: str, name: str, where: str, empty: bool = True) -> None:
+    if value == "" and empty:
+        return
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not 0.0 <= number <= 1.0:
+        raise StudyError(f"{where}: {name} {value!r} is not a fraction in [0, 1]")
+
+
+def _check_row(row: dict, where: str) -> None:
+    """The record holds only numbers that can have been measured (else: file and line)."""
+    try:
+        seed = int(row["seed"])
+    except ValueError:
+        seed = -1
+    if not 0 <= seed <= MAX_SEED:
+        raise StudyError(f"{where}: seed {row['seed']!r} is not an integer in [0, 2**63 - 1]")
+    if row["stage"] not in STAGES:
+        raise StudyError(f"{where}: stage {row['stage']!r} is not one of {list(STAGES)}")
+    if row["allocation"] not in ALLOCATIONS + ("-",):
+        raise StudyError(f"{where}: allocation {row['allocation']!r} is not one of "
+                         f"{list(ALLOCATIONS)}")
+    _fraction(row["target"], "target", where, empty=False)
+    for name in ("acc", "val_acc", "flops_removed", "params_removed"):
+        _fraction(row[name], name, where)
 
 
 def read_rows(path: Path) -> list[dict]:
+    """The record's rows, checked (a value out of range names the file and line)."""
     if not path.is_file():
         return []
     with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    for row in rows:
-        missing = [c for c in COLUMNS if c not in row]
-        if missing:
-            raise StudyError(f"{path} is not a pccfast study table (columns {missing} missing)")
+        reader = csv.DictReader(f)
+        rows = []
+        for row in reader:
+            missing = [c for c in COLUMNS if c not in row and c not in OLDER]
+            if missing:
+                raise StudyError(f"{path} is not a pccfast study table (columns {missing} "
+                                 "missing)")
+            for column, value in OLDER.items():
+                if row.get(column) is None:
+                    row[column] = "-" if column == "allocation" and row["stage"] == "pretrained" \
+                        else value
+            _check_row(row, f"{path} line {reader.line_num}")
+            rows.append(row)
     return unique(rows)
 
 
@@ -76,15 +130,33 @@ def write_rows(path: Path, rows: list[dict]) -> None:
     writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
     writer.writeheader()
     order = {s: i for i, s in enumerate(STAGES)}
-    for row in sorted(unique(rows), key=lambda r: (r["arm"], int(r["seed"]), r["criterion"],
-                                           float(r["target"]), order.get(r["stage"], 9))):
-        writer.writerow({c: row[c] for c in COLUMNS})
+    for row in sorted(unique(rows), key=lambda r: (r["arm"], int(r["seed"]), r["allocation"],
+                                                   r["criterion"], float(r["target"]),
+                                                   order.get(r["stage"], 9))):
+        writer.writerow({c: row.get(c, "") for c in COLUMNS})
+    atomic_write_text(path, buffer.getvalue())
+
+
+def read_features(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def write_features(path: Path, rows: list[dict]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=FEATURE_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in sorted(rows, key=lambda r: (r["arm"], int(r["seed"]))):
+        writer.writerow({c: _fmt(row.get(c)) for c in FEATURE_COLUMNS})
     atomic_write_text(path, buffer.getvalue())
 
 
 def _pretrain_units(cfg) -> float:
-    """Pre-training in training-image equivalents (PCC costs about 20% more)."""
-    return cfg.pretrain.epochs * (cfg.data.train_limit or 50000) * (1.2 if cfg.pcc.enabled else 1.0)
+    """Pre-training in training-image equivalents."""
+    images = (cfg.data.train_limit or 50000) - cfg.data.val_images
+    return cfg.pretrain.epochs * images * (PCC_STEP_COST if cfg.pcc.enabled else 1.0)
 
 
 def _prune_units(cfg, target: float) -> float:
@@ -94,11 +166,41 @@ def _prune_units(cfg, target: float) -> float:
 
 
 def _finetune_units(cfg, target: float) -> float:
-    return cfg.finetune.epochs * (cfg.data.train_limit or 50000) * (1.0 - target)
+    images = (cfg.data.train_limit or 50000) - cfg.data.val_images
+    return cfg.finetune.epochs * images * (1.0 - target)
 
 
 def _fmt(value) -> str:
     return "" if value is None else (f"{value:.6f}" if isinstance(value, float) else str(value))
+
+
+class _Lock:
+    """An exclusive lock on the study folder (released by the OS if the process dies)."""
+
+    def __init__(self, folder: Path):
+        self.path = folder / ".study.lock"
+        self.file = None
+
+    def __enter__(self):
+        import fcntl
+
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "another process"
+            self.file.close()
+            raise StudyError(f"another pccfast study is running in {self.path.parent} "
+                             f"({holder}): wait for it to finish, or study into another --out")
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"pid {os.getpid()}")
+        self.file.flush()
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
 
 
 class Study:
@@ -112,31 +214,53 @@ class Study:
         self.progress = progress
         self.echo = echo or (lambda text: None)
         self.csv_path = self.out / "study.csv"
+        self.features_path = self.out / "features.csv"
         self._data: dict = {}
+        if device is not None:
+            from ..train.distributed import pick_device
+
+            try:
+                pick_device(device)
+            except (ValueError, RuntimeError) as exc:
+                raise ValueError(f"--device {device!r}: {exc}") from exc
 
     # ------------------------------------------------------------------ bookkeeping
+    def hash_of(self, arm: Arm) -> str:
+        return arm_hash(arm, self.config.profile)
+
     def keys(self, arm: Arm, seed: int) -> list[Key]:
         """Every row one arm x seed contributes."""
         c = self.config
-        keys = [Key(arm.name, seed, "-", 0.0, "pretrained")]
-        for criterion in c.criteria:
-            for target in c.targets:
-                keys += [Key(arm.name, seed, criterion, target, "pruned"),
-                         Key(arm.name, seed, criterion, target, "pruned_bn")]
-                if target in c.finetune_targets:
-                    keys.append(Key(arm.name, seed, criterion, target, "finetuned"))
+        keys = [Key(arm.name, seed, "-", "-", 0.0, "pretrained")]
+        for allocation in c.allocations:
+            for criterion in c.criteria:
+                for target in c.targets:
+                    keys += [Key(arm.name, seed, allocation, criterion, target, "pruned"),
+                             Key(arm.name, seed, allocation, criterion, target, "pruned_bn")]
+                    if target in c.finetune_targets:
+                        keys.append(Key(arm.name, seed, allocation, criterion, target,
+                                        "finetuned"))
         return keys
 
-    def _load_rows(self) -> list[dict]:
+    def _load_rows(self, refuse_stale: bool = True) -> list[dict]:
         rows = read_rows(self.csv_path)
-        hashes = {a.name: arm_hash(a) for a in self.config.arms}
+        hashes = {a.name: self.hash_of(a) for a in self.config.arms}
         stale = sorted({r["arm"] for r in rows if r["arm"] in hashes
                         and r["arm_hash"] != hashes[r["arm"]]})
-        if stale:
+        if stale and refuse_stale:
             raise StudyError(
                 f"{self.csv_path} holds results of arm(s) {stale} made with other settings "
                 f"(arm_hash differs): study into another --out, or delete those rows to redo them")
         return rows
+
+    def _reported(self, rows: list[dict]) -> list[dict]:
+        """The rows of this study's arms (a record may hold rows of arms since removed)."""
+        arms = {a.name for a in self.config.arms}
+        others = sorted({r["arm"] for r in rows} - arms)
+        if others:
+            self.echo(f"study  {self.csv_path} holds rows of arm(s) {others}, which the config "
+                      "no longer has: kept in the record, left out of the report")
+        return [r for r in rows if r["arm"] in arms]
 
     def pairs(self):
         """(arm, seed) in the order they run: seed-major, so early results span every arm."""
@@ -150,8 +274,8 @@ class Study:
         done = {Key.of(r) for r in self._load_rows()}
         c = self.config
         lines = [f"study  {self.out}: {len(c.arms)} arm(s) x {len(c.seeds)} seed(s) x "
-                 f"{len(c.criteria)} criteria x {len(c.targets)} targets "
-                 f"({len(c.finetune_targets)} fine-tuned)"]
+                 f"{len(c.allocations)} allocation(s) x {len(c.criteria)} criteria x "
+                 f"{len(c.targets)} targets ({len(c.finetune_targets)} fine-tuned)"]
         for arm, seed in self.pairs():
             keys = self.keys(arm, seed)
             have = sum(k in done for k in keys)
@@ -160,42 +284,92 @@ class Study:
                          "equivalents left")
         return "\n".join(lines)
 
+    # ------------------------------------------------------------------ checks
+    def check(self) -> None:
+        """What can be known before any training: each arm's model takes the data, its batch
+        sizes fit, and every allocation x target is a budget its layers can reach."""
+        from ..pipeline import checks, steps
+        from ..prune.graph import build_graph
+
+        for arm in self.config.arms:
+            cfg = self.config.arm_config(arm, self.config.seeds[0])
+            data = self._data_for(cfg)
+            model = steps.model_for_data(cfg, data)
+            try:
+                checks._check_forward(model, cfg.model.name, data)
+                env = self._env(cfg)
+                checks._check_batches("pretrain", cfg.pretrain, data, env, model)
+                checks._check_batches("finetune", cfg.finetune, data, env, model)
+                if not build_graph(model, data.input_size).prunable:
+                    raise ValueError(f"{cfg.model.name} has no prunable layer at these settings")
+                for allocation in self.config.allocations:
+                    for target in self.config.targets:
+                        checks.check_budget(model, data.input_size,
+                                                self.config.budget(allocation, target))
+            except ValueError as exc:
+                raise ValueError(f"[arms.{arm.name}]: {exc}") from exc
+
     # ------------------------------------------------------------------ running
     def run(self) -> Path:
         from tqdm.auto import tqdm
 
         self.out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.out / "study.json",
-                          json.dumps(self.config.to_dict(), indent=1, sort_keys=True) + "\n")
-        rows = self._load_rows()
-        done = {Key.of(r) for r in rows}
-        todo = [(arm, seed) for arm, seed in self.pairs()
-                if not set(self.keys(arm, seed)) <= done]
-        units = {(a.name, s): self._units(a, s, done) for a, s in todo}
-        bar = tqdm(total=sum(units.values()), unit="img", unit_scale=True, desc="study",
-                   disable=not self.progress, dynamic_ncols=True)
-        try:
-            for arm, seed in todo:
-                self._run_pair(arm, seed, rows, bar)
-                self.write_outputs(rows)
-        finally:  # also when interrupted: the tables show every finished cell
-            bar.close()
-            self.write_outputs(rows)
+        with _Lock(self.out):
+            self.check()
+            atomic_write_text(self.out / "study.json",
+                              json.dumps(self.config.to_dict(), indent=1, sort_keys=True) + "\n")
+            rows = self._load_rows()
+            features = read_features(self.features_path)
+            done = {Key.of(r) for r in rows}
+            todo = [(arm, seed) for arm, seed in self.pairs()
+                    if not set(self.keys(arm, seed)) <= done or self._features_missing(
+                        features, arm, seed)]
+            units = {(a.name, s): self._units(a, s, done) for a, s in todo}
+            bar = tqdm(total=sum(units.values()), unit="img", unit_scale=True, desc="study",
+                       disable=not self.progress, dynamic_ncols=True)
+            try:
+                for arm, seed in todo:
+                    self._run_pair(arm, seed, rows, features, bar)
+                    self.write_outputs(rows, features)
+            finally:  # also when interrupted: the tables show every finished cell
+                bar.close()
+                write_rows(self.csv_path, rows)
+                write_features(self.features_path, features)
+        self.write_outputs(rows, features)
         return self.csv_path
 
-    def write_outputs(self, rows: list[dict]) -> None:
+    def _features_missing(self, features, arm: Arm, seed: int) -> bool:
+        if not self.config.feature_images:
+            return False
+        return not any(f["arm"] == arm.name and int(f["seed"]) == seed
+                       and f["arm_hash"] == self.hash_of(arm) for f in features)
+
+    def write_outputs(self, rows: list[dict], features: list[dict]) -> None:
+        write_rows(self.csv_path, rows)
+        write_features(self.features_path, features)
+        self._report(rows, features)
+
+    def _report(self, rows, features) -> Path:
         from .report import write_study_report
 
-        write_rows(self.csv_path, rows)
-        write_study_report(self.out, rows, self.config)
+        shown = self._reported(rows)
+        arms = {r["arm"] for r in shown}
+        classes = self._classes()
+        return write_study_report(self.out, shown, self.config,
+                                  [f for f in features if f["arm"] in arms],
+                                  chance=1.0 / classes if classes else None)
+
+    def _classes(self) -> int | None:
+        for data in self._data.values():
+            return data.num_classes
+        return None
 
     def write_report(self) -> Path:
-        """study.md and the plot from ``study.csv`` as it stands; runs nothing."""
-        from .report import write_study_report
-
+        """study.md and the plots from ``study.csv`` as it stands; runs nothing."""
         if not self.csv_path.is_file():
             raise StudyError(f"{self.csv_path} does not exist yet: nothing to report")
-        return write_study_report(self.out, self._load_rows(), self.config)
+        return self._report(self._load_rows(refuse_stale=False),
+                            read_features(self.features_path))
 
     def _units(self, arm: Arm, seed: int, done: set | None = None) -> float:
         """Rough work left of one arm x seed in training-image equivalents (for the ETA):
@@ -205,25 +379,26 @@ class Study:
         total = 0.0
         if not (self.work_dir(arm, seed) / "pretrained.pt").is_file():
             total += _pretrain_units(cfg)
-        for criterion in self.config.criteria:
-            for target in self.config.targets:
-                if Key(arm.name, seed, criterion, target, "pruned_bn") not in done:
-                    total += _prune_units(cfg, target)
-                if (target in self.config.finetune_targets
-                        and Key(arm.name, seed, criterion, target, "finetuned") not in done):
-                    total += _finetune_units(cfg, target)
+        for allocation in self.config.allocations:
+            for criterion in self.config.criteria:
+                for target in self.config.targets:
+                    key = Key(arm.name, seed, allocation, criterion, target, "pruned_bn")
+                    if key not in done:
+                        total += _prune_units(cfg, target)
+                    if (target in self.config.finetune_targets
+                            and Key(arm.name, seed, allocation, criterion, target,
+                                    "finetuned") not in done):
+                        total += _finetune_units(cfg, target)
         return total
 
     def _data_for(self, cfg):
-        from ..data import load_data
+        from ..pipeline import steps
 
         d = cfg.data
-        key = (d.spec, d.train_limit, d.test_limit, cfg.run.seed, d.augment, d.pad, d.crop)
+        key = (d.spec, d.train_limit, d.test_limit, d.val_images, cfg.run.seed, d.augment, d.pad,
+               d.crop)
         if key not in self._data:
-            self._data[key] = load_data(d.spec, train_limit=d.train_limit,
-                                        test_limit=d.test_limit, seed=cfg.run.seed,
-                                        download=d.download, augment=d.augment, pad=d.pad,
-                                        crop=d.crop)
+            self._data[key] = steps.load_configured_data(cfg)
         return self._data[key]
 
     def _env(self, cfg):
@@ -231,12 +406,13 @@ class Study:
 
         return DistEnv(device=pick_device(self.device or cfg.run.device))
 
-    def _run_pair(self, arm: Arm, seed: int, rows: list[dict], bar) -> None:
+    def _run_pair(self, arm: Arm, seed: int, rows: list[dict], features: list[dict],
+                  bar) -> None:
         """Every missing row of one arm x seed, appended to ``rows`` (changed in place)."""
         from . import cells
 
         cfg = self.config.arm_config(arm, seed)
-        h = arm_hash(arm)
+        h = self.hash_of(arm)
         done = {Key.of(r) for r in rows}
         work = self.work_dir(arm, seed)
         data = self._data_for(cfg)
@@ -250,52 +426,90 @@ class Study:
                           f"{len(stale)} earlier rows are redone from a new pre-training")
                 rows[:] = [r for r in rows if r not in stale]
                 done = {Key.of(r) for r in rows}
+            features[:] = [f for f in features
+                           if not (f["arm"] == arm.name and int(f["seed"]) == seed)]
             bar.update(_pretrain_units(cfg))
 
-        def add(key: Key, acc, flops=None, params=None, seconds=None, note=""):
+        def add(key: Key, acc, val=None, flops=None, params=None, kept="", seconds=None,
+                note=""):
             if key in done:  # a cell redone after its fine-tuning was interrupted
                 return
-            rows.append({"arm": key.arm, "seed": key.seed, "criterion": key.criterion,
-                         "target": _fmt(key.target), "stage": key.stage, "acc": _fmt(acc),
+            rows.append({"arm": key.arm, "seed": key.seed, "allocation": key.allocation,
+                         "criterion": key.criterion, "target": _fmt(key.target),
+                         "stage": key.stage, "acc": _fmt(acc), "val_acc": _fmt(val),
                          "flops_removed": _fmt(flops), "params_removed": _fmt(params),
-                         "seconds": _fmt(seconds), "arm_hash": h, "note": note})
+                         "kept": kept, "seconds": _fmt(seconds), "arm_hash": h, "note": note})
             done.add(key)
 
-        first = Key(arm.name, seed, "-", 0.0, "pretrained")
+        first = Key(arm.name, seed, "-", "-", 0.0, "pretrained")
         if first not in done:
-            add(first, pretrained.acc, 0.0, 0.0, pretrained.seconds)
-        for criterion in self.config.criteria:
-            needed = [k for k in self.keys(arm, seed) if k.criterion == criterion]
-            if set(needed) <= done:
-                continue
-            scores = cells.scores(work, criterion, pretrained.model, cfg, data, env, seed)
-            for target in self.config.targets:
-                fine = target in self.config.finetune_targets
-                want = [Key(arm.name, seed, criterion, target, s)
-                        for s in ("pruned", "pruned_bn") + (("finetuned",) if fine else ())]
-                if set(want) <= done:
+            add(first, pretrained.acc, pretrained.val_acc, 0.0, 0.0, seconds=pretrained.seconds)
+        if self._features_missing(features, arm, seed):
+            for row in cells.features(work, pretrained.model, cfg, data, env,
+                                      self.config.feature_images):
+                features.append({"arm": arm.name, "seed": seed, **row, "arm_hash": h})
+        for allocation in self.config.allocations:
+            for criterion in self.config.criteria:
+                needed = [k for k in self.keys(arm, seed)
+                          if k.criterion == criterion and k.allocation == allocation]
+                if set(needed) <= done:
                     continue
-                cell = cells.Cell(work / "cells" / f"{criterion}-{target:g}", criterion, target)
-                try:
-                    result = cell.prune(pretrained.model, scores, cfg, data, env)
-                except ValueError as exc:  # e.g. a target this model's layers cannot meet
-                    for key in want:
-                        add(key, None, note=str(exc))
-                    self.echo(f"study  {arm.name} seed {seed} {criterion} {100 * target:.1f}%: "
-                              f"not measured: {exc}")
-                    write_rows(self.csv_path, rows)
-                    continue
-                for stage in ("pruned", "pruned_bn"):
-                    add(Key(arm.name, seed, criterion, target, stage), result[f"{stage}_acc"],
-                        result["flops_removed"], result["params_removed"], result["seconds"])
-                bar.update(_prune_units(cfg, target))
-                if fine:
-                    tuned = cell.finetune(cfg, data, env, self.progress)
-                    add(Key(arm.name, seed, criterion, target, "finetuned"), tuned["acc"],
-                        result["flops_removed"], result["params_removed"], tuned["seconds"])
-                    bar.update(_finetune_units(cfg, target))
-                write_rows(self.csv_path, rows)  # the record grows cell by cell
-                self.echo(f"study  {arm.name} seed {seed} {criterion} {100 * target:.1f}%: "
-                          f"{100 * result['flops_removed']:.1f}% FLOPs removed, "
-                          f"{100 * result['pruned_bn_acc']:.2f}% after BN re-estimation"
-                          + (f", {100 * tuned['acc']:.2f}% fine-tuned" if fine else ""))
+                scores = cells.scores(work, criterion, pretrained.model, cfg, data, env)
+                for target in self.config.targets:
+                    cell = _CellRun(arm, seed, allocation, criterion, target, pretrained.model,
+                                    scores, work)
+                    self._run_cell(cell, cfg, data, env, rows, add, done, bar)
+
+    def _run_cell(self, c: "_CellRun", cfg, data, env, rows, add, done, bar) -> None:
+        from ..prune.plan import BudgetError
+        from . import cells
+
+        arm, seed, allocation, criterion, target = c.arm, c.seed, c.allocation, c.criterion, \
+            c.target
+        fine = target in self.config.finetune_targets
+        stages = ("pruned", "pruned_bn") + (("finetuned",) if fine else ())
+        want = [Key(arm.name, seed, allocation, criterion, target, s) for s in stages]
+        if set(want) <= done:
+            return
+        folder = c.work / "cells" / f"{allocation}-{criterion}-{target:.6f}"
+        cell = cells.Cell(folder, criterion, target, self.config.budget(allocation, target))
+        label = f"study  {arm.name} seed {seed} {allocation} {criterion} {100 * target:.1f}%"
+        try:
+            result = cell.prune(c.model, c.scores, cfg, data, env)
+        except BudgetError as exc:  # a target this model's layers cannot meet
+            for key in want:
+                add(key, None, note=str(exc))
+            self.echo(f"{label}: not measured: {exc}")
+            write_rows(self.csv_path, rows)
+            return
+        for stage in ("pruned", "pruned_bn"):
+            measured = result[stage]
+            add(Key(arm.name, seed, allocation, criterion, target, stage), measured["acc"],
+                measured.get("val_acc"), result["flops_removed"], result["params_removed"],
+                result["kept"], result["seconds"])
+        bar.update(_prune_units(cfg, target))
+        tuned = None
+        if fine:
+            tuned = cell.finetune(cfg, data, env, self.progress)
+            add(Key(arm.name, seed, allocation, criterion, target, "finetuned"), tuned["acc"],
+                tuned.get("val_acc"), result["flops_removed"], result["params_removed"],
+                result["kept"], tuned["seconds"])
+            bar.update(_finetune_units(cfg, target))
+        write_rows(self.csv_path, rows)  # the record grows cell by cell
+        self.echo(f"{label}: {100 * result['flops_removed']:.1f}% FLOPs removed, "
+                  f"{100 * result['pruned_bn']['acc']:.2f}% after BN re-estimation"
+                  + (f", {100 * tuned['acc']:.2f}% fine-tuned" if tuned else ""))
+
+
+@dataclass
+class _CellRun:
+    """What one cell of an arm x seed works on."""
+
+    arm: Arm
+    seed: int
+    allocation: str
+    criterion: str
+    target: float
+    model: object
+    scores: dict
+    work: Path

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 AMP_MODES = ("none", "bf16", "fp16")
 PCC_MODES = ("promote", "suppress")
@@ -105,7 +105,3 @@ def _check_number(name: str, value, minimum: float) -> None:
         raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
     if not value >= minimum or value != value or value == float("inf"):
         raise ValueError(f"{name} must be a finite number >= {minimum}, got {value}")
-
-
-def field_names(cls) -> tuple[str, ...]:
-    return tuple(f.name for f in fields(cls))

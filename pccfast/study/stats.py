@@ -1,0 +1,82 @@
+"""Paired statistics for the study's comparisons: mean difference, 95% t-interval, p-value.
+
+Every comparison of the study is paired by seed: two arms of one seed share the data subset,
+the validation split and the initial weights, so the per-seed differences carry the comparison
+and their spread is the noise that matters. The interval is Student's t on those differences
+(``scipy.stats``); with one pair there is no interval.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+LEVEL = 0.95
+
+
+@dataclass(frozen=True)
+class Paired:
+    """Differences a - b paired by seed, in accuracy fractions (the report shows points)."""
+
+    n: int
+    mean: float
+    sd: float        # sample standard deviation of the differences (0 for n = 1)
+    low: float       # 95% t-interval of the mean difference (nan for n < 2)
+    high: float
+    p: float         # two-sided p-value of "mean difference = 0" (nan for n < 2 or sd = 0)
+
+    @property
+    def excludes_zero(self) -> bool:
+        return self.n >= 2 and (self.low > 0 or self.high < 0)
+
+    @property
+    def bound(self) -> float:
+        """The largest effect the interval leaves possible: max(|low|, |high|)."""
+        return max(abs(self.low), abs(self.high))
+
+
+def paired(differences: list[float]) -> Paired:
+    """The statistics of per-seed differences (at least one)."""
+    if not differences:
+        raise ValueError("paired() needs at least one difference")
+    values = [float(v) for v in differences]
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError(f"paired(): differences must be finite, got {values}")
+    n = len(values)
+    mean = math.fsum(values) / n
+    if n < 2:
+        return Paired(n, mean, 0.0, math.nan, math.nan, math.nan)
+    from scipy import stats
+
+    sd = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1))
+    half = stats.t.ppf(0.5 + LEVEL / 2, n - 1) * sd / math.sqrt(n)
+    if sd > 0:
+        p = float(2 * stats.t.sf(abs(mean) / (sd / math.sqrt(n)), n - 1))
+    else:
+        p = 0.0 if mean != 0 else math.nan
+    return Paired(n, mean, sd, mean - half, mean + half, p)
+
+
+def pair_by_seed(a: dict, b: dict) -> list[float]:
+    """``a[seed] - b[seed]`` over the seeds both have, in seed order."""
+    return [a[s] - b[s] for s in sorted(set(a) & set(b))]
+
+
+def scipy_missing() -> str | None:
+    """Why the report has no intervals (scipy missing), else None."""
+    import importlib.util
+
+    return None if importlib.util.find_spec("scipy") else "scipy is not installed (pip install scipy)"
+
+
+def reading(stat: Paired, what: str) -> str:
+    """One sentence saying what the interval allows, and nothing stronger."""
+    if stat.n < 2:
+        return (f"{what}: {100 * stat.mean:+.2f} points from one seed; no interval, so no "
+                "conclusion.")
+    text = (f"{what}: {100 * stat.mean:+.2f} points, 95% interval [{100 * stat.low:+.2f}, "
+            f"{100 * stat.high:+.2f}], p = {stat.p:.3g}, n = {stat.n} seeds")
+    if stat.excludes_zero:
+        return text + " — the interval excludes 0."
+    return (text + f" — no effect shown; the interval leaves effects up to "
+            f"{100 * stat.bound:.2f} points either way possible.")
