@@ -140,17 +140,21 @@ constexpr int64_t kTileElements = int64_t(1) << 16;
 
 int64_t tile_rows(int64_t m) { return std::clamp<int64_t>(kTileElements / m, 1, m); }
 
-// Whole groups per thread when they split evenly enough over the threads; otherwise (one
-// group, or a few on many threads) the chunked path parallelises inside each product.
-bool groups_per_thread(int64_t groups) {
-  const int64_t threads = at::get_num_threads();
-  return groups >= threads && (groups % threads == 0 || groups >= 4 * threads);
-}
-
 // Short rows take the pair loops of pcc_short_rows.h ("square" with K < M has the cheaper
 // K x K side).
 bool short_rows(int64_t m, int64_t k, const PCCConfig& cfg) {
   return k <= kShortRowFeatures && !(cfg.square && k < m);
+}
+
+// Whole groups per thread when they split evenly enough over the threads (otherwise, for one
+// group or a few on many threads, the chunked path parallelises inside each product), and when
+// the work inside is the pair loops or there is one thread: BLAS products called from inside the
+// region took twice the CPU time on 2 threads (measured with torch's MKL, 2026-12-07), so with
+// several threads long rows stay on the chunked path, whose products are threaded by BLAS.
+bool groups_per_thread(int64_t groups, const Sizes& s, const PCCConfig& cfg) {
+  const int64_t threads = at::get_num_threads();
+  if (threads > 1 && !short_rows(s.rows, s.features, cfg)) return false;
+  return groups >= threads && (groups % threads == 0 || groups >= 4 * threads);
 }
 
 // One thread's buffers: a group's normalised rows (M, K), their gradient (backward), a block
@@ -316,7 +320,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_grouped(const at::Tensor&
   at::Tensor mean = at::empty({s.groups, s.rows}, x.options().dtype(type));
   at::Tensor rstd = at::empty_like(mean);
   const double pairs = double(s.groups) * double(pair_count(s.rows, cfg.include_diagonal));
-  if (groups_per_thread(s.groups)) {
+  if (groups_per_thread(s.groups, s, cfg)) {
     const double total = forward_groups_per_thread(src, layout, s, cfg, mean, rstd);
     return {at::scalar_tensor(total / pairs, x.options().dtype(type)), mean, rstd};
   }
@@ -346,7 +350,7 @@ at::Tensor backward_grouped(double scale, const at::Tensor& x, const at::Tensor&
   at::Tensor dsrc = mean_map ? at::empty(src.sizes(), src.options().dtype(type)) : dx;
   const auto [dst, dst_layout] = addressable(dsrc, cfg.pixel);
   TORCH_INTERNAL_ASSERT(dst.is_same(dsrc), "gradient buffers are always addressable");
-  if (groups_per_thread(s.groups)) {
+  if (groups_per_thread(s.groups, s, cfg)) {
     backward_groups_per_thread(src, layout, s, cfg, scale, mean, rstd, dsrc, dst_layout);
     if (mean_map) dx.copy_((dsrc / double(x.size(0))).expand_as(x));
     return dx;
