@@ -5,6 +5,8 @@
                 --finetune-epochs 2 --target-flops 0.5 --out DIR
     pccfast train|ci|prune|finetune|eval|report --out DIR [same flags]
     pccfast study --config FILE --out DIR          # arms x criteria x targets over seeds
+    pccfast bench --out DIR                        # measured speed-up: pruned vs original
+    pccfast export --out DIR --format onnx         # onnx, torchscript or exported (torch.export)
     pccfast info
 
 Settings come from defaults < DIR/config.json (stage commands, and run --resume) < --config
@@ -45,6 +47,8 @@ FLAGS = [
     ("--calib-images", ["ci.images"], dict(type=int, metavar="N", help="calibration images for CI (640 unless the config says otherwise)")),
     ("--criterion", ["ci.criterion"], dict(choices=CRITERIA, help="what the ci stage scores channels by: ci (channel independence, default), l1 (filter L1 norm), hrank (feature-map rank), taylor (|activation x gradient|), random (seeded control)")),
     ("--bn-images", ["prune.bn_images"], dict(type=int, metavar="N", help="also report the pruned accuracy with BatchNorm statistics re-estimated on N training images (pruned_bn_acc; 0: off; the saved model is unchanged)")),
+    ("--round-to", ["prune.round_to"], dict(type=int, metavar="N", help="every pruned layer keeps a multiple of N channels (at least N), counts fast kernels prefer")),
+    ("--no-speed", ["prune.speed"], dict(action="store_const", const=False, help="skip measuring the pruned model's CPU speed-up (summary.json, report.md)")),
     ("--finetune-epochs", ["finetune.epochs"], dict(type=int, metavar="N", help="fine-tuning epochs")),
     ("--finetune-lr", ["finetune.lr"], dict(type=float, metavar="LR", help="fine-tuning learning rate")),
     ("--baseline", ["run.baseline"], dict(action="store_const", const=True, help="also pre-train without PCC (baseline_acc)")),
@@ -260,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
                              help="let --model-file hold a pickled module (a model outside the "
                                   "zoo); unpickling runs code, so trusted files only")
         sub.set_defaults(run=_stage)
+    from .cli_deploy import add_commands
+
+    add_commands(commands, common)
     text = ("compare pre-training arms x pruning criteria x FLOPs targets over seeds: every "
             "cell its own folder, resumable; writes study.csv, study.md and plots")
     study = commands.add_parser("study", help=text, description=text)

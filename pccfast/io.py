@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from .atomic import atomic_torch_save
-from .models._common import RECIPE_ATTRIBUTE, record_description, unwrap_parallel
+from ._modules import unwrap_parallel
+from .models._common import RECIPE_ATTRIBUTE, record_description
 
 MODEL_FORMAT = "pccfast.model"
 MODEL_VERSION = 1

@@ -45,6 +45,11 @@ def summary_rows(summary: dict) -> list[tuple[str, str]]:
         ("params removed", _pct(summary.get("params_removed"))),
         ("FLOPs removed", _pct(summary.get("flops_removed"))),
     ]
+    if summary.get("speedup_cpu") is not None:
+        rows.append((f"measured CPU speed-up (batch {summary.get('speedup_cpu_batch')}, "
+                     f"{summary.get('speedup_cpu_threads')} threads)",
+                     f"{summary['speedup_cpu']:.2f}x ({summary.get('speedup_cpu_q1', 0):.2f}-"
+                     f"{summary.get('speedup_cpu_q3', 0):.2f})"))
     if summary.get("params_before") and summary.get("params_after"):
         rows.append(("params before -> after",
                      f"{summary['params_before'] / 1e6:.3f}M -> {summary['params_after'] / 1e6:.3f}M"))

@@ -92,17 +92,28 @@ class Site:
 
 
 def _leaf_types():
-    from .models.resnet_cifar import PadShortcut
+    from .prune.layer_rules import leaf_types
 
-    return (PadShortcut, _BatchNorm, nn.Conv2d, nn.Linear)
+    return (_BatchNorm, nn.Conv2d, nn.Linear) + leaf_types()
+
+
+def is_drop_path(module: nn.Module) -> bool:
+    """timm's DropPath: per-sample scaling in training, identity in eval (channels untouched).
+    Traced as one call, as torchvision's ``stochastic_depth`` is."""
+    return type(module).__name__ == "DropPath" and type(module).__module__.startswith("timm.")
 
 
 class Tracer(fx.Tracer):
     """torch.fx's tracer with convs, linears and BatchNorms (subclasses too: timm's
-    ``BatchNormAct2d``, ``Conv2dSame``) and option-A shortcuts kept as single calls."""
+    ``BatchNormAct2d``, ``Conv2dSame``) and the layer types registered as leaves
+    (:func:`pccfast.prune.layer_rules.register_layer`, e.g. option-A shortcuts) kept as single
+    calls."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, _leaf_types()) or super().is_leaf_module(m, qualname)
+        from .prune.counting import is_token_attention  # timm's attention: one call
+
+        return (isinstance(m, _leaf_types()) or is_token_attention(m) or is_drop_path(m)
+                or super().is_leaf_module(m, qualname))
 
 
 def trace(model: nn.Module, training: bool = True) -> fx.Graph:
@@ -180,9 +191,27 @@ def is_global_pool(node: fx.Node, modules) -> bool:
     return False
 
 
-def _flags(graph: fx.Graph, modules) -> tuple[set, set]:
+def _flattened_map(node) -> bool:
+    """Whether ``node`` is ``x.flatten(2)`` (an ``(N, C, H, W)`` map as ``(N, C, tokens)``)."""
+    if not isinstance(node, fx.Node) or node.op not in ("call_method", "call_function"):
+        return False
+    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim")
+    return target == "flatten" and start == 2
+
+
+def _keeps_last_dim(node: fx.Node) -> bool:
+    """Whether a reshape keeps the channels in the last dim (known once shapes were
+    propagated): the same size, or a multiple (the dims before merged in: patch merging)."""
+    shapes = [getattr(n.meta.get("tensor_meta"), "shape", None) for n in (node, node.args[0])]
+    return (all(s is not None and len(s) >= 3 for s in shapes)
+            and shapes[0][-1] % shapes[1][-1] == 0)
+
+
+def pooled_and_last(graph: fx.Graph, modules) -> tuple[set, set]:
     """(pooled, channels_last): nodes computed from globally pooled maps only; nodes whose
-    channels are the last dim (after ``permute(0, 2, 3, 1)``, until the next reshape)."""
+    channels are the last dim (after ``permute(0, 2, 3, 1)`` or timm's
+    ``flatten(2).transpose(1, 2)``, until the next reshape)."""
     pooled, last = set(), set()
     for node in graph.nodes:
         inputs = node.all_input_nodes
@@ -196,6 +225,14 @@ def _flags(graph: fx.Graph, modules) -> tuple[set, set]:
                 dims = tuple(dims[0])
             if tuple(dims) in ((0, 2, 3, 1), (0, 2, 1)):  # (N, H, W, C); ViT's (N, tokens, C)
                 last.add(node)
+            elif node.args and node.args[0] in last and dims and dims[-1] in (len(dims) - 1, -1):
+                last.add(node)  # the last dim stays last
+        elif target == "transpose" and _flattened_map(node.args[0] if node.args else None):
+            if set(node.args[1:3]) in ({1, 2}, {1, -1}):  # timm's x.flatten(2).transpose(1, 2)
+                last.add(node)
+        elif (target in ("reshape", "view", "flatten") and node.args and node.args[0] in last
+              and _keeps_last_dim(node)):  # timm's Swin: (N, H, W, C) <-> (N, H*W, C)
+            last.add(node)
         elif target not in _CHANNELS_LAST_ENDS and node.args and node.op != "output":
             first = node.args[0]
             if target == "cat" and isinstance(first, (tuple, list)):  # ViT's class token
@@ -223,7 +260,7 @@ def scored_sites(graph: fx.Graph, modules: dict[str, nn.Module], chip_pool: bool
     chip_pool: where a MaxPool2d module directly follows an activation module, score the pool's
     output instead (CHIP's choice for VGG: the tensor the next conv reads).
     """
-    pooled, last = _flags(graph, modules)
+    pooled, last = pooled_and_last(graph, modules)
     call_index, calls = _call_indices(graph)
 
     def only_user(node):

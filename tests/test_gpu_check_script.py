@@ -19,11 +19,12 @@ def test_check_script_dry_run(tmp_path):
                          capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     for table in ("| case | M x K | fused ms", "| layer | C | H*W", "ratio to no PCC (target <= 1.15)",
-                  "vgg16_cifar training step",
-                  "End to end: CICollector on ResNet-50"):
+                  "vgg16_cifar training step", "End to end: CICollector on ResNet-50",
+                  "| model | round_to | FLOPs removed | params removed | eager b1 | eager b2 |"):
         assert table in out.stdout
     assert sorted(os.listdir(tmp_path)) == ["bench_ci.log", "bench_pcc.log", "bench_train_step.log",
-                                          "bench_train_step_vgg.log", "info.log"]
+                                            "bench_train_step_vgg.log", "info.log", "speedup.md",
+                                            "speedup_table.log"]
 
 
 def _run_with_fake_tools(tmp_path, python_body: str, **env):
@@ -51,7 +52,9 @@ def test_check_script_gpu_steps_in_order(tmp_path):
     calls = [c for c in calls if c != "-c import xdist"]
     order = ["setup.py build_ext", "-m pccfast info", "not against_reference_on_gpu",
              "bench_pcc.py", "bench_train_step.py --model resnet50",
-             "bench_train_step.py --model vgg16_cifar", "bench_ci.py", "-k against_reference_on_gpu"]
+             "bench_train_step.py --model vgg16_cifar", "bench_ci.py",
+             "speedup_table.py --device cuda --dtype bfloat16 --channels-last",
+             "-k against_reference_on_gpu"]
     assert len(calls) == len(order), calls
     for call, expected in zip(calls, order):
         assert expected in call, (call, expected)
@@ -62,7 +65,7 @@ def test_check_script_skips_steps_past_its_budget(tmp_path):
     out, calls = _run_with_fake_tools(tmp_path, "sleep 3", BUDGET="20")
     assert out.returncode == 1
     assert "=== gpu_sweep: skipped, the budget is spent" in out.stdout, out.stdout
-    assert 2 <= len(calls) < 7
+    assert 2 <= len(calls) < 8
 
 
 @pytest.mark.slow

@@ -68,6 +68,127 @@ def test_a_model_torch_pruning_fails_on_is_refused_with_the_part_named():
             build_graph(model, (1, 3, 32, 32), engine="torch_pruning")
 
 
+class FlipNet(nn.Module):
+    """A channel flip: pccfast's graph stops there, so the Torch-Pruning fallback runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 3)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)).flip(1))
+
+
+def test_the_torch_pruning_fallback_is_bounded_in_time(monkeypatch):
+    """Torch-Pruning's grouping runs for hours on some graphs (swin_v2_s, coatnet_0_rw_224):
+    past tp_engine.TIME_LIMIT_S the model is refused, saying where pccfast stopped and why."""
+    pytest.importorskip("torch_pruning")
+    import time
+
+    from pccfast.prune import tp_engine
+
+    monkeypatch.setattr(tp_engine, "TIME_LIMIT_S", 1e-3)
+    start = time.monotonic()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match=r"cannot prune through flip.*Torch-Pruning.*"
+                                             r"no result within 0\.001 s.*TIME_LIMIT_S"):
+            build_graph(FlipNet(), (1, 3, 8, 8))
+        with pytest.raises(ValueError, match=r"within 0\.001 s"):
+            build_graph(FlipNet(), (1, 3, 8, 8), engine="torch_pruning")
+    assert time.monotonic() - start < 60  # refused, not hung
+    monkeypatch.setattr(tp_engine, "TIME_LIMIT_S", 120.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert build_graph(FlipNet(), (1, 3, 8, 8)).engine == "torch_pruning"  # in time: runs
+
+
+def test_weight_standardised_convs_are_refused_by_both_engines():
+    """timm's ScaledStdConv2d (NFNet) has a per-channel gain and standardises each filter over
+    its inputs: sliced as a plain conv it would be wrong (issue 20: a raw RuntimeError), so it
+    is refused, naming the layer type and why."""
+    pytest.importorskip("timm")
+    pytest.importorskip("torch_pruning")
+    from timm.layers import ScaledStdConv2dSame, StdConv2d
+
+    for conv, why in ((ScaledStdConv2dSame(8, 8, 3), "gain.*standardised"),
+                      (StdConv2d(8, 8, 3), "standardised over their input channels")):
+        model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), conv, nn.ReLU(), nn.Conv2d(8, 4, 1))
+        for engine in ("auto", "pccfast", "torch_pruning"):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with pytest.raises(ValueError, match=rf"cannot prune through 2 "
+                                                     rf"\({type(conv).__name__}\): .*{why}.*"
+                                                     r"register a rule"):
+                    build_graph(model, (1, 3, 16, 16), engine=engine)
+
+
+@pytest.mark.parametrize("name, refused", [("ghostnet_100", "conv_stem"), ("cspresnet50", None)])
+def test_timm_models_prune_through_torch_pruning(name, refused, tmp_path):
+    """ghostnet_100's ghost modules (a concat cut back by a slice) and cspresnet50's
+    cross-stage splits go to Torch-Pruning; groups it refuses to halve are kept with that
+    reason (issue 20: the build-time cost probe raised a bare "refuses to prune conv_stem" out
+    of CICollector.update), the rest meet the target."""
+    timm = pytest.importorskip("timm")
+    pytest.importorskip("torch_pruning")
+    from pccfast.prune.plan import BUDGET_TOLERANCE
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=10)
+    size, images = (1, 3, 32, 32), torch.randn(2, 3, 32, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        col = pccfast.CICollector(model, progress=False)
+        col.update(images)
+        graph = build_graph(model, size)
+        assert graph.engine == "torch_pruning"
+        if refused:
+            assert "Torch-Pruning refuses to prune it to" in graph.group(refused).reason
+        pruned, plan = pccfast.prune(model, col.scores(), target_flops=0.5, input_size=size)
+    col.remove()
+    assert abs(plan.removed["flops"] - 0.5) <= BUDGET_TOLERANCE
+    counted = pccfast.count(pruned, size)
+    assert (counted["flops"], counted["params"]) == (plan.after["flops"], plan.after["params"])
+    pccfast.save(pruned, tmp_path / "pruned.pt")
+    loaded = pccfast.load(tmp_path / "pruned.pt", allow_pickle=True)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(images), pruned.eval()(images), rtol=0, atol=0)
+
+
+def test_a_channel_split_is_refused_where_it_happens():
+    """mixnet_s splits its channels among convs of several kernel sizes: pccfast's graph names
+    the split; through Torch-Pruning no group is both scored and allowed to halve, so pruning
+    is refused with the reasons counted, instead of a raw RuntimeError (issue 20)."""
+    timm = pytest.importorskip("timm")
+    pytest.importorskip("torch_pruning")
+    model = timm.create_model("mixnet_s", pretrained=False, num_classes=10)
+    size = (1, 3, 32, 32)
+    with pytest.raises(ValueError, match=r"cannot prune through blocks\.1\.0\.conv_pw: "
+                                         r"split .*splits the channels"):
+        build_graph(model, size, engine="pccfast")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        col = pccfast.CICollector(model, progress=False)
+        col.update(torch.randn(1, 3, 32, 32))
+        with pytest.raises(ValueError, match=r"has no prunable layer.*torch_pruning engine.*"
+                                             r"Torch-Pruning refuses to prune it to"):
+            pccfast.prune(model, col.scores(), target_flops=0.5, input_size=size)
+    col.remove()
+
+
+def test_nfnet_is_refused_clearly():
+    timm = pytest.importorskip("timm")
+    pytest.importorskip("torch_pruning")
+    model = timm.create_model("nfnet_l0", pretrained=False, num_classes=10)
+    col = pccfast.CICollector(model, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match=r"cannot prune through stem\.conv1 "
+                                             r"\(ScaledStdConv2d\).*gain"):
+            col.update(torch.randn(1, 3, 32, 32))
+    col.remove()
+
+
 # ----------------------------------------------------------------------------- block kinds
 def direct_ci(model, module, images, fn=lambda t: t):
     """Mean CI per channel of ``fn(output of module)``, from a hook of the test's own."""
@@ -529,6 +650,17 @@ def small_swin():
                            window_size=[4, 4], num_classes=10)
 
 
+def small_swin_v2():
+    """Swin V2: post-norm blocks, cosine attention with a continuous position bias (cpb_mlp, a
+    small MLP on a table of coordinates: a fixed cost, not a channel group)."""
+    from torchvision.models.swin_transformer import (PatchMergingV2, SwinTransformer,
+                                                     SwinTransformerBlockV2)
+
+    return SwinTransformer(patch_size=[4, 4], embed_dim=24, depths=[2, 2], num_heads=[2, 2],
+                           window_size=[4, 4], num_classes=10, block=SwinTransformerBlockV2,
+                           downsample_layer=PatchMergingV2)
+
+
 TRANSFORMERS = {  # model, its MLP hidden groups, the GELU of the first, its map as (N, C, H, W)
     "vit": (small_vit, ["encoder.layers.encoder_layer_0.mlp.0",
                         "encoder.layers.encoder_layer_1.mlp.0"],
@@ -536,6 +668,9 @@ TRANSFORMERS = {  # model, its MLP hidden groups, the GELU of the first, its map
     "swin": (small_swin, ["features.1.0.mlp.0", "features.1.1.mlp.0", "features.3.0.mlp.0",
                           "features.3.1.mlp.0"],
              lambda m: m.features[1][0].mlp[1], lambda t: t.permute(0, 3, 1, 2)),
+    "swin_v2": (small_swin_v2, ["features.1.0.mlp.0", "features.1.1.mlp.0",
+                                "features.3.0.mlp.0", "features.3.1.mlp.0"],
+                lambda m: m.features[1][0].mlp[1], lambda t: t.permute(0, 3, 1, 2)),
 }
 
 
@@ -608,6 +743,27 @@ def test_torchvision_transformers_prune_to_a_reachable_target(name, kwargs, size
     with pytest.raises(ValueError, match=r"cannot be met.*only the MLP hidden units"):
         pccfast.prune(model, random_scores(build_graph(model, (1, 3, size, size))),
                       target_flops=0.95, input_size=(1, 3, size, size))
+
+
+@pytest.mark.parametrize("name, kwargs", [
+    ("vit_tiny_patch16_224", {"depth": 2}), ("deit_tiny_patch16_224", {"depth": 2}),
+    ("swin_tiny_patch4_window7_224", {"depths": (1, 1, 1, 1), "num_heads": (1, 2, 4, 8)})])
+def test_timm_transformers_prune_their_mlps_at_224(name, kwargs, tmp_path):
+    """timm's ViT, DeiT and Swin (fewer blocks, to stay cheap): the MLP hidden units (timm's
+    Mlp: fc1, act, fc2) are scored and pruned on pccfast's own graph; attention is kept and
+    counted (fused qkv, QK^T and AV)."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=10, **kwargs)
+    size = (1, 3, 224, 224)
+    graph = build_graph(model, size, engine="pccfast")
+    assert graph.prunable and all(g.name.endswith("mlp.fc1") for g in graph.prunable)
+    assert "attention layers: only the MLP hidden units are pruned" in graph.limits
+    counted = pccfast.count(model, size)
+    assert graph.cost({}) == {k: counted[k] for k in ("params", "flops", "flops_bn")}
+    readme_flow(model, 224, tmp_path, target=0.25)
+    with pytest.raises(ValueError, match=r"cannot be met.*only the MLP hidden units"):
+        pccfast.prune(model, random_scores(graph), target_flops=0.95, input_size=size)
 
 
 @pytest.mark.parametrize("kind", list(TRANSFORMERS))

@@ -134,7 +134,7 @@ def test_grey_28x28_models_prune_and_save(tmp_path):
 
 
 def test_state_dict_of_another_width_is_one_line_naming_the_shapes():
-    from pccfast.models._common import load_state_checked
+    from pccfast._modules import load_state_checked
 
     small, wide = vgg16_cifar(width=0.125), vgg16_cifar(width=0.25)
     with pytest.raises(ValueError) as exc:

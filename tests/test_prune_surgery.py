@@ -169,9 +169,12 @@ def test_unsupported_layer_is_named_and_torch_pruning_takes_over():
 
 
 def test_unsupported_layer_without_torch_pruning(monkeypatch):
-    from pccfast.prune import tp_engine
+    import dataclasses
 
-    monkeypatch.setattr(tp_engine, "torch_pruning_missing", lambda: "Torch-Pruning is not installed")
+    from pccfast.prune import engines
+
+    monkeypatch.setattr(engines, "TORCH_PRUNING", dataclasses.replace(
+        engines.TORCH_PRUNING, missing=lambda: "Torch-Pruning is not installed"))
     with pytest.raises(UnsupportedLayerError, match="flip.*not installed"):
         build_graph(FlipNet(), (1, 3, 8, 8))
 

@@ -11,7 +11,10 @@
 #       and ResNet-50 at 224px batch 128 (target: at most 1.15x the step without PCC);
 #     - CI for the VGG-16-CIFAR and ResNet-50 scored shapes: CUDA fast path vs CPU vs brute force,
 #       the end-to-end CICollector pass over 640 ResNet-50 images (target under 10 s),
-#       and the batched Jacobi eigensolver vs torch.linalg.eigh.
+#       and the batched Jacobi eigensolver vs torch.linalg.eigh;
+#     - FLOPs removed vs time saved (benchmarks/speedup_table.py): pruned VGG-16, ResNet-56,
+#       ResNet-50, MobileNetV2, EfficientNet-B0 vs their originals, with and without round_to,
+#       batch 1 and 64, CUDA events, bf16, channels_last.
 #
 #   usage (from the repository root):  bash benchmarks/gpu/check.sh [--dry-run]
 #   Tables and logs go to $OUT when it is set (the device tool's output folder), else to
@@ -62,6 +65,7 @@ if [[ $DRY -eq 1 ]]; then
   step bench_train_step 300 "$PY" benchmarks/gpu/bench_train_step.py --dry-run
   step bench_train_step_vgg 300 "$PY" benchmarks/gpu/bench_train_step.py --dry-run \
     --model vgg16_cifar
+  step speedup_table 300 "$PY" benchmarks/speedup_table.py --dry-run --out "$OUTDIR/speedup.md"
   exit $status
 fi
 
@@ -81,6 +85,8 @@ step bench_train_step 75 "$PY" benchmarks/gpu/bench_train_step.py --model resnet
 step bench_train_step_vgg 45 "$PY" benchmarks/gpu/bench_train_step.py --model vgg16_cifar \
   --batch 256 --size 32 --backends triton,torch --steps 8 --rounds 2
 step bench_ci 90 "$PY" benchmarks/gpu/bench_ci.py --repeats 2 --brute-images 1 --out "$OUTDIR/ci_gpu.md"
+step speedup_table 90 "$PY" benchmarks/speedup_table.py --device cuda --dtype bfloat16 \
+  --channels-last --round-to 1,8,32 --out "$OUTDIR/speedup_gpu.md"
 step gpu_sweep 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider -k against_reference_on_gpu \
   tests/test_pcc_triton.py
 echo "=== done: exit $status after ${SECONDS}s (tables above; logs in $OUTDIR)"

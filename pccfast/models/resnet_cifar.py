@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..prune.graph_types import Port
+from ..prune.layer_rules import register_layer
 from ._common import channel_kwargs, checked_channels, init_resnet_weights, record_recipe, scaled
 
 
@@ -49,6 +51,42 @@ class PadShortcut(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, stride={self.stride}, "
                 f"mapped={self.source.numel()}")
+
+    def keep(self, kept_in: torch.Tensor | None, kept_out: torch.Tensor | None) -> None:
+        """Keeps the pairs (source -> target) whose both ends survive the pruning of its input
+        (``kept_in``) and output (``kept_out``) channels (None: all kept), renumbered."""
+        in_pos = torch.full((self.in_channels,), -1, dtype=torch.long)
+        out_pos = torch.full((self.out_channels,), -1, dtype=torch.long)
+        kept_in = torch.arange(self.in_channels) if kept_in is None else kept_in
+        kept_out = torch.arange(self.out_channels) if kept_out is None else kept_out
+        in_pos[kept_in] = torch.arange(kept_in.numel())
+        out_pos[kept_out] = torch.arange(kept_out.numel())
+        source, target = in_pos[self.source.cpu()], out_pos[self.target.cpu()]
+        both = (source >= 0) & (target >= 0)
+        device = self.source.device
+        self.source = source[both].to(device)
+        self.target = target[both].to(device)
+        self.in_channels = kept_in.numel()
+        self.out_channels = kept_out.numel()
+
+
+def _shortcut_graph(builder, n) -> None:
+    """In pccfast's pruning graph, the shortcut reads one group and writes another (channel
+    ``c`` to ``c + pad``), so the two stages' streams stay separate groups."""
+    if n.xl is None:
+        raise n.error("its input has no channel group")
+    g = builder.single(n.xl, n)
+    out = builder.new_group(n.module.out_channels, "conv", n)
+    builder.group(g).consumers.append(Port(n.node.target, "shortcut_in"))
+    builder.group(out).producers.append(Port(n.node.target, "shortcut_out"))
+    builder.write(n, out)
+
+
+def _shortcut_slice(module: PadShortcut, kept: dict) -> None:
+    module.keep(kept.get("shortcut_in"), kept.get("shortcut_out"))
+
+
+register_layer(PadShortcut, graph=_shortcut_graph, slice=_shortcut_slice, leaf=True)
 
 
 class BasicBlock(nn.Module):

@@ -34,12 +34,6 @@ LOWER_EXTENSION = 20.0
 _CHUNK_ELEMENTS = 8 * 1024 * 1024
 
 
-def as_image_rows(fmaps: torch.Tensor) -> torch.Tensor:
-    """(N, C, H, W) -> (N, C, P) float64 (rows = channels, P = H*W)."""
-    n, c, h, w = fmaps.shape
-    return fmaps.reshape(n, c, h * w).to(torch.float64)
-
-
 def spectral_weights(a: torch.Tensor):
     """The eigen-quantities of G = A A^T, from the Gram matrix on the small side.
 

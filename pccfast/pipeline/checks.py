@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..models._common import eval_mode, load_state_checked
+from .._modules import eval_mode, load_state_checked
 from ..plotting import plots_missing
 
 TRAINING_COMMANDS = ("run", "demo", "train")  # commands whose first stage is (pre-)training

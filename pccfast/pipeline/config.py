@@ -9,7 +9,7 @@ name the section and the keys it knows.
     [pretrain]  TrainConfig fields (epochs, batch_size, lr, warmup_epochs, amp, ...)
     [pcc]       weight, mode, orientation, group, penalty, backend
     [ci]        criterion (ci, l1, hrank, taylor, random), images, batch_size
-    [prune]     one of rates, tau, target_flops, target_params; bn_images
+    [prune]     one of rates, tau, target_flops, target_params; bn_images, round_to, speed
     [finetune]  TrainConfig fields
     [run]       baseline, device, seed
 """
@@ -96,8 +96,18 @@ class PruneSection:
     # > 0: also report pruned_bn_acc, the pruned model's accuracy with its BatchNorm statistics
     # re-estimated on this many training images (the saved model and fine-tuning are unchanged)
     bn_images: int = 0
+    round_to: int = 1  # every pruned group keeps a multiple of this many channels
+    # measure the pruned model's CPU speed-up over the original (a second or two at batch 1)
+    speed: bool = True
 
     def __post_init__(self):
+        from ..prune.plan import check_round_to
+
+        try:
+            check_round_to(self.round_to)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"prune.{exc}") from None
+        _check_bool("prune.speed", self.speed)
         if isinstance(self.bn_images, bool) or not isinstance(self.bn_images, int) \
                 or self.bn_images < 0:
             raise ValueError(f"prune.bn_images must be a non-negative integer, "

@@ -39,9 +39,10 @@ STAGE_FILES = {"baseline": ("baseline.pt",), "pretrain": ("pretrained.pt",),
 STAGE_SUMMARY = {
     "baseline": ("baseline_acc",),
     "pretrain": ("pcc_acc", "pcc_weight", "params_before", "flops_before"),
-    "ci": ("ci_images", "ci_layers"),
+    "ci": ("ci_images", "ci_layers", "ci_criterion"),
     "prune": ("pruned_acc", "pruned_bn_acc", "params_removed", "flops_removed", "params_after",
-              "flops_after", "criterion"),
+              "flops_after", "budget", "criterion", "speedup_cpu", "speedup_cpu_q1",
+              "speedup_cpu_q3", "speedup_cpu_batch", "speedup_cpu_threads", "latency_cpu_ms"),
     "finetune": ("finetuned_acc",),
 }
 REPORT_FILES = ("report.md", "plots/training_curves.png", "plots/ci_distribution.png",

@@ -29,7 +29,7 @@ OWN_SECTIONS = {"baseline": ("pretrain",), "pretrain": ("pretrain", "pcc"), "ci"
 COMMON_SECTIONS = ("data", "model", "run")
 # speed, placement or bookkeeping only: a resume may change them
 IGNORED = frozenset({"data.workers", "data.download", "run.device", "run.baseline",
-                     "pcc.backend", "pretrain.compile", "finetune.compile"})
+                     "pcc.backend", "pretrain.compile", "finetune.compile", "prune.speed"})
 # the command that (re)makes each stage's outputs
 COMMAND = {"baseline": "train", "pretrain": "train", "ci": "ci", "prune": "prune",
            "finetune": "finetune"}

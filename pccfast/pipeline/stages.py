@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ..models._common import RECIPE_ATTRIBUTE
+from ..speed import speedup_summary
 from ..train import distributed as dist_utils
 from ..train.checkpoint import load_checkpoint
 from ..train.distributed import DistEnv
@@ -323,8 +324,11 @@ class Pipeline:
         if self.env.is_main:
             self.folder.invalidate("prune")
             scores = self.read_scores()
+            model = self._load(source)
             pruned, plan, before, after = steps.prune_model(
-                self._load(source), scores, self.data.input_size, budget)
+                model, scores, self.data.input_size, budget, round_to=self.cfg.prune.round_to)
+            speed = (speedup_summary(model, pruned, self.data.input_size)
+                     if self.cfg.prune.speed else {})
             save_model(pruned.cpu(), self.folder.model_path("prune"))
             save_json(self.folder.path("plan.json"),
                       {**_plan_json(plan), "criterion": self.cfg.ci.criterion})
@@ -340,7 +344,7 @@ class Pipeline:
                        flops_removed=removed(before, after, "flops"),
                        params_before=before["params"], flops_before=before["flops"],
                        params_after=after["params"], flops_after=after["flops"],
-                       budget=budget)
+                       budget=budget, **speed)
             self.folder.update_summary(seconds={"prune": seconds}, **out)
             self._record("prune")
             bn = out["pruned_bn_acc"]

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
+from .._modules import load_state_checked
 from ..io import read_torch_file
-from ..models._common import RECIPE_ATTRIBUTE, load_state_checked, record_description
+from ..models._common import RECIPE_ATTRIBUTE, record_description
 from ..train import distributed as dist_utils
 from ..train.loop import evaluate
 
@@ -165,16 +166,18 @@ def read_scores(path, criterion: str | None = None) -> tuple[dict, dict]:
 
 
 # ----------------------------------------------------------------------------- pruning
-def prune_model(model, scores: dict, input_size, budget: dict):
+def prune_model(model, scores: dict, input_size, budget: dict, round_to: int = 1):
     """A pruned copy of ``model`` -> (pruned, plan, counts before, counts after).
 
     budget: the keyword arguments of :func:`pccfast.prune` that say how much to remove
-    (``{"target_flops": 0.846}``, ``{"rates": "...", "target_flops": ...}``, ``{"tau": 0.6}``)."""
+    (``{"target_flops": 0.846}``, ``{"rates": "...", "target_flops": ...}``, ``{"tau": 0.6}``);
+    round_to: every pruned group keeps a multiple of this many channels."""
     from ..prune.pruner import prune
 
     model = copy.deepcopy(model).cpu().eval()
     before = count(model, input_size)
-    pruned, plan = prune(model, scores, input_size=tuple(input_size), **budget)
+    pruned, plan = prune(model, scores, input_size=tuple(input_size), round_to=round_to,
+                         **budget)
     return pruned, plan, before, count(pruned, input_size)
 
 

@@ -1,23 +1,24 @@
 """Structured pruning by channel independence, in the four parts Torch-Pruning keeps apart:
 
-- :mod:`~pccfast.prune.graph`: which channels move together (convs, BN, residual streams);
+- :mod:`~pccfast.prune.graph`: which channels move together (convs, BN, residual streams):
+  :func:`build_graph` picks the engine (:mod:`~pccfast.prune.engines`: pccfast's own,
+  :mod:`~pccfast.prune.fx_graph` with :mod:`~pccfast.prune.layer_rules`, or Torch-Pruning's,
+  :mod:`~pccfast.prune.tp_engine`), and the graph remembers it for the surgery;
 - :mod:`~pccfast.prune.scores`: :class:`CICollector`, CI over calibration data, and
   :class:`ScoreCollector` for the other criteria (:mod:`~pccfast.prune.criteria`: l1, hrank,
   taylor, random);
 - :mod:`~pccfast.prune.plan`: how many and which channels (rate lists, tau, budgets);
 - :mod:`~pccfast.prune.surgery`: the physical removal;
-plus :mod:`~pccfast.prune.counting` (params/FLOPs), :mod:`~pccfast.prune.tp_engine`
-(Torch-Pruning for models outside the zoo) and :mod:`~pccfast.prune.tp_importance` (CI as a
-Torch-Pruning importance).
+plus :mod:`~pccfast.prune.counting` (params/FLOPs), :mod:`~pccfast.prune.pruner` (the four in
+one call) and :mod:`~pccfast.prune.tp_importance` (CI as a Torch-Pruning importance).
 
-This package is also callable: ``pccfast.prune(model, scores, rates=...)`` is
-:func:`pccfast.prune.pruner.prune`, so ``pccfast.prune.Plan`` and ``pccfast.prune(...)`` both work.
+``pccfast.prune(model, scores, rates=...)`` calls :func:`pccfast.prune.pruner.prune` (also
+``pccfast.prune.prune``): the attribute ``pccfast.prune`` is a small callable whose other names
+are this package's (:mod:`pccfast.prune_entry`), so ``pccfast.prune.Plan`` and
+``pccfast.prune(...)`` both work.
 """
 
 from __future__ import annotations
-
-import sys
-import types
 
 from .counting import count
 from .criteria import CRITERIA
@@ -48,13 +49,3 @@ __all__ = [
     "rate_layout",
     "save_scores",
 ]
-
-
-class _CallablePackage(types.ModuleType):
-    """Lets ``pccfast.prune(...)`` call :func:`prune` while ``pccfast.prune.*`` stays a package."""
-
-    def __call__(self, *args, **kwargs):
-        return prune(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallablePackage

@@ -4,7 +4,8 @@
   projections (BatchNorm excluded);
 - ``params_all``: every parameter of the model (BN included; torchvision's 25.56M for ResNet-50);
 - ``flops``: multiply-accumulates (MACs) of Conv and Linear layers, biases not counted, and of
-  attention layers (``nn.MultiheadAttention``, torchvision's Swin window attention): their
+  attention layers (``nn.MultiheadAttention``, torchvision's Swin window attention, timm's ViT
+  and Swin attention): their
   q/k/v and output projections and the two token-by-token products (``QK^T`` and ``AV``),
   which run as functions, not Linear modules, so a hook on Linear alone would miss them;
 - ``flops_bn``: the BatchNorm layers' own operations, counted as thop does (2 per element of the
@@ -23,11 +24,11 @@ import torch
 from torch import nn
 
 from .._hooks import marked
-from ..models._common import eval_mode, unwrap_parallel
+from .._modules import eval_mode, unwrap_parallel
 
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d) + _TRANSPOSED
-_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+COUNTED_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d) + _TRANSPOSED
+COUNTED_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 def check_input_size(input_size) -> tuple[int, ...]:
@@ -49,9 +50,32 @@ def is_window_attention(module: nn.Module) -> bool:
             and type(module).__name__.startswith("ShiftedWindowAttention"))
 
 
+def is_token_attention(module: nn.Module) -> bool:
+    """timm's ViT/DeiT ``Attention`` and Swin ``WindowAttention`` on ``(N, tokens, C)``: their
+    projections are Linear modules (counted as such), the ``QK^T`` and ``AV`` products run as
+    functions (counted by :func:`attention_products`)."""
+    return (type(module).__module__.startswith("timm.")
+            and type(module).__name__ in ("Attention", "WindowAttention")
+            and isinstance(getattr(module, "qkv", None), nn.Linear)
+            and isinstance(getattr(module, "proj", None), nn.Linear))
+
+
+def attention_products(module: nn.Module, shape) -> int:
+    """MACs of ``QK^T`` and ``AV`` of a token attention on ``(N, tokens, C)`` (per window for
+    Swin: N counts the windows)."""
+    n, tokens = shape[0], shape[1]
+    return 2 * n * tokens * tokens * (module.qkv.out_features // 3)
+
+
 def attention_cost(module: nn.Module, shapes) -> tuple[int, int]:
     """(params, MACs) of one attention call on inputs of ``shapes`` (query, key, value for
     ``nn.MultiheadAttention``; ``(N, H, W, C)`` for Swin): projections, ``QK^T`` and ``AV``."""
+    if is_token_attention(module):
+        linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+        tokens = math.prod(shapes[0][:-1])
+        params = sum(p.numel() for m in linears for p in m.parameters(recurse=False))
+        macs = tokens * sum(m.in_features * m.out_features for m in linears)
+        return params, macs + attention_products(module, shapes[0])
     if isinstance(module, nn.MultiheadAttention):
         q, k = shapes[0], shapes[1] if len(shapes) > 1 else shapes[0]
         v = shapes[2] if len(shapes) > 2 else k
@@ -76,7 +100,7 @@ def layer_params(model: nn.Module) -> int:
     """Weights and biases of the Conv and Linear layers and of the attention projections."""
     total = 0
     for module in model.modules():
-        if isinstance(module, _CONVS + (nn.Linear,)):
+        if isinstance(module, COUNTED_CONVS + (nn.Linear,)):
             total += sum(p.numel() for p in module.parameters(recurse=False))
         elif isinstance(module, nn.MultiheadAttention):  # in_proj_weight: no Linear module
             total += sum(p.numel() for p in module.parameters(recurse=False))
@@ -105,23 +129,27 @@ def count(model: nn.Module, input_size=(1, 3, 32, 32), device=None) -> dict[str,
             totals["flops"] += output.numel() * module.in_features
         elif isinstance(module, _TRANSPOSED):  # every input element meets out/groups kernels
             totals["flops"] += args[0].numel() * math.prod(module.weight.shape[1:])
-        elif isinstance(module, _CONVS):  # every output element costs its fan-in
+        elif isinstance(module, COUNTED_CONVS):  # every output element costs its fan-in
             totals["flops"] += output.numel() * math.prod(module.weight.shape[1:])
-        elif isinstance(module, _NORMS):
+        elif isinstance(module, COUNTED_NORMS):
             totals["flops_bn"] += 2 * output.numel()
 
     @marked
     def attention_hook(module, args, kwargs, output):
         names = ("query", "key", "value") if isinstance(module, nn.MultiheadAttention) else ("x",)
         inputs = list(args) + [kwargs[n] for n in names[len(args):] if n in kwargs]
-        totals["flops"] += attention_cost(module, [tuple(a.shape) for a in inputs[:3]
-                                                   if isinstance(a, torch.Tensor)])[1]
+        shapes = [tuple(a.shape) for a in inputs[:3] if isinstance(a, torch.Tensor)]
+        if is_token_attention(module):  # its projections are counted as Linear modules
+            totals["flops"] += attention_products(module, shapes[0])
+        else:
+            totals["flops"] += attention_cost(module, shapes)[1]
 
     handles = [m.register_forward_hook(hook) for m in model.modules()
-               if isinstance(m, _CONVS + (nn.Linear,) + _NORMS)]
+               if isinstance(m, COUNTED_CONVS + (nn.Linear,) + COUNTED_NORMS)]
     handles += [m.register_forward_hook(attention_hook, with_kwargs=True)
                 for m in model.modules()
-                if isinstance(m, nn.MultiheadAttention) or is_window_attention(m)]
+                if isinstance(m, nn.MultiheadAttention) or is_window_attention(m)
+                or is_token_attention(m)]
     try:
         with eval_mode(model), torch.no_grad():
             model(torch.randn(input_size, device=device))

@@ -12,6 +12,13 @@ Keep counts come from one of:
 
 Which channels: the ``k`` highest mean CI, ties to the lower index, kept in original order.
 
+``round_to=N`` (Torch-Pruning's name) makes every pruned group keep a multiple of ``N`` channels
+(at least ``N``; a group narrower than that, or one whose rounded count reaches its width, stays
+whole): GPU and CPU kernels run fastest on channel counts that fill their vector lanes and
+tiles. Counts round *up* (a rate removes at most its fraction, tau's CI share is still reached);
+a grouped conv keeps whole groups (steps of ``lcm(N, groups)``). Budgets search over the rounded
+counts, so they are met, or refused with the reachable range, as without rounding.
+
 Rate lists follow CHIP's layout. Plain chains (VGG): one entry per prunable conv in order
 (VGG-16: 12, the last conv feeds the classifier and stays). Residual networks: one entry for
 the stem, one per prunable stage stream, one per residual block (shared by the block's inner
@@ -210,14 +217,52 @@ def keep_from_rate(width: int, rate: float) -> int:
     return max(1, min(width, int(width * (1 - rate))))
 
 
-def keep_from_rates(graph, rates) -> tuple[dict[str, int], list[float]]:
+def keep_from_rates(graph, rates, round_to: int = 1) -> tuple[dict[str, int], list[float]]:
     slots = rate_layout(graph)
     values = _check_rates(rates, slots, type(graph.model).__name__)
     keep = {}
     for slot, rate in zip(slots, values):
         for name in slot.groups:
             keep[name] = keep_from_rate(graph.group(name).width, rate)
-    return keep, values
+    return rounded(graph, keep, round_to), values
+
+
+# ----------------------------------------------------------------------------- round_to
+def check_round_to(round_to) -> int:
+    """``round_to`` as a positive int, or a ValueError/TypeError naming it."""
+    if isinstance(round_to, bool) or not isinstance(round_to, int):
+        raise TypeError(f"round_to must be a positive integer (channels), got "
+                        f"{type(round_to).__name__} {round_to!r}")
+    if round_to < 1:
+        raise ValueError(f"round_to must be a positive integer (channels), got {round_to}")
+    return round_to
+
+
+def round_step(group, round_to: int) -> int:
+    """The channel step of a group's keep count: ``round_to``, widened to whole conv groups."""
+    return math.lcm(round_to, group.chunks)
+
+
+def round_keep_to(group, k: int, round_to: int) -> int:
+    """``k`` rounded up to a multiple of :func:`round_step` (at least one step), capped at the
+    group's width (the group then stays whole)."""
+    step = round_step(group, round_to)
+    return min(group.width, max(step, -(-int(k) // step) * step))
+
+
+def step_keep(group, k: int, sign: int, round_to: int) -> int | None:
+    """The next keep count below (``sign`` -1) or above (+1) ``k`` on the group's
+    :func:`round_step` grid (the full width counts as on it); None past either end."""
+    step = round_step(group, round_to)
+    new = (k - 1) // step * step if sign < 0 else min(group.width, (k // step + 1) * step)
+    return new if step <= new <= group.width and new != k else None
+
+
+def rounded(graph, keep: dict[str, int], round_to: int) -> dict[str, int]:
+    """Every keep count of ``keep`` through :func:`round_keep_to`."""
+    if round_to == 1:
+        return dict(keep)
+    return {name: round_keep_to(graph.group(name), k, round_to) for name, k in keep.items()}
 
 
 # ----------------------------------------------------------------------------- scores
@@ -303,11 +348,12 @@ def _bisect(evaluate, lo: float, hi: float, target: float, increasing: bool, ste
     return best
 
 
-def keep_for_budget(graph, scores, metric: str, target: float, rates=None):
+def keep_for_budget(graph, scores, metric: str, target: float, rates=None, round_to: int = 1):
     """Keep counts removing ``target`` of ``metric`` ("params" or "flops") within the tolerance.
 
     Without rates: searches tau. With rates: scales them by a global factor (each scaled rate
-    capped so that a layer keeps at least one channel). Returns
+    capped so that a layer keeps at least one channel). Counts are rounded (``round_to``)
+    inside the search, so the budget is met by the rounded counts. Returns
     ``(keep, setting)`` where setting records the tau or scale found.
     """
     before = graph.cost({})
@@ -317,6 +363,7 @@ def keep_for_budget(graph, scores, metric: str, target: float, rates=None):
 
         def evaluate(tau):
             keep = {n: keep_from_tau_cumulative(cumulative[n], tau) for n in prunable}
+            keep = rounded(graph, keep, round_to)
             return _removed(graph, keep, before, metric), keep
 
         removed, keep, tau = _bisect(evaluate, 0.0, 1.0, target, increasing=False)
@@ -325,7 +372,7 @@ def keep_for_budget(graph, scores, metric: str, target: float, rates=None):
             # tau moves every layer at once, in steps that can exceed the tolerance on a small
             # model: finish channel by channel, in the order tau itself would take them
             removed, keep, moved = _refine_by_channels(graph, keep, cumulative, metric, target,
-                                                       before)
+                                                       before, round_to)
             setting["channels_moved"] = moved
     else:
         slots = rate_layout(graph)
@@ -340,6 +387,7 @@ def keep_for_budget(graph, scores, metric: str, target: float, rates=None):
             for slot, rate in zip(slots, base):
                 for name in slot.groups:
                     keep[name] = keep_from_rate(graph.group(name).width, min(rate * scale, 1 - 1e-9))
+            keep = rounded(graph, keep, round_to)
             return _removed(graph, keep, before, metric), keep
 
         removed, keep, scale = _bisect(evaluate, 0.0, limit, target, increasing=True)
@@ -347,7 +395,8 @@ def keep_for_budget(graph, scores, metric: str, target: float, rates=None):
         if abs(removed - target) > BUDGET_TOLERANCE:
             # layers of one rate and width move together: finish channel by channel, in an
             # order that depends on the graph alone (the counts stay the same for any scores)
-            removed, keep, moved = _refine_by_channels(graph, keep, None, metric, target, before)
+            removed, keep, moved = _refine_by_channels(graph, keep, None, metric, target, before,
+                                                       round_to)
             setting["channels_moved"] = moved
     if abs(removed - target) > BUDGET_TOLERANCE:
         lo = evaluate(1.0 if rates is None else 0.0)[0]
@@ -375,9 +424,11 @@ def _critical_tau(cumulative: torch.Tensor, rank: int) -> float:
 
 
 def _refine_by_channels(graph, keep: dict[str, int], cumulative: dict | None, metric: str,
-                        target: float, before: dict, max_moves: int = 10_000):
-    """Moves single channels (a whole group chunk where a grouped conv needs it) from ``keep``
-    until ``target`` is met within the tolerance, or no move gets closer.
+                        target: float, before: dict, round_to: int = 1,
+                        max_moves: int = 10_000):
+    """Moves single channels (one step of :func:`step_keep`: ``round_to`` channels, or a whole
+    group chunk where a grouped conv needs it) from ``keep`` until ``target`` is met within the
+    tolerance, or no move gets closer.
 
     Each step takes a move that gets closer to the target, preferring one that lands within
     the tolerance, then the channel a tau plan would drop first (highest critical tau, see
@@ -387,15 +438,14 @@ def _refine_by_channels(graph, keep: dict[str, int], cumulative: dict | None, me
     -> (removed, keep, channels moved).
     """
     names = [g.name for g in graph.prunable]
-    keep = {n: graph.group(n).round_keep(keep[n]) for n in names}
+    keep = {n: round_keep_to(graph.group(n), keep[n], round_to) for n in names}
 
     def moves(state: dict[str, int], sign: int):
         """(new state, layer index, order key) for every one-step move; sign -1 removes."""
         out = []
         for i, n in enumerate(names):
-            g = graph.group(n)
-            k = state[n] + sign * g.chunks
-            if not g.chunks <= k <= g.width:
+            k = step_keep(graph.group(n), state[n], sign, round_to)
+            if k is None:
                 continue
             rank = state[n] - 1 if sign < 0 else state[n]  # the channel dropped / added
             critical = 0.0 if cumulative is None else _critical_tau(cumulative[n], rank)
@@ -457,6 +507,7 @@ class Plan:
     """What :func:`pccfast.prune` removed: JSON-serialisable, replayable on the same model.
 
     layers: every prunable group (width before/after, kept indices in original order).
+    round_to: every pruned group keeps a multiple of this many channels (1: any count).
     method / setting: how the counts were chosen (``rates``, ``tau``, ``target_flops``,
     ``target_params``; setting holds the rate list, tau, or the tau/scale a budget search found).
     before / after: :func:`pccfast.count` of the original and pruned model; removed: fractions.
@@ -472,6 +523,7 @@ class Plan:
     model: str = ""
     before: dict = field(default_factory=dict)
     after: dict = field(default_factory=dict)
+    round_to: int = 1
 
     @property
     def kept(self) -> dict[str, list[int]]:
@@ -495,6 +547,7 @@ class Plan:
             "engine": self.engine, "residual": self.residual,
             "prune_classifier_input": self.prune_classifier_input,
             "input_size": list(self.input_size), "method": self.method, "setting": self.setting,
+            "round_to": self.round_to,
             "before": self.before, "after": self.after, "removed": self.removed,
             "layers": [vars(layer).copy() for layer in self.layers],
         }
@@ -513,7 +566,8 @@ class Plan:
             layers = [LayerPlan(**layer) for layer in data["layers"]]
             return cls(layers, data["method"], data["setting"], tuple(data["input_size"]),
                        data["residual"], data["prune_classifier_input"], data["engine"],
-                       data.get("model", ""), data.get("before", {}), data.get("after", {}))
+                       data.get("model", ""), data.get("before", {}), data.get("after", {}),
+                       check_round_to(data.get("round_to", 1)))
         except (KeyError, TypeError) as exc:
             raise ValueError(f"malformed pccfast plan: {exc}") from exc
 
@@ -545,12 +599,15 @@ class Plan:
         return "\n".join(lines)
 
 
-def make_plan(graph, scores, *, rates=None, tau=None, target_flops=None, target_params=None) -> Plan:
+def make_plan(graph, scores, *, rates=None, tau=None, target_flops=None, target_params=None,
+              round_to: int = 1) -> Plan:
     """Chooses the kept channels of every prunable group of ``graph`` (see the module docstring).
 
     Exactly one of rates / tau / target_flops / target_params, or rates with one target (the
-    rates are then scaled by a global factor to meet it).
+    rates are then scaled by a global factor to meet it). ``round_to``: every pruned group keeps
+    a multiple of this many channels.
     """
+    round_to = check_round_to(round_to)
     targets = {k: v for k, v in (("flops", target_flops), ("params", target_params)) if v is not None}
     if len(targets) > 1:
         raise ValueError("give one of target_flops and target_params, not both")
@@ -571,16 +628,17 @@ def make_plan(graph, scores, *, rates=None, tau=None, target_flops=None, target_
     if targets:
         metric, target = next(iter(targets.items()))
         checked = check_scores(graph, scores, prunable)
-        keep, found = keep_for_budget(graph, checked, metric, float(target), rates)
+        keep, found = keep_for_budget(graph, checked, metric, float(target), rates, round_to)
         method, setting = f"target_{metric}", {f"target_{metric}": float(target), **found}
         if rates is not None:  # (one float is a rate for every layer)
             setting["rates"] = rates if isinstance(rates, (str, int, float)) else list(rates)
     elif tau is not None:
         checked = check_scores(graph, scores, prunable)
-        keep = {n: keep_from_tau(checked[n], float(tau)) for n in prunable}
+        keep = rounded(graph, {n: keep_from_tau(checked[n], float(tau)) for n in prunable},
+                       round_to)
         method, setting = "tau", {"tau": float(tau)}
     else:
-        keep, values = keep_from_rates(graph, rates)
+        keep, values = keep_from_rates(graph, rates, round_to)
         for slot, rate in zip(rate_layout(graph), values):
             for name in slot.groups:
                 slot_rate[name] = rate
@@ -596,4 +654,4 @@ def make_plan(graph, scores, *, rates=None, tau=None, target_flops=None, target_
                                 [s.name for s in g.sites], slot_rate.get(g.name)))
     return Plan(layers, method, setting, graph.input_size, graph.residual,
                 getattr(graph, "prune_classifier_input", False), graph.engine,
-                type(graph.model).__name__)
+                type(graph.model).__name__, round_to=round_to)

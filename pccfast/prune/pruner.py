@@ -5,8 +5,9 @@ from __future__ import annotations
 from torch import nn
 
 from .._checks import check_materialised
-from ..models._common import unwrap_parallel
-from .graph import build_graph
+from .._modules import unwrap_parallel
+from .counting import count
+from .engines import build_graph, engine_of
 from .plan import Plan, make_plan
 from .surgery import apply_plan, max_masked_difference
 from .ties import check_ties
@@ -19,7 +20,7 @@ def prune(model: nn.Module, scores: dict, *, rates=None, tau: float | None = Non
           target_flops: float | None = None, target_params: float | None = None,
           input_size=(1, 3, 32, 32), residual: str = "stream",
           prune_classifier_input: bool = False, engine: str = "auto",
-          verify: bool = True) -> tuple[nn.Module, Plan]:
+          verify: bool = True, round_to: int = 1) -> tuple[nn.Module, Plan]:
     """Removes the least independent channels; returns ``(pruned_model, plan)``.
 
     model: the trained network (left unchanged; the pruned one is a smaller copy; a DDP
@@ -37,6 +38,8 @@ def prune(model: nn.Module, scores: dict, *, rates=None, tau: float | None = Non
       (only the convs inside residual blocks).
     prune_classifier_input: also prune the channels the classifier reads (CHIP keeps them).
     engine: ``"auto"``, ``"pccfast"`` or ``"torch_pruning"`` (see :func:`build_graph`).
+    round_to: every pruned channel group keeps a multiple of this many channels (at least
+      that many; grouped convs keep whole groups): channel counts fast kernels prefer.
     verify: check on a random input that the pruned forward equals the original forward with
       the removed channels zeroed (two forward passes; raises RuntimeError if not).
 
@@ -53,14 +56,12 @@ def prune(model: nn.Module, scores: dict, *, rates=None, tau: float | None = Non
         raise ValueError(f"{type(model).__name__} has no prunable layer: "
                          f"{graph.why_nothing_to_score()}")
     plan = make_plan(graph, scores, rates=rates, tau=tau, target_flops=target_flops,
-                     target_params=target_params)
+                     target_params=target_params, round_to=round_to)
     pruned = apply_plan(model, plan, graph)
     check_ties(model, pruned)
     plan.before = _counts(graph, {}, model)
     plan.after = _counts(graph, plan.widths, pruned)
-    if graph.engine == "torch_pruning":  # the search's closed form, checked on the real model
-        from .counting import count
-
+    if not engine_of(graph).exact_cost:  # the search's closed form, checked on the real model
         counted = count(pruned, input_size)
         plan.after = {k: counted[k] for k in plan.after}
     if verify:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._checks import check_choice, check_float_tensor, check_materialised
-from ..models._common import eval_mode, unwrap_parallel
+from .._modules import eval_mode, unwrap_parallel
 from ..ops import backends
 from ..sites import Site, SiteHooks
 from .criteria import (DATA_FREE, check_criterion, filter_l1, per_image_scores, random_scores,

@@ -14,18 +14,73 @@ it disagrees (a layer it does not model) the search counts pruned copies instead
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
+import signal
+import threading
 import traceback
 
 import torch
 from torch import nn
 
 from .._hooks import clean_copy, marked
-from ..models._common import eval_mode
-from .counting import count
-from .graph import (ChannelGroup, Port, PruningGraph, TorchPruningFailure, UnsupportedLayerError,
-                    _build_fx_graph)
+from .._modules import eval_mode
+from .counting import COUNTED_CONVS, COUNTED_NORMS, count
+from .fx_graph import build_fx_graph
+from .fx_surgery import UNPRUNABLE_CONV_HINT, unprunable_conv, zeroing_hook
+from .graph_types import (ChannelGroup, Port, PruningGraph, TorchPruningFailure,
+                          UnsupportedLayerError)
+
+
+# Torch-Pruning's grouping can run for hours on some graphs (torchvision's swin_v2_s, timm's
+# coatnet_0_rw_224: _fix_dependency_graph_non_recursive): the fallback gives up after this long.
+TIME_LIMIT_S = 120.0
+
+
+class _TimeUp(BaseException):
+    """The alarm (a BaseException, so Torch-Pruning's and our ``except Exception`` pass it)."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float, model_name: str):
+    """Raises :class:`TorchPruningFailure` when the block runs past ``seconds``. The bound
+    needs SIGALRM, so it holds in the main thread of a Unix process; elsewhere (other threads,
+    Windows, a timer already set by the caller) the block runs unbounded."""
+    usable = (hasattr(signal, "setitimer") and seconds and seconds > 0
+              and threading.current_thread() is threading.main_thread()
+              and signal.getitimer(signal.ITIMER_REAL)[0] == 0)
+    if not usable:
+        yield
+        return
+
+    late, active = [], [True]
+
+    def alarm(signum, frame):
+        late.append(True)
+        if active[0]:
+            raise _TimeUp
+
+    def stop():
+        active[0] = False
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    # Repeats: an alarm raised inside a finaliser is swallowed by Python, so it comes again.
+    signal.setitimer(signal.ITIMER_REAL, seconds, min(seconds, 1.0))
+    try:
+        try:
+            yield
+        finally:
+            stop()
+    except _TimeUp:  # from the block, or (rarely) from stop() itself
+        stop()
+    if late:  # also when the block finished after a swallowed alarm: past the limit either way
+        raise TorchPruningFailure(
+            f"Torch-Pruning did not finish grouping {model_name}'s layers within {seconds:g} s "
+            "(pccfast.prune.tp_engine.TIME_LIMIT_S)",
+            f"no result within {seconds:g} s; pccfast.prune.tp_engine.TIME_LIMIT_S bounds it")
 
 
 def torch_pruning_missing() -> str:
@@ -99,7 +154,7 @@ def _failure(model: nn.Module, input_size, exc: Exception, doing: str) -> TorchP
     detail = f"{type(exc).__name__}{where} while {doing}"
     part = ""
     try:
-        _build_fx_graph(model, input_size, "stream", False)
+        build_fx_graph(model, input_size, "stream", False)
     except UnsupportedLayerError as stop:
         part = f"; pccfast's own pruner stops at {stop.layer} ({stop.what}): {stop.why}"
     except Exception:  # the model does not trace: Torch-Pruning's detail is all there is
@@ -190,7 +245,11 @@ class TPGraph(PruningGraph):
         if key not in self._costs:
             kept = {k: torch.arange(v) for k, v in key}
             pruned = apply_tp_plan(self.model, self, kept) if kept else self.model
-            counts = count(pruned, self.input_size)
+            try:
+                counts = count(pruned, self.input_size)
+            except Exception as exc:  # mixnet's split sizes: Torch-Pruning left them whole
+                raise _failure(self.model, self.input_size, exc,
+                               "running a copy it pruned") from exc
             self._costs[key] = {"params": counts["params"], "flops": counts["flops"],
                                 "flops_bn": counts["flops_bn"]}
         return dict(self._costs[key])
@@ -200,10 +259,9 @@ def _layer_shapes(model: nn.Module, input_size) -> list[tuple] | None:
     """(name, kind, in, out, groups, weights per in/out pair, bias, output positions over the
     calls) of every Conv2d, Linear and BatchNorm :func:`pccfast.count` counts; None when the
     model has other layers count() counts (its closed form would miss them)."""
-    from .counting import _CONVS, _NORMS
-
     names = {m: n for n, m in model.named_modules()}
-    if any(isinstance(m, _CONVS + _NORMS) and not isinstance(m, (nn.Conv2d, nn.BatchNorm2d))
+    if any(isinstance(m, COUNTED_CONVS + COUNTED_NORMS)
+           and not isinstance(m, (nn.Conv2d, nn.BatchNorm2d))
            or isinstance(m, nn.MultiheadAttention) for m in model.modules()):
         return None
     positions: dict[str, int] = {}
@@ -241,6 +299,16 @@ def _layer_shapes(model: nn.Module, input_size) -> list[tuple] | None:
 
 def build_tp_graph(model: nn.Module, input_size, residual: str = "stream",
                    prune_classifier_input: bool = False) -> TPGraph:
+    for name, module in model.named_modules():  # Torch-Pruning slices them as plain convs
+        inexact = unprunable_conv(module) if isinstance(module, nn.Conv2d) else ""
+        if inexact:
+            raise UnsupportedLayerError(name, type(module).__name__, inexact,
+                                        UNPRUNABLE_CONV_HINT)
+    with time_limit(TIME_LIMIT_S, type(model).__name__):
+        return _build_tp_graph(model, input_size, residual, prune_classifier_input)
+
+
+def _build_tp_graph(model, input_size, residual, prune_classifier_input) -> TPGraph:
     tp = _tp()
     dg = _dependency_graph(model, input_size)
     names = {m: n for n, m in model.named_modules()}
@@ -276,7 +344,8 @@ def build_tp_graph(model: nn.Module, input_size, residual: str = "stream",
         kind = "stream" if len(conv_names) > 1 else "conv"
         g = ChannelGroup(names[conv], conv.out_channels, kind, list(dict.fromkeys(producers)),
                          list(dict.fromkeys(consumers)),
-                         [sites[c] for c in conv_names if c in sites])
+                         [sites[names[m]] for m in members  # a split's parts are narrower
+                          if names[m] in sites and m.out_channels == conv.out_channels])
         reads_linear = any(p.role == "linear_in" for p in g.consumers)
         touches_output = any(p.module in outputs for p in g.producers)
         if touches_output:
@@ -288,10 +357,28 @@ def build_tp_graph(model: nn.Module, input_size, residual: str = "stream",
             g.prunable, g.reason = False, "a residual stream (residual='inner')"
         elif not g.sites:
             g.prunable, g.reason = False, "no scored activation (no activation after its conv/BN)"
+        elif not _allows_halving(tp, dg, conv):
+            g.prunable, g.reason = False, (
+                f"Torch-Pruning refuses to prune it to {max(1, conv.out_channels // 2)} "
+                "channels (a layer coupled with it, e.g. behind a slice or split, would lose "
+                "all its channels)")
         groups.append(g)
         roots[g.name] = names[conv]
         shares[g.name] = [(layer, side, n) for (layer, side), n in share.items()]
     return TPGraph(model, groups, input_size, residual, prune_classifier_input, roots, shares)
+
+
+def _allows_halving(tp, dg, conv: nn.Conv2d) -> bool:
+    """Whether Torch-Pruning lets the group of ``conv`` keep half its channels (the build-time
+    cost probe's widths; ghostnet's and resnest's split/concat groups do not)."""
+    removed = list(range(max(1, conv.out_channels // 2), conv.out_channels))
+    if not removed:
+        return True
+    try:
+        group = dg.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=removed)
+        return bool(dg.check_pruning_group(group))
+    except Exception:  # Torch-Pruning's own failure: the group is not prunable either
+        return False
 
 
 def apply_tp_plan(model: nn.Module, graph: TPGraph, kept: dict[str, torch.Tensor]) -> nn.Module:
@@ -321,8 +408,6 @@ def apply_tp_plan(model: nn.Module, graph: TPGraph, kept: dict[str, torch.Tensor
 
 def tp_mask_hooks(model: nn.Module, graph: TPGraph, kept: dict[str, torch.Tensor]) -> list:
     """Hooks zeroing the removed channels at every output Torch-Pruning would shrink."""
-    from .surgery import _zeroing
-
     tp = _tp()
     dg = _dependency_graph(model, graph.input_size)
     modules = dict(model.named_modules())
@@ -340,7 +425,6 @@ def tp_mask_hooks(model: nn.Module, graph: TPGraph, kept: dict[str, torch.Tensor
                      getattr(module, "out_features", None))
             if width is None:
                 continue
-            removed = torch.zeros(width, dtype=torch.bool)
-            removed[list(item.idxs)] = True
-            handles.append(module.register_forward_hook(_zeroing(removed)))
+            removed = torch.as_tensor(sorted(set(item.idxs)), dtype=torch.long)
+            handles.append(module.register_forward_hook(zeroing_hook(removed, 1)))
     return handles

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models._common import load_state_checked
+from .._modules import load_state_checked
 from . import distributed as dist_utils
 from .checkpoint import load_checkpoint, save_checkpoint, set_rng_state
 from .config import PCCConfig, TrainConfig
