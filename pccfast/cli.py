@@ -21,7 +21,25 @@ import os
 import sys
 from pathlib import Path
 
-from .prune.criteria import CRITERIA
+from .prune.criteria import CRITERIA, get_criterion
+from .regularizer import MODES
+
+
+def _criterion(text: str) -> str:
+    """--criterion: a registered name or package.module:Class, checked while parsing."""
+    try:
+        get_criterion(text, "the value")
+    except (TypeError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+    return text
+
+
+def _criteria_help() -> str:
+    names = ", ".join(f"{name} ({cls.summary})" if cls.summary else name
+                      for name, cls in CRITERIA.items())
+    return (f"what the ci stage scores channels by: {names}, or package.module:Class (a "
+            "pccfast.prune.Criterion subclass)")
+
 
 # (flag, config paths it sets, argparse keywords)
 FLAGS = [
@@ -42,10 +60,10 @@ FLAGS = [
     ("--channels-last", ["pretrain.channels_last", "finetune.channels_last"], dict(action="store_const", const=True, help="channels_last memory format")),
     ("--compile", ["pretrain.compile", "finetune.compile"], dict(action="store_const", const=True, help="torch.compile the model for training")),
     ("--pcc-weight", ["pcc.weight"], dict(type=float, metavar="W", help="weight of the PCC term in pre-training (0: none)")),
-    ("--pcc-mode", ["pcc.mode"], dict(choices=("promote", "suppress"), help="promote (reward correlation, default) or suppress")),
+    ("--pcc-mode", ["pcc.mode"], dict(choices=tuple(MODES), help="promote (reward correlation, default) or suppress")),
     ("--no-pcc", ["pcc.weight"], dict(action="store_const", const=0.0, help="pre-train without the PCC term")),
     ("--calib-images", ["ci.images"], dict(type=int, metavar="N", help="calibration images for CI (640 unless the config says otherwise)")),
-    ("--criterion", ["ci.criterion"], dict(choices=CRITERIA, help="what the ci stage scores channels by: ci (channel independence, default), l1 (filter L1 norm), hrank (feature-map rank), taylor (|activation x gradient|), random (seeded control)")),
+    ("--criterion", ["ci.criterion"], dict(type=_criterion, metavar="NAME")),  # help: the registry
     ("--bn-images", ["prune.bn_images"], dict(type=int, metavar="N", help="also report the pruned accuracy with BatchNorm statistics re-estimated on N training images (pruned_bn_acc; 0: off; the saved model is unchanged)")),
     ("--round-to", ["prune.round_to"], dict(type=int, metavar="N", help="every pruned layer keeps a multiple of N channels (at least N), counts fast kernels prefer")),
     ("--no-speed", ["prune.speed"], dict(action="store_const", const=False, help="skip measuring the pruned model's CPU speed-up (summary.json, report.md)")),
@@ -82,6 +100,8 @@ def _common_parser() -> argparse.ArgumentParser:
     common.add_argument("--no-progress", action="store_true", help="no progress bars")
     group = common.add_argument_group("settings (override the config)")
     for flag, _, kw in FLAGS:
+        if flag == "--criterion":  # the registry as it is now, registered criteria included
+            kw = {**kw, "help": _criteria_help()}
         group.add_argument(flag, dest=_dest(flag), default=argparse.SUPPRESS, **kw)
     prune = group.add_mutually_exclusive_group()
     for flag, _, kw in PRUNE_FLAGS:
@@ -236,7 +256,7 @@ STAGES = {
     "demo": "the whole method on the bundled digits in a few CPU minutes (default --out runs/demo)",
     "run": "every stage: pretrain (PCC) -> ci (scores by --criterion) -> prune -> finetune -> report",
     "train": "pre-train with the PCC regulariser (and the baseline with --baseline)",
-    "ci": "channel independence (or --criterion l1/hrank/taylor/random) of every scored layer of the pretrained model",
+    "ci": "channel independence (or another --criterion's scores) of every scored layer of the pretrained model",
     "prune": "plan from the ci stage's scores (--rates/--tau/--target-*) and remove the channels",
     "finetune": "fine-tune the pruned model",
     "eval": "test accuracy, params and FLOPs of the latest model (or --model-file)",

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .atomic import atomic_write_bytes
-from .models._common import unwrap_parallel
+from ._modules import unwrap_parallel
 
 FORMATS = ("onnx", "torchscript", "exported")
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "exported": ".pt2"}

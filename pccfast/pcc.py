@@ -42,9 +42,16 @@ def pcc(
     :class:`PCCRegularizer` checks its total once instead).
     """
     opts = PCCOptions(orientation, group, penalty, include_diagonal, eps)
-    check_pcc_input(x, opts)
+    return pcc_with_options(x, opts, backend, check_finite)
+
+
+def pcc_with_options(x: torch.Tensor, options: PCCOptions, backend: str = "auto",
+                     check_finite: bool = True) -> torch.Tensor:
+    """:func:`pcc` with its options as one checked :class:`PCCOptions` value (what
+    :class:`PCCLoss` and :class:`~pccfast.PCCRegularizer` hold), not unpacked and rebuilt."""
+    check_pcc_input(x, options)
     name = backends.resolve("pcc", backend, x.device, x.dtype)
-    score = _run_backend(name, x, opts)
+    score = _run_backend(name, x, options)
     if check_finite and not is_compiling() and not bool(torch.isfinite(score.detach())):
         raise not_finite_error(x, "score", name)
     return score
@@ -100,11 +107,7 @@ class PCCLoss(nn.Module):
         self.check_finite = check_finite
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        o = self.options
-        return pcc(
-            x, o.orientation, o.group, o.penalty, o.include_diagonal, o.eps,
-            backend=self.backend, check_finite=self.check_finite,
-        )
+        return pcc_with_options(x, self.options, self.backend, self.check_finite)
 
     def extra_repr(self) -> str:
         o = self.options

@@ -11,7 +11,7 @@ from torch import nn
 from ._checks import check_choice, compiled_original, is_compiling
 from .ops import backends
 from .ops.pcc_options import DEFAULT_EPS, PCCOptions, pcc_shape
-from .pcc import pcc
+from .pcc import pcc_with_options
 from .sites import Site, SiteHooks, select_sites
 
 MODES = {"promote": -1.0, "suppress": 1.0}
@@ -32,7 +32,9 @@ class PCCRegularizer:
         reg.remove()          # or: with PCCRegularizer(model) as reg: ...
 
     layers: None (every activation after a conv, as CI scores them), names, or a predicate; see
-    :func:`pccfast.sites.select_sites`. Other keywords are those of :func:`pccfast.pcc`.
+    :func:`pccfast.sites.select_sites`. Other keywords are those of :func:`pccfast.pcc`, or
+    ``options``, a :class:`~pccfast.ops.pcc_options.PCCOptions` holding them all.
+    :attr:`mean_score` is the latest pass's mean PCC score, unweighted, for logging.
 
     A layer whose rows have a single feature (1x1 maps in the channel orientation, e.g. the last
     stage of a ResNet at 32x32 input) has PCC 0 whatever its activations: it is left out of the
@@ -56,6 +58,7 @@ class PCCRegularizer:
         backend: str = "auto",
         check_finite: bool = True,
         always: bool = False,
+        options: PCCOptions | None = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -66,7 +69,7 @@ class PCCRegularizer:
         self.sign = MODES[check_choice("mode", mode, MODES)]
         self.weight = float(weight)
         self.mode = mode
-        self.options = PCCOptions(orientation, group, penalty, include_diagonal, eps)
+        self.options = _options(options, orientation, group, penalty, include_diagonal, eps)
         self.backend = check_choice("backend", backend, backends.BACKENDS)
         self.check_finite = check_finite
         self.always = always
@@ -79,6 +82,7 @@ class PCCRegularizer:
                 "name the layers with layers=[...]"
             )
         self._latest: dict[str, torch.Tensor] = {}
+        self._mean: torch.Tensor | None = None  # mean_l S_l of _latest, once asked for
         self._single_feature: set[str] = set()  # sites left out: rows of one feature
         self._compiled_model = _was_compiled(model)
         self._hooks = SiteHooks(model, self.sites, self._score, on_start=self._new_pass)
@@ -89,19 +93,17 @@ class PCCRegularizer:
 
     def _new_pass(self) -> None:
         if self.enabled and (self.always or torch.is_grad_enabled()):
-            self._latest = {}
+            self._latest, self._mean = {}, None
 
     def _score(self, site: Site, activation: torch.Tensor) -> None:
         if not self.enabled or not (self.always or torch.is_grad_enabled()):
             return
-        o = self.options
-        if activation.dim() == 4 and pcc_shape(activation.shape, o).features == 1:
+        if activation.dim() == 4 and pcc_shape(activation.shape, self.options).features == 1:
             self._leave_out(site, activation.shape)
             return
-        self._latest[site.name] = pcc(
-            activation, o.orientation, o.group, o.penalty, o.include_diagonal, o.eps,
-            backend=self.backend, check_finite=False,
-        )
+        self._latest[site.name] = pcc_with_options(activation, self.options, self.backend,
+                                                   check_finite=False)
+        self._mean = None
 
     def _leave_out(self, site: Site, shape) -> None:
         """A site whose rows have one feature: vhat = 0, so its PCC is 0 by definition and would
@@ -118,7 +120,19 @@ class PCCRegularizer:
         )
 
     def loss(self) -> torch.Tensor:
-        """The regularisation term of the latest forward pass (a differentiable 0-d tensor)."""
+        """The regularisation term of the latest forward pass (a differentiable 0-d tensor):
+        ``sgn * weight * mean_score``."""
+        return (self.sign * self.weight) * self._mean_score()
+
+    @property
+    def mean_score(self) -> torch.Tensor:
+        """The latest forward pass's ``mean_l S_l`` (a detached 0-d tensor, on the model's
+        device: reading it does not synchronise), the raw PCC score before sign and weight."""
+        return self._mean_score().detach()
+
+    def _mean_score(self) -> torch.Tensor:
+        if self._mean is not None:
+            return self._mean
         if not self._latest:
             raise RuntimeError(self._no_scores_message())
         values = list(self._latest.values())
@@ -129,7 +143,8 @@ class PCCRegularizer:
                 f"the PCC scores of {', '.join(bad)} are not finite: their activations contain "
                 f'NaN or Inf, or values that overflow backend "{self.backend}" (see pccfast.pcc)'
             )
-        return (self.sign * self.weight) * mean
+        self._mean = mean
+        return mean
 
     def _no_scores_message(self) -> str:
         if self._single_feature and set(self.layer_names) <= self._single_feature:
@@ -158,7 +173,7 @@ class PCCRegularizer:
     def remove(self) -> None:
         """Removes the hooks; the model is as it was before."""
         self._hooks.remove()
-        self._latest = {}
+        self._latest, self._mean = {}, None
 
     def __enter__(self) -> "PCCRegularizer":
         return self
@@ -171,6 +186,20 @@ class PCCRegularizer:
             f"PCCRegularizer(layers={len(self.sites)}, weight={self.weight}, mode={self.mode!r}, "
             f"{self.options})"
         )
+
+
+def _options(options, orientation, group, penalty, include_diagonal, eps) -> PCCOptions:
+    """``options`` as given, or the separate keywords as one PCCOptions (not both)."""
+    if options is None:
+        return PCCOptions(orientation, group, penalty, include_diagonal, eps)
+    if not isinstance(options, PCCOptions):
+        raise TypeError(f"options must be a pccfast.ops.pcc_options.PCCOptions, "
+                        f"got {type(options).__name__}")
+    given = (orientation, group, penalty, include_diagonal, eps)
+    if given != PCCOptions().op_args():
+        raise TypeError("give the PCC options either as options=PCCOptions(...) or as separate "
+                        "keywords (orientation=, group=, ...), not both")
+    return options
 
 
 def _was_compiled(model: nn.Module) -> bool:

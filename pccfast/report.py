@@ -205,7 +205,9 @@ def _read_scores(folder: RunFolder) -> dict:
 
 def _scores_label(summary: dict, config: dict) -> str:
     criterion = summary.get("ci_criterion", config.get("ci", {}).get("criterion", "ci"))
-    return "CI" if criterion == "ci" else f"{criterion} scores"
+    from .prune.criteria import scores_label
+
+    return scores_label(criterion)
 
 
 def write_report(out) -> Path:

@@ -56,3 +56,34 @@ def test_readme_torch_pruning_example_runs():
     model = namespace["model"]
     assert model.layer1[0].conv1.out_channels == 32 and model.fc.out_features == 10
     assert model(torch.randn(1, 3, 64, 64)).shape == (1, 10)
+
+
+def _layout() -> str:
+    text = README.read_text()
+    section = text[text.index("## Layout"):]
+    return section[section.index("```"):section.index("```", section.index("```") + 3)]
+
+
+def test_the_layout_names_every_module():
+    """README's Layout stays true: a module added (or moved) without a word there fails."""
+    import re as _re
+
+    layout = _layout()
+    package = Path(pccfast.__file__).resolve().parent
+    missing = []
+    for path in sorted(package.rglob("*.py")):
+        if path.stem in ("__init__", "__main__"):
+            continue
+        folder = path.parent.relative_to(package.parent).as_posix() + "/"
+        if folder not in layout:
+            missing.append(f"{folder} (folder)")
+        elif not _re.search(rf"(?<![\w.]){_re.escape(path.stem)}(\.py)?\b", layout):
+            missing.append(path.relative_to(package.parent).as_posix())
+    assert not missing, f"README's Layout does not name {missing}"
+
+
+def test_docs_lines_fit_100_columns():
+    root = README.parent
+    for doc in (README, root / "CONTRIBUTING.md"):
+        long = [i + 1 for i, line in enumerate(doc.read_text().splitlines()) if len(line) > 100]
+        assert not long, f"{doc.name}: lines {long} are longer than 100 characters"

@@ -85,6 +85,58 @@ def test_loss_is_signed_weighted_mean_of_layer_scores():
     suppress.remove()
 
 
+def test_mean_score_is_the_raw_score_whatever_the_weight():
+    """What the training loop logs: mean_l S_l itself, not the loss divided back by the weight
+    (which weight=0 would turn into NaN)."""
+    torch.manual_seed(5)
+    model = small_cnn()
+    x = torch.randn(3, 3, 9, 7)
+    for weight, mode in ((0.3, "promote"), (0.0, "promote"), (2.5, "suppress")):
+        with pccfast.PCCRegularizer(model, weight=weight, mode=mode, backend="torch") as reg:
+            model(x)
+            expect = torch.stack(list(reg.scores.values())).mean()
+            score = reg.mean_score
+            assert not score.requires_grad and 0 < score.item() <= 1
+            assert score.item() == pytest.approx(expect.item(), rel=1e-6)
+            sign = -1.0 if mode == "promote" else 1.0
+            assert reg.loss().item() == pytest.approx(sign * weight * expect.item(), rel=1e-6)
+            model(x[:2])  # a new pass: a new mean
+            assert reg.mean_score.item() == pytest.approx(
+                torch.stack(list(reg.scores.values())).mean().item(), rel=1e-6)
+
+
+def test_options_travel_as_one_value():
+    from pccfast.ops.pcc_options import PCCOptions
+
+    torch.manual_seed(6)
+    model = small_cnn()
+    x = torch.randn(2, 3, 8, 8)
+    options = PCCOptions(orientation="pixel", penalty="square", eps=1e-4)
+    one = pccfast.PCCRegularizer(model, options=options, backend="torch")
+    model(x)
+    by_value = one.mean_score
+    one.remove()
+    apart = pccfast.PCCRegularizer(model, orientation="pixel", penalty="square", eps=1e-4,
+                                   backend="torch")
+    model(x)
+    assert apart.options == options and one.options is options
+    assert torch.equal(apart.mean_score, by_value)
+    apart.remove()
+    assert PCCOptions(*options.op_args()) == options
+    from pccfast.train.config import PCCConfig  # the training loop's regulariser gets this value
+
+    assert PCCConfig(orientation="pixel", penalty="square").options == PCCOptions(
+        "pixel", penalty="square")
+    with pytest.raises(TypeError, match="not both"):
+        pccfast.PCCRegularizer(model, options=options, group="batch_mean")
+    with pytest.raises(TypeError, match="options must be a"):
+        pccfast.PCCRegularizer(model, options={"orientation": "pixel"})
+    loss = pccfast.PCCLoss(orientation="pixel", penalty="square", eps=1e-4, backend="torch")
+    assert loss.options == options
+    torch.testing.assert_close(loss(x), pccfast.pcc(x, "pixel", penalty="square", eps=1e-4,
+                                                   backend="torch"))
+
+
 def test_gradients_flow_and_promote_raises_correlation():
     torch.manual_seed(0)
     model = small_cnn()

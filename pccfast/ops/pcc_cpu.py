@@ -64,9 +64,7 @@ def pcc_cpu(x: torch.Tensor, opts: PCCOptions) -> torch.Tensor:
     can overflow a variance: that shows as rstd = 0 (1/sqrt(inf)) or a non-finite score, and
     such inputs are computed by the reference instead, which scales its rows (outside
     torch.compile, where the check would break the graph)."""
-    score, _, rstd = torch.ops.pccfast.pcc_forward(
-        x, opts.orientation, opts.group, opts.penalty, opts.include_diagonal, opts.eps
-    )
+    score, _, rstd = torch.ops.pccfast.pcc_forward(x, *opts.op_args())
     if not is_compiling() and (not bool(torch.isfinite(score)) or bool((rstd == 0).any())):
         return pcc_reference(x, opts)
     return score

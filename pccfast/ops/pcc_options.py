@@ -43,6 +43,11 @@ class PCCOptions:
                 'are different rows); use group="sample" or "batch_mean" with orientation="pixel"'
             )
 
+    def op_args(self) -> tuple:
+        """The options as the compiled ops' schema takes them (a custom op takes no dataclass),
+        in field order, so ``PCCOptions(*opts.op_args())`` is ``opts`` again."""
+        return (self.orientation, self.group, self.penalty, self.include_diagonal, self.eps)
+
 
 @dataclass(frozen=True)
 class PCCShape:

@@ -1072,7 +1072,5 @@ def pcc_triton(x: torch.Tensor, opts: PCCOptions) -> torch.Tensor:
         # S is the mean over samples: a weighted mean over chunks, each within the grid limit.
         chunks = x.split(MAX_GROUPS_PER_LAUNCH)
         return sum(pcc_triton(c, opts) * (c.shape[0] / n) for c in chunks)
-    score, _, _ = torch.ops.pccfast.pcc_triton_forward(
-        x, opts.orientation, opts.group, opts.penalty, opts.include_diagonal, opts.eps
-    )
+    score, _, _ = torch.ops.pccfast.pcc_triton_forward(x, *opts.op_args())
     return score

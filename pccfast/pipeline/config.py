@@ -8,7 +8,8 @@ name the section and the keys it knows.
     [model]     name (a zoo name or "package.module:factory"), width, init
     [pretrain]  TrainConfig fields (epochs, batch_size, lr, warmup_epochs, amp, ...)
     [pcc]       weight, mode, orientation, group, penalty, backend
-    [ci]        criterion (ci, l1, hrank, taylor, random), images, batch_size
+    [ci]        criterion (a name in pccfast.prune.CRITERIA or "package.module:Class"), images,
+                batch_size
     [prune]     one of rates, tau, target_flops, target_params; bn_images, round_to, speed
     [finetune]  TrainConfig fields
     [run]       baseline, device, seed
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..atomic import atomic_write_json
-from ..prune.criteria import CRITERIA
+from ..prune.criteria import get_criterion
 from ..train.config import PCCConfig, TrainConfig
 
 PRUNE_KEYS = ("rates", "tau", "target_flops", "target_params")
@@ -76,15 +77,18 @@ class ModelSection:
 class CISection:
     images: int = 640
     batch_size: int = 128
-    criterion: str = "ci"  # what the ci stage scores channels by (pccfast.prune.criteria)
+    # what the ci stage scores channels by: a name of pccfast.prune.CRITERIA or
+    # "package.module:Class" (a pccfast.prune.Criterion subclass)
+    criterion: str = "ci"
 
     def __post_init__(self):
         for name in ("images", "batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"ci.{name} must be a positive integer, got {value!r}")
-        if self.criterion not in CRITERIA:
-            raise ValueError(f"ci.criterion must be one of {CRITERIA}, got {self.criterion!r}")
+        if not isinstance(self.criterion, str):
+            raise ValueError(f"ci.criterion must be a criterion's name, got {self.criterion!r}")
+        get_criterion(self.criterion, "ci.criterion")
 
 
 @dataclass

@@ -5,8 +5,8 @@
   :mod:`~pccfast.prune.fx_graph` with :mod:`~pccfast.prune.layer_rules`, or Torch-Pruning's,
   :mod:`~pccfast.prune.tp_engine`), and the graph remembers it for the surgery;
 - :mod:`~pccfast.prune.scores`: :class:`CICollector`, CI over calibration data, and
-  :class:`ScoreCollector` for the other criteria (:mod:`~pccfast.prune.criteria`: l1, hrank,
-  taylor, random);
+  :class:`ScoreCollector` for any criterion (:mod:`~pccfast.prune.criteria`: one
+  :class:`Criterion` class each, ci, l1, hrank, taylor, random, in a registry);
 - :mod:`~pccfast.prune.plan`: how many and which channels (rate lists, tau, budgets);
 - :mod:`~pccfast.prune.surgery`: the physical removal;
 plus :mod:`~pccfast.prune.counting` (params/FLOPs), :mod:`~pccfast.prune.pruner` (the four in
@@ -21,7 +21,7 @@ are this package's (:mod:`pccfast.prune_entry`), so ``pccfast.prune.Plan`` and
 from __future__ import annotations
 
 from .counting import count
-from .criteria import CRITERIA
+from .criteria import CRITERIA, Criterion, ScoredLayer, get_criterion, register_criterion
 from .graph import ChannelGroup, PruningGraph, UnsupportedLayerError, build_graph
 from .plan import Plan, make_plan, parse_rates, rate_layout
 from .pruner import prune
@@ -34,18 +34,22 @@ __all__ = [
     "CIImportance",
     "CRITERIA",
     "ChannelGroup",
+    "Criterion",
     "Plan",
     "PruningGraph",
+    "ScoredLayer",
     "ScoreCollector",
     "UnsupportedLayerError",
     "apply_plan",
     "build_graph",
     "collect_scores",
     "count",
+    "get_criterion",
     "load_scores",
     "make_plan",
     "parse_rates",
     "prune",
     "rate_layout",
+    "register_criterion",
     "save_scores",
 ]

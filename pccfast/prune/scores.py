@@ -3,11 +3,12 @@
 :class:`ScoreCollector` hooks every scored site of a model (SPEC section 3: the activation output
 after each conv, the max-pool output where a pool follows, the post-add ReLU of residual streams),
 and while calibration batches run forward it turns each activation straight into per-image
-scores of its criterion (CI by default, :func:`pccfast.channel_independence` on the fastest
-backend; ``hrank``, ``taylor``: :mod:`pccfast.prune.criteria`) and adds them to a float64
-running sum per channel. One pass serves every layer; nothing is written to disk. Under
-``torch.distributed`` the per-rank sums are all-reduced when the scores are read. ``l1`` and
-``random`` need no pass. :class:`CICollector` is the collector with ``criterion="ci"``.
+scores of its criterion (a :class:`~pccfast.prune.criteria.Criterion`: CI by default,
+:func:`pccfast.channel_independence` on the fastest backend) and adds them to a float64 running
+sum per channel. One pass serves every layer; nothing is written to disk. Under
+``torch.distributed`` the per-rank sums are all-reduced when the scores are read. Criteria that
+need no data (``l1``, ``random``) need no pass. :class:`CICollector` is the collector with
+``criterion="ci"``.
 
     col = pccfast.CICollector(model)          # hooks; builds the pruning graph at first use
     for images, _ in loader:                  # or col.run(loader): progress bar, stops at 640
@@ -30,8 +31,7 @@ from .._checks import check_choice, check_float_tensor, check_materialised
 from .._modules import eval_mode, unwrap_parallel
 from ..ops import backends
 from ..sites import Site, SiteHooks
-from .criteria import (DATA_FREE, check_criterion, filter_l1, per_image_scores, random_scores,
-                       taylor_importance)
+from .criteria import ScoredLayer, criterion_name, get_criterion
 
 DEFAULT_IMAGES = 640  # CHIP: 5 batches of 128
 SCORES_FORMAT = "pccfast.scores"
@@ -51,10 +51,13 @@ class ScoreCollector:
 
     model: the network (a DDP/DataParallel/torch.compile wrapper is unwrapped: it runs eagerly
       under the hooks, scores keyed by the original names); it runs in eval mode inside
-      :meth:`update` (without gradients, except for ``taylor``), and its mode is restored.
-    criterion: ``"ci"`` (default), ``"l1"``, ``"hrank"``, ``"taylor"`` or ``"random"``
-      (:mod:`pccfast.prune.criteria`). ``l1`` and ``random`` need no images: :meth:`update`
-      only finds the layers from the batch's shape (or give ``input_size``).
+      :meth:`update` (without gradients, except for a criterion that needs them, ``taylor``),
+      and its mode is restored.
+    criterion: a registered name (``"ci"``, default; ``"l1"``, ``"hrank"``, ``"taylor"``,
+      ``"random"``), ``"package.module:Class"``, or a :class:`~pccfast.prune.Criterion`
+      (:mod:`pccfast.prune.criteria`). A criterion that needs nothing (``l1``, ``random``)
+      takes no images: :meth:`update` only finds the layers from the batch's shape (or give
+      ``input_size``).
     layers: None (every layer with a scored site) or a list of layer names (group names of
       :func:`pccfast.prune.graph.build_graph`: conv names, stage names for residual streams).
     max_images: calibration images in all (default 640, CHIP's); under DDP each rank takes
@@ -64,11 +67,12 @@ class ScoreCollector:
       the first :meth:`update` from the batch's shape.
     progress: show a tqdm bar in :meth:`run` (rank 0 only).
     seed: the seed of ``random``.
-    loss_fn: ``taylor``'s loss ``(output, labels) -> scalar``, a sum over the images (default
-      ``cross_entropy(output, labels, reduction="sum")``, so each image gets its own gradient).
+    loss_fn: the loss of a criterion that needs gradients (``taylor``), ``(output, labels) ->
+      scalar``, a sum over the images (default ``cross_entropy(output, labels,
+      reduction="sum")``, so each image gets its own gradient).
     """
 
-    def __init__(self, model: nn.Module, criterion: str = "ci", layers=None,
+    def __init__(self, model: nn.Module, criterion="ci", layers=None,
                  max_images: int = DEFAULT_IMAGES, backend: str = "auto", input_size=None,
                  progress: bool = True, engine: str = "auto", seed: int = 0, loss_fn=None):
         if not isinstance(model, nn.Module):
@@ -85,7 +89,9 @@ class ScoreCollector:
                             f"got {type(loss_fn).__name__}")
         self.model = unwrap_parallel(model)
         check_materialised("model", self.model)
-        self.criterion = check_criterion(criterion)
+        self.scorer = get_criterion(criterion)  # the one lookup of the criterion's name
+        self.criterion = criterion_name(criterion)
+        self._gradients = self.scorer.needs == "gradients"
         self.backend = check_choice("backend", backend, backends.BACKENDS)
         self.max_images = max_images
         self.progress = progress
@@ -99,7 +105,7 @@ class ScoreCollector:
         self.sites: list[Site] = []
         self._sums: dict[str, torch.Tensor] = {}
         self._seen: dict[str, int] = {}
-        self._pending: list = []  # taylor: [site, hooked output, its version, scored] per batch
+        self._pending: list = []  # gradients: [site, hooked output, its version, scored]
         self.images = 0
         self._hooks: SiteHooks | None = None
         self._attached = False
@@ -110,11 +116,11 @@ class ScoreCollector:
     @property
     def needs_data(self) -> bool:
         """Whether the criterion scores activations (calibration images)."""
-        return self.criterion not in DATA_FREE
+        return self.scorer.needs != "nothing"
 
     @property
     def _what(self) -> str:
-        return "CI" if self.criterion == "ci" else f"{self.criterion} scores"
+        return self.scorer.describe()
 
     # -- set-up ---------------------------------------------------------------------------
     def _attach(self, input_size) -> None:
@@ -141,16 +147,20 @@ class ScoreCollector:
             for s in g.sites:
                 sites.setdefault(s.name, s)
         self.sites = list(sites.values())
-        if self.criterion == "taylor":
-            _check_taylor_sites(self.sites)
+        self.scorer.check_sites(self.sites)
         if self.needs_data:
-            self._hooks = SiteHooks(self.model, self.sites, self._accumulate,
-                                    raw=self.criterion == "taylor")
+            self._hooks = SiteHooks(self.model, self.sites, self._accumulate, raw=self._gradients)
         self._attached = True
 
     @property
     def layer_names(self) -> list[str]:
         return list(self.groups)
+
+    @property
+    def layers(self) -> dict[str, ScoredLayer]:
+        """layer name -> what a criterion knows of it (width, convs, sites)."""
+        return {name: ScoredLayer(name, self.widths[name], tuple(self.convs[name]),
+                                  tuple(sites)) for name, sites in self.groups.items()}
 
     @property
     def capacity(self) -> int:
@@ -162,28 +172,40 @@ class ScoreCollector:
     def _accumulate(self, site: Site, activation: torch.Tensor) -> None:
         if not self._active:
             return
-        if self.criterion == "taylor":  # scored in backward, when dL/da arrives
+        if self._gradients:  # scored in backward, when dL/da arrives
             index = len(self._pending)
             self._pending.append([site, activation, activation._version, False])
             if activation.requires_grad:
-                activation.register_hook(lambda grad, i=index: self._taylor_grad(i, grad))
+                activation.register_hook(lambda grad, i=index: self._gradient_arrived(i, grad))
             return
-        if self.criterion in ("ci", "hrank") and activation.dim() == 4 \
+        if self.scorer.spatial and activation.dim() == 4 \
                 and activation.shape[-1] * activation.shape[-2] == 1:
             self._warn_single_pixel(site.name, tuple(activation.shape))
-        self._add(site.name, per_image_scores(self.criterion, activation, backend=self.backend))
+        self._add(site.name, self._image_scores(site, activation))
+
+    def _image_scores(self, site: Site, activation: torch.Tensor, grad=None) -> torch.Tensor:
+        """The criterion's (N, C) scores of one activation, checked: a criterion defined
+        elsewhere that returns another shape is named, not summed into a wrong answer."""
+        found = self.scorer.image_scores(activation, grad, backend=self.backend)
+        expected = tuple(activation.shape[:2])
+        if not isinstance(found, torch.Tensor) or tuple(found.shape) != expected:
+            raise ValueError(f"criterion {self.criterion!r}: image_scores must return an (N, C) "
+                             f"= {expected} tensor at {site.name}, got "
+                             f"{_shape_of(found)}")
+        return found.detach().to(torch.float64)
 
     def _warn_single_pixel(self, site: str, shape) -> None:
-        """1x1 maps (as PCCRegularizer warns): a channel's map is one value, so its rank is 0 or 1
-        and its CI measures its size, not its independence."""
+        """1x1 maps (as PCCRegularizer warns) for a criterion that reads each channel's map as a
+        whole (``Criterion.spatial``): its rank is 0 or 1, its CI its size, not its independence."""
         warned = self.__dict__.setdefault("_single_pixel", set())
         if site in warned:
             return
         warned.add(site)
         warnings.warn(f"{type(self).__name__}: {site} has 1x1 maps (activation shape {shape}), "
                       f"so each channel's map is one value and its {self.criterion} score says "
-                      "little (hrank: 0 or 1; ci: the value's size, not the channel's "
-                      "independence); score at a larger input size", stacklevel=2)
+                      "little (it reads the map as a whole: hrank gives 0 or 1, ci the value's "
+                      "size, not the channel's independence); score at a larger input size",
+                      stacklevel=2)
 
     def _add(self, site: str, per_image: torch.Tensor) -> None:
         total = per_image.sum(0)  # (N, C) float64 -> (C,)
@@ -193,20 +215,20 @@ class ScoreCollector:
             self._sums[site] = total
         self._seen[site] = self._seen.get(site, 0) + per_image.shape[0]
 
-    def _taylor_grad(self, index: int, grad: torch.Tensor) -> None:
+    def _gradient_arrived(self, index: int, grad: torch.Tensor) -> None:
         site, hooked, version, _ = self._pending[index]
         if not site.apply_relu and hooked._version != version:
-            raise RuntimeError(f"taylor: the activation at {site.name} was changed in place "
-                               "after it was hooked, so activation x gradient is unknown")
+            raise RuntimeError(f"{self.criterion}: the activation at {site.name} was changed in "
+                               "place after it was hooked, so its value is unknown")
         # Where the model's own F.relu follows the hook, ``hooked`` is its input z (or, after an
         # in-place ReLU, relu(z)) and ``grad`` is dL/dz: 0 where z <= 0, dL/da elsewhere, so
         # hooked * grad = a * dL/da either way.
         if site.channels_last:  # (N, H, W, C), ConvNeXt's MLP
             hooked, grad = hooked.movedim(-1, 1), grad.movedim(-1, 1)
-        self._add(site.name, taylor_importance(hooked.detach(), grad))
+        self._add(site.name, self._image_scores(site, hooked.detach(), grad))
         self._pending[index][3] = True
 
-    def _taylor_batch(self, images: torch.Tensor, labels) -> None:
+    def _gradient_batch(self, images: torch.Tensor, labels) -> None:
         """One forward and one backward to the input (not to the weights: their .grad stays as
         it was); each hooked activation is scored, |sum_hw a * dL/da| per image and channel, as
         its gradient passes, so no gradient outlives its layer's backward."""
@@ -214,7 +236,8 @@ class ScoreCollector:
             x = images.detach().requires_grad_(True)
             loss = self._loss(self.model(x), labels)
             if not loss.requires_grad:
-                raise RuntimeError("taylor: the loss does not depend on the model's input")
+                raise RuntimeError(f"{self.criterion}: the loss does not depend on the model's "
+                                   "input")
             torch.autograd.grad(loss, x, allow_unused=True)
         for site, hooked, _, scored in self._pending:
             if not scored:  # the loss does not depend on this activation
@@ -227,8 +250,8 @@ class ScoreCollector:
             loss = self.loss_fn(output, labels)
         else:
             if not isinstance(output, torch.Tensor) or output.dim() != 2:
-                raise TypeError(f"taylor's default loss is the cross-entropy of logits (N, "
-                                f"classes); {type(self.model).__name__} returned "
+                raise TypeError(f"{self.criterion}'s default loss is the cross-entropy of "
+                                f"logits (N, classes); {type(self.model).__name__} returned "
                                 f"{getattr(output, 'shape', type(output).__name__)}: pass loss_fn")
             loss = F.cross_entropy(output, labels, reduction="sum")
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
@@ -237,8 +260,8 @@ class ScoreCollector:
 
     def update(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> int:
         """Runs one calibration batch ``images: (N, C, H, W)`` (``labels: (N,)`` class indices,
-        needed by ``taylor`` only); returns how many images were used (fewer once
-        ``max_images`` is reached, 0 after, and always 0 for ``l1`` and ``random``)."""
+        needed by a criterion that needs gradients); returns how many images were used (fewer
+        once ``max_images`` is reached, 0 after, and always 0 for ``l1`` and ``random``)."""
         check_float_tensor("images", images, (4,))
         if not self._attached:
             self._attach((1,) + tuple(images.shape[1:]))
@@ -250,13 +273,13 @@ class ScoreCollector:
         param = next(self.model.parameters(), None)
         device = param.device if param is not None else images.device
         images = images[:take].to(device, non_blocking=True)
-        if self.criterion == "taylor":
+        if self._gradients:
             labels = self._check_labels(labels, take, device)
         self._active = True
         try:
             with eval_mode(self.model):
-                if self.criterion == "taylor":
-                    self._taylor_batch(images, labels)
+                if self._gradients:
+                    self._gradient_batch(images, labels)
                 else:
                     with torch.no_grad():
                         self.model(images)
@@ -270,8 +293,9 @@ class ScoreCollector:
         if self.loss_fn is not None and not isinstance(labels, torch.Tensor):
             return labels  # the user's loss knows what it takes
         if not isinstance(labels, torch.Tensor):
-            raise ValueError("criterion 'taylor' needs labels: update(images, labels) with "
-                             f"labels an (N,) tensor of class indices, got {type(labels).__name__}")
+            raise ValueError(f"criterion {self.criterion!r} needs labels: update(images, labels) "
+                             f"with labels an (N,) tensor of class indices, got "
+                             f"{type(labels).__name__}")
         if self.loss_fn is None and (labels.dim() != 1 or labels.dtype.is_floating_point
                                      or labels.dtype == torch.bool):
             raise ValueError(f"labels must be an (N,) integer tensor of class indices, got "
@@ -341,7 +365,7 @@ class ScoreCollector:
 
     def site_scores(self) -> dict[str, torch.Tensor]:
         """site name -> (C,) float64 mean score at that activation (all ranks); for the
-        activation criteria only."""
+        criteria that need data only."""
         if not self.needs_data:
             raise ValueError(f"criterion {self.criterion!r} scores no activations; use scores()")
         sums, seen = self._reduced()
@@ -352,15 +376,19 @@ class ScoreCollector:
             if not self._attached:
                 raise RuntimeError(f"{type(self).__name__} does not know the model's layers "
                                    "yet: give input_size or call update(images) once")
-            if self.criterion == "l1":
-                return {layer: filter_l1(self.model, convs, self.widths[layer])
-                        for layer, convs in self.convs.items()}, 0
-            return {layer: random_scores(layer, width, self.seed)
-                    for layer, width in self.widths.items()}, 0
+            return {name: self._layer_scores(layer) for name, layer in self.layers.items()}, 0
         sums, seen = self._reduced()
         per_site = {n: sums[n] / seen[n] for n in sums}
         return ({layer: torch.stack([per_site[s] for s in sites]).mean(0)
                  for layer, sites in self.groups.items()}, seen[self.sites[0].name])
+
+    def _layer_scores(self, layer: ScoredLayer) -> torch.Tensor:
+        found = self.scorer.layer_scores(self.model, layer, seed=self.seed)
+        if not isinstance(found, torch.Tensor) or tuple(found.shape) != (layer.width,):
+            raise ValueError(f"criterion {self.criterion!r}: layer_scores must return a "
+                             f"({layer.width},) tensor for {layer.name}, got "
+                             f"{_shape_of(found)}")
+        return found.detach().to("cpu", torch.float64)
 
     def scores(self) -> dict[str, torch.Tensor]:
         """layer name -> (C,) float64 scores, the input of :func:`pccfast.prune`.
@@ -421,7 +449,7 @@ class CICollector(ScoreCollector):
                 f"images={self.images}/{self.max_images}, backend={self.backend!r})")
 
 
-def collect_scores(model: nn.Module, loader=None, criterion: str = "ci", *, layers=None,
+def collect_scores(model: nn.Module, loader=None, criterion="ci", *, layers=None,
                    max_images: int = DEFAULT_IMAGES, input_size=None, device=None,
                    seed: int = 0, backend: str = "auto", loss_fn=None, progress: bool = False,
                    engine: str = "auto") -> dict[str, torch.Tensor]:
@@ -429,7 +457,8 @@ def collect_scores(model: nn.Module, loader=None, criterion: str = "ci", *, laye
 
     loader: calibration batches (images, or (images, labels): ``taylor`` needs the labels);
       ``l1`` and ``random`` need none when ``input_size`` is given, else they read the input
-      size from the first batch. Other arguments as :class:`ScoreCollector`.
+      size from the first batch. criterion: a name, ``"package.module:Class"`` or a
+      :class:`~pccfast.prune.Criterion`. Other arguments as :class:`ScoreCollector`.
 
         scores = pccfast.scores(model, loader, criterion="hrank", max_images=500)
     """
@@ -439,23 +468,15 @@ def collect_scores(model: nn.Module, loader=None, criterion: str = "ci", *, laye
         if col.needs_data or input_size is None:
             if loader is None:
                 need = "calibration images" if col.needs_data else "input_size"
-                raise ValueError(f"criterion {criterion!r} needs a loader ({need})")
+                raise ValueError(f"criterion {col.criterion!r} needs a loader ({need})")
             col.run(loader, device)
         return col.scores()
     finally:
         col.remove()
 
 
-def _check_taylor_sites(sites) -> None:
-    """taylor takes dL/dz at the hooked module's output z; where the model applies its
-    activation f as a function after it, z * dL/dz equals a * dL/da only for f(z) = z f'(z)."""
-    for site in sites:
-        if site.activation and site.activation[0] not in (F.relu, F.leaky_relu):
-            raise ValueError(
-                f"criterion 'taylor' cannot score {site.name}: the model applies "
-                f"{site.activation[0].__name__} as a function call after it, so no hook sees "
-                "the activation's gradient (only ReLU/LeakyReLU calls work: use a module such "
-                "as nn.SiLU() there, or another criterion)")
+def _shape_of(value) -> str:
+    return str(tuple(value.shape)) if isinstance(value, torch.Tensor) else repr(value)
 
 
 def save_scores(scores: dict, path, **meta) -> None:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .criteria import check_criterion
 from .scores import DEFAULT_IMAGES, ScoreCollector
 
 
@@ -42,16 +41,16 @@ class CIImportance:
     normalize: divide each group's importance by its mean (for ``global_pruning=True``).
     """
 
-    def __init__(self, model: nn.Module, loader=None, *, criterion: str = "ci",
+    def __init__(self, model: nn.Module, loader=None, *, criterion="ci",
                  max_images: int = DEFAULT_IMAGES, seed: int = 0, backend: str = "auto",
                  input_size=None, device=None, normalize: bool = False, progress: bool = False):
-        criterion = check_criterion(criterion)
         collector = ScoreCollector(model, criterion, max_images=max_images, backend=backend,
                                    input_size=input_size, progress=progress, seed=seed)
         try:
             if collector.needs_data or input_size is None:
                 if loader is None:
-                    raise ValueError(f"CIImportance with criterion {criterion!r} needs a loader "
+                    raise ValueError(f"CIImportance with criterion {collector.criterion!r} "
+                                     "needs a loader "
                                      "(calibration images)" if collector.needs_data
                                      else "CIImportance needs a loader or input_size")
                 collector.run(loader, device)
@@ -59,7 +58,7 @@ class CIImportance:
             convs = dict(collector.convs)
         finally:
             collector.remove()
-        self.criterion = criterion
+        self.criterion = collector.criterion
         self.normalize = bool(normalize)
         self.scores = scores  # layer -> (C,) float64, as pccfast.prune takes them
         # conv module -> (its layer's scores, the width it had when scored)

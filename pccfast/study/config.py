@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 from ..pipeline.config import RunConfig
 from ..pipeline.records import fingerprint
-from ..prune.criteria import CRITERIA
+from ..prune.criteria import CRITERIA, get_criterion
 
 ALLOCATIONS = ("fixed", "adaptive")
 MAX_SEED = 2**63 - 1  # torch's generators take int64 seeds
@@ -194,8 +194,10 @@ def _criteria(value) -> list[str]:
     if not isinstance(value, list) or not value:
         raise ValueError(f"study.criteria must be a non-empty list, got {value!r}")
     for v in value:
-        if v not in CRITERIA:
-            raise ValueError(f"study.criteria: unknown criterion {v!r} (known: {list(CRITERIA)})")
+        try:
+            get_criterion(v, "a criterion")
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"study.criteria: unknown criterion {v!r}: {exc}") from exc
     if len(set(value)) != len(value):
         raise ValueError(f"study.criteria has repeated entries: {value}")
     return list(value)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 AMP_MODES = ("none", "bf16", "fp16")
-PCC_MODES = ("promote", "suppress")
 
 
 @dataclass
@@ -21,15 +20,26 @@ class PCCConfig:
 
     def __post_init__(self):
         _check_number("pcc.weight", self.weight, minimum=0.0)
-        if self.mode not in PCC_MODES:
-            raise ValueError(f"pcc.mode must be one of {PCC_MODES}, got {self.mode!r}")
         from ..ops.backends import BACKENDS
-        from ..ops.pcc_options import PCCOptions
+        from ..regularizer import MODES
 
+        if self.mode not in MODES:
+            raise ValueError(f"pcc.mode must be one of {tuple(MODES)}, got {self.mode!r}")
         if self.backend not in BACKENDS:  # (availability on the device: Pipeline.check)
             raise ValueError(f"pcc.backend must be one of {BACKENDS}, got {self.backend!r}")
+        self._options()  # orientation, group and penalty checked together
+
+    @property
+    def options(self):
+        """The score's options as one :class:`~pccfast.ops.pcc_options.PCCOptions` value, the
+        form the regulariser takes."""
+        return self._options()
+
+    def _options(self):
+        from ..ops.pcc_options import PCCOptions
+
         try:
-            PCCOptions(self.orientation, self.group, self.penalty)
+            return PCCOptions(self.orientation, self.group, self.penalty)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"pcc.{exc}") from exc
 

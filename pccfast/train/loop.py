@@ -91,9 +91,8 @@ def _regularizer(model: nn.Module, pcc: PCCConfig | None):
         return None
     from ..regularizer import PCCRegularizer
 
-    return PCCRegularizer(model, weight=pcc.weight, mode=pcc.mode, orientation=pcc.orientation,
-                          group=pcc.group, penalty=pcc.penalty, backend=pcc.backend,
-                          check_finite=False)
+    return PCCRegularizer(model, weight=pcc.weight, mode=pcc.mode, options=pcc.options,
+                          backend=pcc.backend, check_finite=False)
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -243,7 +242,7 @@ def _train_epoch(wrapped, model, reg, optimizer, scaler, loader, cfg, env, epoch
             sums[1] += (logits.detach().argmax(1) == labels).sum()
             sums[2] += n
             if reg is not None:
-                sums[3] += term.detach().double() / (reg.sign * reg.weight) * n
+                sums[3] += reg.mean_score.double() * n
         seen += n * env.world_size
         bar.update(1)
         if bar.disable is False and (i % PROGRESS_EVERY == 0 or i + 1 == steps_per_epoch):
