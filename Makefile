@@ -5,6 +5,9 @@ PY          := $(VENV)/bin/python
 PIP         := $(PY) -m pip
 TORCH_SPEC  ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
+# OpenMP threads sleep as soon as a parallel region ends instead of spinning: on a machine shared
+# with other processes spinning threads take the cores from working ones (README, "Threads").
+export OMP_WAIT_POLICY ?= PASSIVE
 # The oldest versions we support: those of the GPU machines (and triton 3.6's interpreter needs
 # numpy<2.4). `make test-oldest` tests a copy of the working tree against them.
 OLDEST_VENV ?= .venv-oldest

@@ -13,7 +13,12 @@ import platform
 from collections import defaultdict
 
 import pytest
-import torch
+
+# Before torch loads libgomp: threads that sleep after a region, as pccfast's CLI and the
+# Makefile run (README, "Threads on a shared machine"); a value in the environment is kept.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 _TABLES: dict[str, dict] = defaultdict(lambda: {"columns": None, "rows": defaultdict(dict)})
 _TOTALS: dict[str, dict] = {}

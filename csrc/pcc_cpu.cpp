@@ -8,7 +8,9 @@
 // keeps only C x C matrices.
 #include "pcc_cpu.h"
 #include "pcc_rows.h"
+#include "pcc_short_rows.h"
 
+#include <ATen/ops/mm_cpu_dispatch.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
@@ -127,6 +129,189 @@ std::pair<at::Tensor, RowLayout> addressable(const at::Tensor& src, bool pixel) 
   return {dense, layout};
 }
 
+// ---- per-sample groups, one parallel region: each thread takes whole groups ----
+// One region per call, inside which every product is a single-threaded BLAS call on one
+// group's rows. The chunked path below runs ~5 regions (ATen ops, BLAS) per chunk of groups:
+// hundreds per call on small layers, each a wake-up and a barrier of the threads, which cost
+// more than the arithmetic and collapse when another process holds a core.
+
+// Rows of R formed at a time by one thread: a block of at most 2^16 values (256 KB fp32).
+constexpr int64_t kTileElements = int64_t(1) << 16;
+
+int64_t tile_rows(int64_t m) { return std::clamp<int64_t>(kTileElements / m, 1, m); }
+
+// Short rows take the pair loops of pcc_short_rows.h ("square" with K < M has the cheaper
+// K x K side).
+bool short_rows(int64_t m, int64_t k, const PCCConfig& cfg) {
+  return k <= kShortRowFeatures && !(cfg.square && k < m);
+}
+
+// Whole groups per thread when they split evenly enough over the threads (otherwise, for one
+// group or a few on many threads, the chunked path parallelises inside each product), and when
+// the work inside is the pair loops or there is one thread: BLAS products called from inside the
+// region took twice the CPU time on 2 threads (measured with torch's MKL, 2026-12-07), so with
+// several threads long rows stay on the chunked path, whose products are threaded by BLAS.
+bool groups_per_thread(int64_t groups, const Sizes& s, const PCCConfig& cfg) {
+  const int64_t threads = at::get_num_threads();
+  if (threads > 1 && !short_rows(s.rows, s.features, cfg)) return false;
+  return groups >= threads && (groups % threads == 0 || groups >= 4 * threads);
+}
+
+// One thread's buffers: a group's normalised rows (M, K), their gradient (backward), a block
+// of R's rows or the (K, K) feature Gram matrix, and for short rows two (K, M) transposes.
+struct GroupBuffers {
+  at::Tensor vhat, dvhat, tile, transposed;
+  GroupBuffers(const Sizes& s, const PCCConfig& cfg, at::TensorOptions options, bool backward) {
+    vhat = at::empty({s.rows, s.features}, options);
+    if (backward) dvhat = at::empty({s.rows, s.features}, options);
+    const int64_t gram = cfg.square && s.features < s.rows ? s.features * s.features : 0;
+    tile = at::empty({std::max(gram, tile_rows(s.rows) * s.rows)}, options);
+    if (short_rows(s.rows, s.features, cfg)) {
+      transposed = at::empty({2, s.features * s.rows}, options);
+    }
+  }
+  at::Tensor block(int64_t rows, int64_t cols) const {
+    return tile.narrow(0, 0, rows * cols).view({rows, cols});
+  }
+};
+
+// sum over pairs of phi(R) for one group's normalised rows vhat: (M, K).
+template <typename acc_t>
+double group_phi_sum(const at::Tensor& vhat, const GroupBuffers& buf, const PCCConfig& cfg) {
+  const int64_t m = vhat.size(0), k = vhat.size(1);
+  if (short_rows(m, k, cfg)) {
+    return short_rows_phi_sum(vhat.const_data_ptr<acc_t>(), buf.transposed.data_ptr<acc_t>(),
+                              m, k, cfg.square, cfg.include_diagonal);
+  }
+  const acc_t inv_k = static_cast<acc_t>(1.0 / double(k));
+  if (cfg.square && k < m) {
+    // sum_ij R_ij^2 = ||Vhat^T Vhat||_F^2 / K^2: the K x K side.
+    at::Tensor features = buf.block(k, k);
+    at::cpu::mm_out(features, vhat.t(), vhat);
+    double total = phi_row_sum(features.const_data_ptr<acc_t>(), k * k, inv_k, true);
+    if (!cfg.include_diagonal) {
+      const acc_t* v = vhat.const_data_ptr<acc_t>();
+      for (int64_t i = 0; i < m; ++i) {
+        const double r_ii = backward_sums(v + i * k, v + i * k, k).vv / double(k);
+        total -= r_ii * r_ii;
+      }
+    }
+    return total;
+  }
+  double total = 0.0;
+  const int64_t block_rows = tile_rows(m);
+  for (int64_t i0 = 0; i0 < m; i0 += block_rows) {
+    const int64_t b = std::min(block_rows, m - i0);
+    at::Tensor r = buf.block(b, m);
+    at::cpu::mm_out(r, vhat.narrow(0, i0, b), vhat.t());  // K R[i0:i0+b, :]
+    const acc_t* row = r.const_data_ptr<acc_t>();
+    for (int64_t i = 0; i < b; ++i, row += m) {
+      total += phi_row_sum(row, m, inv_k, cfg.square);
+      if (!cfg.include_diagonal) {
+        const double t = double(row[i0 + i] * inv_k);
+        total -= cfg.square ? t * t : std::abs(t);
+      }
+    }
+  }
+  return total;
+}
+
+// dvhat = D vhat for one group, D = factor * phi'(R) with the diagonal masked; for "square"
+// with K < M, Vhat (Vhat^T Vhat) instead (the caller's row loop scales it and removes the
+// diagonal).
+template <typename acc_t>
+void group_row_gradient(const at::Tensor& vhat, at::Tensor& dvhat, const GroupBuffers& buf,
+                        const PCCConfig& cfg, double factor) {
+  const int64_t m = vhat.size(0), k = vhat.size(1);
+  if (short_rows(m, k, cfg)) {
+    acc_t* scratch = buf.transposed.data_ptr<acc_t>();
+    short_rows_gradient(vhat.const_data_ptr<acc_t>(), dvhat.data_ptr<acc_t>(), scratch,
+                        scratch + k * m, buf.tile.data_ptr<acc_t>(), m, k, factor, cfg.square,
+                        cfg.include_diagonal);
+    return;
+  }
+  if (cfg.square && k < m) {
+    at::Tensor features = buf.block(k, k);
+    at::cpu::mm_out(features, vhat.t(), vhat);
+    at::cpu::mm_out(dvhat, vhat, features);
+    return;
+  }
+  const acc_t inv_k = static_cast<acc_t>(1.0 / double(k));
+  const int64_t block_rows = tile_rows(m);
+  for (int64_t i0 = 0; i0 < m; i0 += block_rows) {
+    const int64_t b = std::min(block_rows, m - i0);
+    at::Tensor r = buf.block(b, m);
+    at::cpu::mm_out(r, vhat.narrow(0, i0, b), vhat.t());
+    acc_t* row = r.data_ptr<acc_t>();
+    for (int64_t i = 0; i < b; ++i, row += m) {
+      phi_derivative_row(row, m, inv_k, static_cast<acc_t>(factor), cfg.square);
+      if (!cfg.include_diagonal) row[i0 + i] = 0;
+    }
+    at::Tensor out = dvhat.narrow(0, i0, b);
+    at::cpu::mm_out(out, r, vhat);  // rows of D Vhat (D is symmetric)
+  }
+}
+
+double forward_groups_per_thread(const at::Tensor& src, const RowLayout& layout, const Sizes& s,
+                                 const PCCConfig& cfg, at::Tensor& mean, at::Tensor& rstd) {
+  return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(),
+                                         "pcc_forward_groups", [&] {
+    using acc_t = acc_type_t<scalar_t>;
+    const scalar_t* x = src.const_data_ptr<scalar_t>();
+    acc_t* mean_all = mean.data_ptr<acc_t>();
+    acc_t* rstd_all = rstd.data_ptr<acc_t>();
+    return at::parallel_reduce(
+        0, s.groups, 1, 0.0,
+        [&](int64_t begin, int64_t end, double partial) {
+          const GroupBuffers buf(s, cfg, mean.options(), /*backward=*/false);
+          for (int64_t g = begin; g < end; ++g) {
+            normalize_row_range(x + g * layout.group, layout, s.rows, s.features, 0, s.rows,
+                                cfg.eps, /*compute_stats=*/true, buf.vhat.data_ptr<acc_t>(),
+                                mean_all + g * s.rows, rstd_all + g * s.rows);
+            partial += group_phi_sum<acc_t>(buf.vhat, buf, cfg);
+          }
+          return partial;
+        },
+        std::plus<double>());
+  });
+}
+
+void backward_groups_per_thread(const at::Tensor& src, const RowLayout& layout, const Sizes& s,
+                                const PCCConfig& cfg, double scale, const at::Tensor& mean,
+                                const at::Tensor& rstd, at::Tensor& dst,
+                                const RowLayout& dst_layout) {
+  TORCH_INTERNAL_ASSERT(dst.scalar_type() == src.scalar_type());
+  const double k = double(s.features);
+  const double factor = 2.0 * scale / k;  // d R_ij / d vhat_i = vhat_j / K, R symmetric: twice
+  const bool small_side = cfg.square && s.features < s.rows;
+  const double row_scale = small_side ? 2.0 * factor / k : 1.0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(),
+                                  "pcc_backward_groups", [&] {
+    using acc_t = acc_type_t<scalar_t>;
+    const scalar_t* x = src.const_data_ptr<scalar_t>();
+    scalar_t* dx = dst.data_ptr<scalar_t>();
+    // const_cast: with compute_stats=false the statistics are only read
+    acc_t* mean_all = const_cast<acc_t*>(mean.const_data_ptr<acc_t>());
+    acc_t* rstd_all = const_cast<acc_t*>(rstd.const_data_ptr<acc_t>());
+    const bool direct = writes_directly<scalar_t, acc_t>(dst_layout);
+    at::parallel_for(0, s.groups, 1, [&](int64_t begin, int64_t end) {
+      GroupBuffers buf(s, cfg, mean.options(), /*backward=*/true);
+      std::vector<acc_t> staging(direct ? 0 : s.features);
+      for (int64_t g = begin; g < end; ++g) {
+        normalize_row_range(x + g * layout.group, layout, s.rows, s.features, 0, s.rows, cfg.eps,
+                            /*compute_stats=*/false, buf.vhat.data_ptr<acc_t>(),
+                            mean_all + g * s.rows, rstd_all + g * s.rows);
+        group_row_gradient<acc_t>(buf.vhat, buf.dvhat, buf, cfg, factor);
+        row_backward_range(buf.dvhat.const_data_ptr<acc_t>(), buf.vhat.const_data_ptr<acc_t>(),
+                           rstd_all + g * s.rows, row_scale,
+                           /*subtract_diagonal=*/small_side && !cfg.include_diagonal,
+                           dx + g * dst_layout.group, dst_layout, s.rows, s.features, 0, s.rows,
+                           direct ? nullptr : staging.data());
+      }
+    });
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_grouped(const at::Tensor& x,
                                                                const PCCConfig& cfg) {
   const at::ScalarType type = compute_type(x);
@@ -134,6 +319,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_grouped(const at::Tensor&
   const Sizes s = sizes_of(src, cfg);
   at::Tensor mean = at::empty({s.groups, s.rows}, x.options().dtype(type));
   at::Tensor rstd = at::empty_like(mean);
+  const double pairs = double(s.groups) * double(pair_count(s.rows, cfg.include_diagonal));
+  if (groups_per_thread(s.groups, s, cfg)) {
+    const double total = forward_groups_per_thread(src, layout, s, cfg, mean, rstd);
+    return {at::scalar_tensor(total / pairs, x.options().dtype(type)), mean, rstd};
+  }
   const int64_t side = cfg.square ? std::min(s.rows, s.features) : s.rows;
   const int64_t chunk = chunk_of(x, s.groups, 2 * s.rows * s.features + 2 * side * side);
   at::Tensor buffer = at::empty({chunk, s.rows, s.features}, x.options().dtype(type));
@@ -146,7 +336,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_grouped(const at::Tensor&
                    vhat, mean_chunk, rstd_chunk);
     total += phi_sum(vhat, cfg);
   }
-  const double pairs = double(s.groups) * double(pair_count(s.rows, cfg.include_diagonal));
   return {at::scalar_tensor(total / pairs, x.options().dtype(type)), mean, rstd};
 }
 
@@ -155,18 +344,23 @@ at::Tensor backward_grouped(double scale, const at::Tensor& x, const at::Tensor&
   const at::ScalarType type = compute_type(x);
   const auto [src, layout] = addressable(group_source(x, cfg), cfg.pixel);
   const Sizes s = sizes_of(src, cfg);
-  const double k = double(s.features);
-  const double factor = 2.0 * scale / k;  // d R_ij / d vhat_i = vhat_j / K, R symmetric: twice
-  const bool small_side = cfg.square && s.features < s.rows;
-  const int64_t side = small_side ? s.features : s.rows;
-  const int64_t chunk = chunk_of(x, s.groups, 3 * s.rows * s.features + 2 * side * side);
-  at::Tensor buffer = at::empty({chunk, s.rows, s.features}, x.options().dtype(type));
   // Sample groups write straight into dx; batch_mean produces the mean map's gradient first.
   const bool mean_map = cfg.group == Group::BatchMean;
   at::Tensor dx = at::empty_like(x);
   at::Tensor dsrc = mean_map ? at::empty(src.sizes(), src.options().dtype(type)) : dx;
   const auto [dst, dst_layout] = addressable(dsrc, cfg.pixel);
   TORCH_INTERNAL_ASSERT(dst.is_same(dsrc), "gradient buffers are always addressable");
+  if (groups_per_thread(s.groups, s, cfg)) {
+    backward_groups_per_thread(src, layout, s, cfg, scale, mean, rstd, dsrc, dst_layout);
+    if (mean_map) dx.copy_((dsrc / double(x.size(0))).expand_as(x));
+    return dx;
+  }
+  const double k = double(s.features);
+  const double factor = 2.0 * scale / k;  // d R_ij / d vhat_i = vhat_j / K, R symmetric: twice
+  const bool small_side = cfg.square && s.features < s.rows;
+  const int64_t side = small_side ? s.features : s.rows;
+  const int64_t chunk = chunk_of(x, s.groups, 3 * s.rows * s.features + 2 * side * side);
+  at::Tensor buffer = at::empty({chunk, s.rows, s.features}, x.options().dtype(type));
   for (int64_t g0 = 0; g0 < s.groups; g0 += chunk) {
     const int64_t count = std::min(chunk, s.groups - g0);
     at::Tensor vhat = buffer.narrow(0, 0, count);

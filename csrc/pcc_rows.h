@@ -219,11 +219,72 @@ inline void phi_derivative_of_products(at::Tensor& products, double inv_k, doubl
   });
 }
 
-// ---- chunk loops over rows ----
+// ---- loops over rows ----
+
+// Rows [begin, end) of the groups that start at `base` (row r is row r % rows of group
+// r / rows): vhat = (v - mean) * rstd, written to out_all + r * features. With `compute_stats`,
+// mean and rstd are computed first (biased variance, rstd = 1/sqrt(var + eps)); otherwise read.
+template <typename scalar_t, typename acc_t>
+void normalize_row_range(const scalar_t* base, const RowLayout& layout, int64_t rows,
+                         int64_t features, int64_t begin, int64_t end, double eps,
+                         bool compute_stats, acc_t* out_all, acc_t* mean_all, acc_t* rstd_all) {
+  const int64_t stride = layout.feature;
+  for (int64_t r = begin; r < end; ++r) {
+    const scalar_t* row = base + (r / rows) * layout.group + (r % rows) * layout.row;
+    acc_t* out = out_all + r * features;
+    if (stride == 1) {  // the common NCHW channel row: a vectorised conversion
+      for (int64_t k = 0; k < features; ++k) out[k] = static_cast<acc_t>(row[k]);
+    } else {
+      for (int64_t k = 0; k < features; ++k) out[k] = static_cast<acc_t>(row[k * stride]);
+    }
+    if (compute_stats) {
+      const RowSums stats = row_statistics(out, features, eps);
+      mean_all[r] = static_cast<acc_t>(stats.mean);
+      rstd_all[r] = static_cast<acc_t>(stats.rstd);
+    }
+    normalize_row(out, features, mean_all[r], rstd_all[r]);
+  }
+}
+
+// dx rows [begin, end) (indexed as in normalize_row_range) = rstd * (d - mean(d) - vhat *
+// mean(d * vhat)) with d = scale * (dvhat - c_i vhat), c_i = |vhat_i|^2 when
+// `subtract_diagonal` (else 0). `staging` holds `features` values when dx's rows are not
+// contiguous rows of the compute dtype.
+template <typename scalar_t, typename acc_t>
+void row_backward_range(const acc_t* d_all, const acc_t* v_all, const acc_t* rstd_all,
+                        double scale, bool subtract_diagonal, scalar_t* base,
+                        const RowLayout& layout, int64_t rows, int64_t features, int64_t begin,
+                        int64_t end, acc_t* staging) {
+  const int64_t stride = layout.feature;
+  for (int64_t r = begin; r < end; ++r) {
+    const acc_t* d = d_all + r * features;
+    const acc_t* v = v_all + r * features;
+    const BackwardSums sums = backward_sums(d, v, features);
+    const double n = double(features);
+    const double diagonal = subtract_diagonal ? sums.vv : 0.0;
+    // d' = scale (d - diagonal v): its mean and its mean product with v
+    const double mean_d = scale * (sums.d - diagonal * sums.v) / n;
+    const double mean_dv = scale * (sums.dv - diagonal * sums.vv) / n;
+    const double rs = rstd_all[r];
+    scalar_t* out = base + (r / rows) * layout.group + (r % rows) * layout.row;
+    acc_t* target = staging ? staging : reinterpret_cast<acc_t*>(out);
+    backward_apply(d, v, target, features, static_cast<acc_t>(rs * scale),
+                   static_cast<acc_t>(-rs * (scale * diagonal + mean_dv)),
+                   static_cast<acc_t>(-rs * mean_d));
+    if (staging) {
+      for (int64_t k = 0; k < features; ++k) out[k * stride] = static_cast<scalar_t>(staging[k]);
+    }
+  }
+}
+
+// Whether row_backward_range writes dx of type scalar_t with this layout directly.
+template <typename scalar_t, typename acc_t>
+bool writes_directly(const RowLayout& layout) {
+  return std::is_same_v<scalar_t, acc_t> && layout.feature == 1;
+}
 
 // vhat (count, M, K) = (v - mean) * rstd for the groups [g0, g0 + count) of src. With
-// `compute_stats`, mean and rstd (count * M values) are computed first (biased variance,
-// rstd = 1/sqrt(var + eps)); otherwise they are read.
+// `compute_stats`, mean and rstd (count * M values) are computed first; otherwise they are read.
 inline void normalize_rows(const at::Tensor& src, const RowLayout& layout, int64_t g0,
                            int64_t count, int64_t rows, int64_t features, double eps,
                            bool compute_stats, at::Tensor& vhat, at::Tensor& mean,
@@ -234,25 +295,14 @@ inline void normalize_rows(const at::Tensor& src, const RowLayout& layout, int64
     acc_t* out_all = vhat.data_ptr<acc_t>();
     acc_t* mean_all = mean.data_ptr<acc_t>();
     acc_t* rstd_all = rstd.data_ptr<acc_t>();
-    const int64_t stride = layout.feature;
     at::parallel_for(0, count * rows, row_grain(features), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const scalar_t* row = base + (r / rows) * layout.group + (r % rows) * layout.row;
-        acc_t* out = out_all + r * features;
-        for (int64_t k = 0; k < features; ++k) out[k] = static_cast<acc_t>(row[k * stride]);
-        if (compute_stats) {
-          const RowSums stats = row_statistics(out, features, eps);
-          mean_all[r] = static_cast<acc_t>(stats.mean);
-          rstd_all[r] = static_cast<acc_t>(stats.rstd);
-        }
-        normalize_row(out, features, mean_all[r], rstd_all[r]);
-      }
+      normalize_row_range(base, layout, rows, features, begin, end, eps, compute_stats, out_all,
+                          mean_all, rstd_all);
     });
   });
 }
 
-// dx rows of the groups [g0, g0 + count) = rstd * (d - mean(d) - vhat * mean(d * vhat)) with
-// d = scale * (dvhat - c_i vhat), c_i = |vhat_i|^2 when `subtract_diagonal` (else 0).
+// dx rows of the groups [g0, g0 + count), see row_backward_range.
 inline void row_backward(const at::Tensor& dvhat, const at::Tensor& vhat, const at::Tensor& rstd,
                          double scale, bool subtract_diagonal, at::Tensor& dx,
                          const RowLayout& layout, int64_t g0, int64_t count, int64_t rows,
@@ -263,29 +313,11 @@ inline void row_backward(const at::Tensor& dvhat, const at::Tensor& vhat, const 
     const acc_t* d_all = dvhat.const_data_ptr<acc_t>();
     const acc_t* v_all = vhat.const_data_ptr<acc_t>();
     const acc_t* rstd_all = rstd.const_data_ptr<acc_t>();
-    const int64_t stride = layout.feature;
-    constexpr bool direct = std::is_same_v<scalar_t, acc_t>;
+    const bool direct = writes_directly<scalar_t, acc_t>(layout);
     at::parallel_for(0, count * rows, row_grain(features), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> staging(direct && stride == 1 ? 0 : features);
-      for (int64_t r = begin; r < end; ++r) {
-        const acc_t* d = d_all + r * features;
-        const acc_t* v = v_all + r * features;
-        const BackwardSums sums = backward_sums(d, v, features);
-        const double n = double(features);
-        const double diagonal = subtract_diagonal ? sums.vv : 0.0;
-        // d' = scale (d - diagonal v): its mean and its mean product with v
-        const double mean_d = scale * (sums.d - diagonal * sums.v) / n;
-        const double mean_dv = scale * (sums.dv - diagonal * sums.vv) / n;
-        const double rs = rstd_all[r];
-        scalar_t* out = base + (r / rows) * layout.group + (r % rows) * layout.row;
-        acc_t* target = staging.empty() ? reinterpret_cast<acc_t*>(out) : staging.data();
-        backward_apply(d, v, target, features, static_cast<acc_t>(rs * scale),
-                       static_cast<acc_t>(-rs * (scale * diagonal + mean_dv)),
-                       static_cast<acc_t>(-rs * mean_d));
-        if (!staging.empty()) {
-          for (int64_t k = 0; k < features; ++k) out[k * stride] = static_cast<scalar_t>(staging[k]);
-        }
-      }
+      std::vector<acc_t> staging(direct ? 0 : features);
+      row_backward_range(d_all, v_all, rstd_all, scale, subtract_diagonal, base, layout, rows,
+                         features, begin, end, direct ? nullptr : staging.data());
     });
   });
 }

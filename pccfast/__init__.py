@@ -12,6 +12,7 @@
     pccfast.export(pruned, "m.onnx", (3, 32, 32))           # or format="torchscript"/"exported"
 """
 
+from . import _openmp  # noqa: F401  (first: the OpenMP wait policy, before torch loads)
 from . import models
 from .ci import channel_independence
 from .deploy import export

@@ -6,6 +6,7 @@ import platform
 
 import torch
 
+from . import _openmp
 from .ops import _C, backends
 
 
@@ -25,6 +26,7 @@ def collect() -> dict:
         "triton": triton_version,
         "cuda_device": cuda_device,
         "cpu_threads": torch.get_num_threads(),
+        "omp_wait_policy": _openmp.describe(),
         "extension": _C.build_info() or None,
         "extension_missing": _C.unavailable_reason(),
         "backends": backends.availability(),
@@ -38,7 +40,7 @@ def format_info(info: dict | None = None) -> str:
         f"torch       {info['torch']} (CUDA {info['torch_cuda'] or 'none'})",
         f"triton      {info['triton'] or 'not installed'}",
         f"GPU         {info['cuda_device'] or 'none visible'}",
-        f"CPU threads {info['cpu_threads']}",
+        f"CPU threads {info['cpu_threads']}, OpenMP wait policy {info['omp_wait_policy']}",
     ]
     ext = info["extension"]
     if ext:

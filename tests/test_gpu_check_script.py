@@ -18,12 +18,13 @@ def test_check_script_dry_run(tmp_path):
     out = subprocess.run(["bash", "benchmarks/gpu/check.sh", "--dry-run"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    for table in ("| case | M x K | fused ms", "| layer | C | H*W", "| slowdown (target <= 1.15)",
-                  "End to end: CICollector on ResNet-50",
+    for table in ("| case | M x K | fused ms", "| layer | C | H*W", "ratio to no PCC (target <= 1.15)",
+                  "vgg16_cifar training step", "End to end: CICollector on ResNet-50",
                   "| model | round_to | FLOPs removed | params removed | eager b1 | eager b2 |"):
         assert table in out.stdout
     assert sorted(os.listdir(tmp_path)) == ["bench_ci.log", "bench_pcc.log", "bench_train_step.log",
-                                            "info.log", "speedup.md", "speedup_table.log"]
+                                            "bench_train_step_vgg.log", "info.log", "speedup.md",
+                                            "speedup_table.log"]
 
 
 def _run_with_fake_tools(tmp_path, python_body: str, **env):
@@ -44,13 +45,14 @@ def _run_with_fake_tools(tmp_path, python_body: str, **env):
 
 
 def test_check_script_gpu_steps_in_order(tmp_path):
-    """The device branch (without a device): build, info, quick GPU tests, the four benchmarks,
+    """The device branch (without a device): build, info, quick GPU tests, the benchmarks,
     then the exhaustive compiled sweep; every step runs although one fails."""
     out, calls = _run_with_fake_tools(tmp_path, 'case "$*" in *bench_ci*) exit 3;; esac; exit 0')
     assert out.returncode == 1, out.stdout  # bench_ci failed, the rest still ran
     calls = [c for c in calls if c != "-c import xdist"]
     order = ["setup.py build_ext", "-m pccfast info", "not against_reference_on_gpu",
-             "bench_pcc.py", "bench_train_step.py", "bench_ci.py",
+             "bench_pcc.py", "bench_train_step.py --model resnet50",
+             "bench_train_step.py --model vgg16_cifar", "bench_ci.py",
              "speedup_table.py --device cuda --dtype bfloat16 --channels-last",
              "-k against_reference_on_gpu"]
     assert len(calls) == len(order), calls

@@ -73,3 +73,30 @@ def test_extension_build_record():
 def test_public_names():
     for name in ("pcc", "pcc_matrix", "PCCLoss", "PCCRegularizer", "channel_independence"):
         assert hasattr(pccfast, name), name
+
+
+@pytest.mark.parametrize("torch_first", [False, True])
+def test_openmp_wait_policy_is_passive_unless_chosen_or_too_late(torch_first):
+    """Imported before torch with OMP_WAIT_POLICY unset, pccfast sets PASSIVE (libgomp reads it
+    when torch loads it); imported after torch it cannot, and `pccfast info` says so."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    code = ("import torch\n" if torch_first else "") + (
+        "import os, pccfast\n"
+        "from pccfast.info import format_info\n"
+        "print('POLICY', os.environ.get('OMP_WAIT_POLICY'))\n"
+        "print(format_info())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                         env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    if torch_first:
+        assert "POLICY None" in out.stdout and "torch was imported before pccfast" in out.stdout
+    else:
+        assert "POLICY PASSIVE" in out.stdout and "PASSIVE (set by pccfast" in out.stdout
+
+
+def test_openmp_wait_policy_from_the_environment_is_kept():
+    out = run_python("import os, pccfast; print(os.environ['OMP_WAIT_POLICY'], "
+                     "pccfast._openmp.describe())", OMP_WAIT_POLICY="ACTIVE")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[:2] == ["ACTIVE", "ACTIVE"] and "environment" in out.stdout

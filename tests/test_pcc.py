@@ -142,6 +142,31 @@ def test_cpu_backend_larger_chunked_inputs():
 
 
 @needs_ext
+@pytest.mark.parametrize("threads", [1, 3, 4])
+def test_cpu_backend_both_schedules(threads):
+    """Both schedules of the CPU kernels against the reference: whole groups per thread (one
+    parallel region: every input on 1 thread, short rows of 2x2 maps on 3 threads) and chunks
+    of groups with threaded products (long rows on 3 threads, 6 groups on 4 threads). Long rows
+    (17x19 pixels, or 20 channels) take the matrix products, pixel rows spanning two row blocks
+    of R; short rows the pair loops; channels_last and fp16 the strided and converting loops."""
+    g = torch.Generator().manual_seed(threads)
+    inputs = [torch.randn(6, 20, 17, 19, generator=g).relu(), torch.randn(6, 40, 2, 2, generator=g)]
+    for x in inputs:
+        x[:, 1] = 0.5  # a constant row
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for x in inputs:
+            for options in [o for o in PCC_OPTION_GRID if o["group"] != "batch"]:
+                _compare_backend("cpu", x, options)
+            for variant in (x.contiguous(memory_format=torch.channels_last), x.half()):
+                for options in (dict(), dict(orientation="pixel", penalty="square")):
+                    _compare_backend("cpu", variant, options)
+    finally:
+        torch.set_num_threads(saved)
+
+
+@needs_ext
 def test_cpu_backend_keeps_only_row_statistics():
     """Autograd saves x itself and (G, M) statistics, nothing activation- or Gram-sized."""
     x = torch.randn(4, 6, 5, 5, requires_grad=True)

@@ -6,7 +6,9 @@
 #     - PCC forward+backward, bf16, batch 256, ResNet-50 shapes (channel/sample, pixel/sample,
 #       abs and square): fused Triton vs eager naive vs torch.compile of naive, with time, peak
 #       extra memory and the roofline floor measured on the card;
-#     - a full ResNet-50 training step with and without the regulariser on all scored layers;
+#     - a full training step (bf16 autocast, channels_last) without PCC and with the regulariser
+#       on all scored layers, Triton backend and torch reference: VGG-16 at batch 256 (32px)
+#       and ResNet-50 at 224px batch 128 (target: at most 1.15x the step without PCC);
 #     - CI for the VGG-16-CIFAR and ResNet-50 scored shapes: CUDA fast path vs CPU vs brute force,
 #       the end-to-end CICollector pass over 640 ResNet-50 images (target under 10 s),
 #       and the batched Jacobi eigensolver vs torch.linalg.eigh;
@@ -61,6 +63,8 @@ if [[ $DRY -eq 1 ]]; then
   step bench_pcc 300 env TRITON_INTERPRET=1 "$PY" benchmarks/gpu/bench_pcc.py --dry-run
   step bench_ci 300 "$PY" benchmarks/gpu/bench_ci.py --dry-run
   step bench_train_step 300 "$PY" benchmarks/gpu/bench_train_step.py --dry-run
+  step bench_train_step_vgg 300 "$PY" benchmarks/gpu/bench_train_step.py --dry-run \
+    --model vgg16_cifar
   step speedup_table 300 "$PY" benchmarks/speedup_table.py --dry-run --out "$OUTDIR/speedup.md"
   exit $status
 fi
@@ -76,7 +80,10 @@ step info 30 "$PY" -m pccfast info
 step gpu_tests 100 "$PY" -m pytest -q -m gpu "${PARALLEL[@]}" -p no:cacheprovider \
   -k "not against_reference_on_gpu" "${GPU_TESTS[@]}"
 step bench_pcc 130 "$PY" benchmarks/gpu/bench_pcc.py --reps 5 --shapes 64x56,256x56,2048x7
-step bench_train_step 60 "$PY" benchmarks/gpu/bench_train_step.py --steps 8 --rounds 2
+step bench_train_step 75 "$PY" benchmarks/gpu/bench_train_step.py --model resnet50 --batch 128 \
+  --size 224 --backends triton,torch --steps 5 --rounds 2
+step bench_train_step_vgg 45 "$PY" benchmarks/gpu/bench_train_step.py --model vgg16_cifar \
+  --batch 256 --size 32 --backends triton,torch --steps 8 --rounds 2
 step bench_ci 90 "$PY" benchmarks/gpu/bench_ci.py --repeats 2 --brute-images 1 --out "$OUTDIR/ci_gpu.md"
 step speedup_table 90 "$PY" benchmarks/speedup_table.py --device cuda --dtype bfloat16 \
   --channels-last --round-to 1,8,32 --out "$OUTDIR/speedup_gpu.md"
