@@ -3,7 +3,7 @@
     pccfast demo                                   # the whole method on the bundled digits
     pccfast run --data npz:FILE --model vgg16_cifar --width 0.25 --epochs 3 \\
                 --finetune-epochs 2 --target-flops 0.5 --out DIR
-    pccfast train|ci|prune|finetune|eval|report --out DIR [same flags]
+    pccfast train|scores|prune|finetune|eval|report --out DIR [same flags]
     pccfast study --config FILE --out DIR          # arms x criteria x targets over seeds
     pccfast bench --out DIR                        # measured speed-up: pruned vs original
     pccfast export --out DIR --format onnx         # onnx, torchscript or exported (torch.export)
@@ -37,7 +37,7 @@ def _criterion(text: str) -> str:
 def _criteria_help() -> str:
     names = ", ".join(f"{name} ({cls.summary})" if cls.summary else name
                       for name, cls in CRITERIA.items())
-    return (f"what the ci stage scores channels by: {names}, or package.module:Class (a "
+    return (f"what the scores stage ranks channels by: {names}, or package.module:Class (a "
             "pccfast.prune.Criterion subclass)")
 
 
@@ -204,6 +204,8 @@ def _stage(args) -> int:
     from .report import format_table
     from .train import distributed
 
+    args.command = {alias: name for name, aliases in ALIASES.items()
+                    for alias in aliases}.get(args.command, args.command)
     if args.command == "demo" and not args.out:
         args.out = str(Path("runs") / "demo")
     if not args.out:
@@ -236,8 +238,8 @@ def _stage(args) -> int:
             pipe.echo(f"details: {Path(args.out) / 'report.md'}, {Path(args.out) / 'summary.json'}")
         elif command == "train":
             pipe.pretrain(resume=args.resume)
-        elif command == "ci":
-            pipe.ci()
+        elif command == "scores":
+            pipe.scores()
         elif command == "prune":
             pipe.prune()
         elif command == "finetune":
@@ -254,14 +256,16 @@ def _stage(args) -> int:
 
 STAGES = {
     "demo": "the whole method on the bundled digits in a few CPU minutes (default --out runs/demo)",
-    "run": "every stage: pretrain (PCC) -> ci (scores by --criterion) -> prune -> finetune -> report",
+    "run": "every stage: pretrain (PCC) -> scores (by --criterion) -> prune -> finetune -> report",
     "train": "pre-train with the PCC regulariser (and the baseline with --baseline)",
-    "ci": "channel independence (or another --criterion's scores) of every scored layer of the pretrained model",
-    "prune": "plan from the ci stage's scores (--rates/--tau/--target-*) and remove the channels",
+    "scores": "score every scored layer's channels by --criterion (channel independence by default)",
+    "prune": "plan from the scores (--rates/--tau/--target-*) and remove the channels",
     "finetune": "fine-tune the pruned model",
     "eval": "test accuracy, params and FLOPs of the latest model (or --model-file)",
     "report": "write DIR/report.md with plots",
 }
+
+ALIASES = {"scores": ["ci"]}  # the scores stage's name before it scored by any criterion
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -276,7 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands.required = True
     common = _common_parser()
     for name, text in STAGES.items():
-        sub = commands.add_parser(name, help=text, description=text, parents=[common])
+        sub = commands.add_parser(name, help=text, description=text, parents=[common],
+                                  aliases=ALIASES.get(name, []))
         if name == "eval":
             sub.add_argument("--model-file", metavar="FILE",
                              help="a model saved by pccfast (default: the run's latest)")

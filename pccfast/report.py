@@ -3,7 +3,7 @@ scored layer, and the channels kept per layer.
 
     write_report("runs/vgg")  ->  runs/vgg/report.md, runs/vgg/plots/*.png
 
-Everything is read back from the folder (summary.json, metrics.jsonl, plan.json, ci_scores.pt,
+Everything is read back from the folder (summary.json, metrics.jsonl, plan.json, scores.pt,
 config.json), so a report can be rebuilt at any time (``pccfast report --out DIR``). Without
 matplotlib the report has its tables and no plots, and says so.
 """
@@ -56,7 +56,7 @@ def summary_rows(summary: dict) -> list[tuple[str, str]]:
     if summary.get("flops_before") and summary.get("flops_after"):
         rows.append(("FLOPs (MACs) before -> after",
                      f"{summary['flops_before'] / 1e6:.2f}M -> {summary['flops_after'] / 1e6:.2f}M"))
-    for stage in ("baseline", "pretrain", "ci", "prune", "finetune"):
+    for stage in ("baseline", "pretrain", "scores", "ci", "prune", "finetune"):
         if stage in sec:
             rows.append((f"time: {stage}", _secs(sec[stage])))
     if sec:
@@ -191,20 +191,20 @@ def _plot_kept(rows: list[tuple[str, int, int]], path: Path) -> bool:
 
 
 def _read_scores(folder: RunFolder) -> dict:
-    path = folder.path("ci_scores.pt")
+    from .pipeline.steps import read_scores
+
+    path = folder.path("scores.pt")
     if not path.is_file():
         return {}
-    import torch
-
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-        return {k: v.numpy() for k, v in blob["scores"].items()}
-    except Exception:
+        return {k: v.numpy() for k, v in read_scores(path)[0].items()}
+    except ValueError:  # not a score file: the report goes without its plot
         return {}
 
 
 def _scores_label(summary: dict, config: dict) -> str:
-    criterion = summary.get("ci_criterion", config.get("ci", {}).get("criterion", "ci"))
+    criterion = summary.get("score_criterion", summary.get("ci_criterion",
+                            config.get("ci", {}).get("criterion", "ci")))
     from .prune.criteria import scores_label
 
     return scores_label(criterion)
@@ -238,11 +238,11 @@ def write_report(out) -> Path:
         plots.mkdir(exist_ok=True)
         made = {
             "training_curves.png": _plot_curves(records, plots / "training_curves.png"),
-            "ci_distribution.png": _plot_ci(scores, plots / "ci_distribution.png"),
+            "score_distribution.png": _plot_ci(scores, plots / "score_distribution.png"),
             "channels_kept.png": _plot_kept(widths, plots / "channels_kept.png"),
         }
     else:
-        made = dict.fromkeys(("training_curves.png", "ci_distribution.png", "channels_kept.png"),
+        made = dict.fromkeys(("training_curves.png", "score_distribution.png", "channels_kept.png"),
                              False)
     model = config.get("model", {})
     data = config.get("data", {})
@@ -257,7 +257,7 @@ def write_report(out) -> Path:
             f"{pre.get('lr')}, PCC weight {config.get('pcc', {}).get('weight')} "
             f"({config.get('pcc', {}).get('mode')})",
             f"- {_scores_label(summary, config)}: "
-            f"{summary.get('ci_images', config.get('ci', {}).get('images'))} calibration images"
+            f"{summary.get('score_images', config.get('ci', {}).get('images'))} calibration images"
             f"; pruning: {', '.join(f'{k} = {v}' for k, v in crit.items()) or '–'}",
             f"- fine-tuning: {fin.get('epochs')} epochs, batch {fin.get('batch_size')}, lr {fin.get('lr')}",
             "",
@@ -269,10 +269,12 @@ def write_report(out) -> Path:
     lines.append("")
     if made["training_curves.png"]:
         lines += ["## Training curves", "", "![training curves](plots/training_curves.png)", ""]
-    if made["ci_distribution.png"]:
-        lines += ["## Channel independence", "",
-                  "CI of every channel (mean over the calibration images), per scored layer; "
-                  "the lowest go first.", "", "![CI distribution](plots/ci_distribution.png)", ""]
+    if made["score_distribution.png"]:
+        label = _scores_label(summary, config)
+        lines += [f"## Channel scores: {label}", "",
+                  f"{label} of every channel (mean over the calibration images where the "
+                  "criterion uses them), per scored layer; the lowest go first.", "",
+                  "![score distribution](plots/score_distribution.png)", ""]
     if widths:
         lines += ["## Channels kept", ""]
         if made["channels_kept.png"]:

@@ -49,7 +49,7 @@ def test_the_issue_command_writes_the_run_folder(digits_npz, tmp_path, capsys):
     assert abs(s["flops_removed"] - 0.5) <= 0.005  # the budget, met within 0.5 points
     assert 0.2 < s["params_removed"] < 0.95
     # (12 optimiser steps learn little: learning is checked by test_train and test_pipeline)
-    assert set(s["seconds"]) == {"pretrain", "ci", "prune", "finetune"}
+    assert set(s["seconds"]) == {"pretrain", "scores", "prune", "finetune"}
     assert all(v > 0 for v in s["seconds"].values())
     records = RunFolder(out).read_metrics()
     assert [(r["stage"], r["epoch"]) for r in records] == \
@@ -58,10 +58,10 @@ def test_the_issue_command_writes_the_run_folder(digits_npz, tmp_path, capsys):
     plan = json.loads((out / "plan.json").read_text())
     assert len(plan["layers"]) >= 12 and all(
         len(l["kept_indices"]) == l["width_after"] <= l["width_before"] for l in plan["layers"])
-    for name in ("pretrained.pt", "pruned.pt", "finetuned.pt", "ci_scores.pt", "config.json"):
+    for name in ("pretrained.pt", "pruned.pt", "finetuned.pt", "scores.pt", "config.json"):
         assert (out / name).is_file(), name
     report = (out / "report.md").read_text()
-    for png in ("training_curves.png", "ci_distribution.png", "channels_kept.png"):
+    for png in ("training_curves.png", "score_distribution.png", "channels_kept.png"):
         assert f"plots/{png}" in report
         assert (out / "plots" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     import pccfast
@@ -76,7 +76,7 @@ def test_the_same_flags_stage_by_stage_equal_run(digits_npz, tmp_path, capsys):
     flags = _issue_flags(digits_npz, width="0.125") + ["--calib-images", "128"]
     whole, staged = tmp_path / "whole", tmp_path / "staged"
     assert main(["run", *flags, "--out", str(whole), "--no-progress"]) == 0
-    for stage in ("train", "ci", "prune", "finetune", "eval", "report"):
+    for stage in ("train", "scores", "prune", "finetune", "eval", "report"):
         assert main([stage, *flags, "--out", str(staged), "--no-progress"]) == 0, stage
     a, b = _summary(whole), _summary(staged)
     for key in ("pcc_acc", "pruned_acc", "finetuned_acc", "params_removed", "flops_removed"):
@@ -163,7 +163,7 @@ def test_vgg_rate_list_removes_the_published_share():
 def test_precedence_saved_config_then_flags(tmp_path):
     out = tmp_path / "r"
     RunFolder(out).write_config({"pretrain": {"epochs": 7, "lr": 0.3}, "model": {"width": 0.5}})
-    cfg = resolve_config(_args(["ci", "--out", str(out), "--lr", "0.2"]), inherit=True)
+    cfg = resolve_config(_args(["scores", "--out", str(out), "--lr", "0.2"]), inherit=True)
     assert (cfg.pretrain.epochs, cfg.pretrain.lr, cfg.model.width) == (7, 0.2, 0.5)
     fresh = resolve_config(_args(["run", "--out", str(out)]), inherit=False)
     assert fresh.pretrain.epochs != 7
@@ -196,7 +196,7 @@ def test_conflicting_criteria_and_unknown_toml_key(tmp_path, capsys):
     assert "[pretrain] has no key 'epochz'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["demo", "run", "train", "ci", "prune", "finetune", "eval",
+@pytest.mark.parametrize("command", ["demo", "run", "train", "scores", "prune", "finetune", "eval",
                                      "report", "info"])
 def test_help_of_every_command(command, capsys):
     with pytest.raises(SystemExit) as exc:

@@ -362,31 +362,31 @@ def test_cli_criterion_end_to_end_on_digits(tmp_path, capsys):
              "vgg16_cifar", "--width", "0.125", "--epochs", "1", "--finetune-epochs", "1",
              "--target-flops", "0.3", "--calib-images", "32", "--no-progress"]
     assert main(["run", *flags, "--criterion", "l1", "--out", str(out)]) == 0
-    assert "ci        l1:" in capsys.readouterr().out
+    assert "scores    l1:" in capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["ci_criterion"] == "l1" and summary["ci_images"] == 0
+    assert summary["score_criterion"] == "l1" and summary["score_images"] == 0
     assert json.loads((out / "plan.json").read_text())["criterion"] == "l1"
     assert "- l1 scores:" in (out / "report.md").read_text()
     from pccfast.pipeline.steps import read_scores
 
-    saved, meta = read_scores(out / "ci_scores.pt")  # the one score-file format
+    saved, meta = read_scores(out / "scores.pt")  # the one score-file format
     pretrained = pccfast.load(out / "pretrained.pt")
     l1 = pccfast.scores(pretrained, criterion="l1", input_size=SIZE)
     assert meta["criterion"] == "l1" and saved.keys() == l1.keys()
     assert all(torch.equal(saved[k], l1[k]) for k in l1)  # l1, not CI, was computed
-    assert CICollector.load_scores(out / "ci_scores.pt").keys() == l1.keys()
+    assert CICollector.load_scores(out / "scores.pt").keys() == l1.keys()
 
     # a stage command: taylor over the calibration images (labels come with the batches)
     assert main(["ci", "--out", str(out), "--criterion", "taylor", "--no-progress"]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["ci_criterion"] == "taylor" and summary["ci_images"] == 32
+    assert summary["score_criterion"] == "taylor" and summary["score_images"] == 32
     # the next stage inherits the folder's criterion; another one is a one-line error
     assert main(["prune", "--out", str(out), "--no-progress"]) == 0
     assert json.loads((out / "plan.json").read_text())["criterion"] == "taylor"
     assert "taylor scores, target flops 0.3" in capsys.readouterr().out
     assert main(["prune", "--out", str(out), "--criterion", "hrank", "--no-progress"]) == 2
     err = capsys.readouterr().err  # the run folder's own check: the scores' settings differ
-    assert "ci_scores.pt was made with other settings" in err
+    assert "scores.pt was made with other settings" in err
     assert 'ci.criterion="taylor" (now "hrank")' in err
 
     with pytest.raises(ValueError, match="ci.criterion must be one of"):

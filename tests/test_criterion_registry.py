@@ -156,25 +156,25 @@ def test_cli_and_study_take_package_module_class(tmp_path, capsys):
              "vgg16_cifar", "--width", "0.125", "--epochs", "1", "--finetune-epochs", "0",
              "--target-flops", "0.3", "--calib-images", "32", "--no-progress"]
     assert main(["run", *flags, "--criterion", SPEC, "--out", str(out)]) == 0
-    assert f"ci        {SPEC}:" in capsys.readouterr().out
+    assert f"scores    {SPEC}:" in capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["ci_criterion"] == SPEC and summary["ci_images"] == 0
+    assert summary["score_criterion"] == SPEC and summary["score_images"] == 0
     assert json.loads((out / "plan.json").read_text())["criterion"] == SPEC
     assert "- inverted_l1 scores:" in (out / "report.md").read_text()
-    saved = torch.load(out / "ci_scores.pt", weights_only=True)["scores"]
+    saved = torch.load(out / "scores.pt", weights_only=True)["scores"]
     l1 = pccfast.scores(pccfast.load(out / "pretrained.pt"), criterion="l1", input_size=SIZE)
     assert saved.keys() == l1.keys()
     assert all(torch.equal(saved[k], l1[k].max() - l1[k]) for k in l1)
     # a stage command with an activation criterion from this file: calibration images used
-    assert main(["ci", "--out", str(out), "--criterion", f"{__name__}:ChannelMean",
+    assert main(["scores", "--out", str(out), "--criterion", f"{__name__}:ChannelMean",
                  "--no-progress"]) == 0
-    assert json.loads((out / "summary.json").read_text())["ci_images"] == 32
+    assert json.loads((out / "summary.json").read_text())["score_images"] == 32
     with pytest.raises(SystemExit) as exc:  # refused while parsing, in one line
         main(["run", "--out", str(out), "--criterion", "no_such_module:X"])
     assert exc.value.code == 2
     assert "cannot import X from no_such_module" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main(["ci", "--help"])
+        main(["scores", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "hrank (feature-map rank)" in text and "package.module:Class" in text
 

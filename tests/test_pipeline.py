@@ -23,12 +23,12 @@ def test_demo_prints_the_table(tmp_path, capsys):
     printed = capsys.readouterr().out
     for row in ("baseline accuracy (no PCC)", "PCC-pretrained accuracy",
                 "pruned accuracy (before fine-tuning)", "fine-tuned accuracy", "params removed",
-                "FLOPs removed", "time: baseline", "time: pretrain", "time: ci", "time: prune",
+                "FLOPs removed", "time: baseline", "time: pretrain", "time: scores", "time: prune",
                 "time: finetune", "time: total"):
         assert row in printed, row
     s = json.loads((out / "summary.json").read_text())
     assert s["baseline_acc"] is not None and set(s["seconds"]) == {
-        "baseline", "pretrain", "ci", "prune", "finetune"}
+        "baseline", "pretrain", "scores", "prune", "finetune"}
     assert abs(s["flops_removed"] - 0.5) <= 0.005
     assert "pruned, BN statistics re-estimated" in printed  # the demo sets prune.bn_images
     assert 0 <= s["pruned_bn_acc"] <= 1
@@ -39,7 +39,7 @@ def test_demo_prints_the_table(tmp_path, capsys):
 def test_table_and_rows_from_a_summary():
     summary = {"baseline_acc": None, "pcc_acc": 0.9512, "pruned_acc": 0.4, "finetuned_acc": 0.93,
                "params_removed": 0.928, "flops_removed": 0.844,
-               "seconds": {"pretrain": 10.0, "ci": 1.5, "prune": 0.5, "finetune": 3.0}}
+               "seconds": {"pretrain": 10.0, "scores": 1.5, "prune": 0.5, "finetune": 3.0}}
     rows = dict(summary_rows(summary))
     assert rows["baseline accuracy (no PCC)"] == "–" and rows["PCC-pretrained accuracy"] == "95.12%"
     assert rows["FLOPs removed"] == "84.40%" and rows["time: total"] == "15.0 s"
@@ -62,8 +62,8 @@ def test_report_from_a_real_plan(tmp_path):
     folder = RunFolder(tmp_path)
     save_json(folder.path("plan.json"), plan.to_dict())
     atomic_torch_save({"format": "pccfast-ci-scores", "images": 4, "scores": scores},
-                      folder.path("ci_scores.pt"))
-    folder.update_summary(seconds={"ci": 1.0}, pcc_acc=0.5)
+                      folder.path("scores.pt"))
+    folder.update_summary(seconds={"scores": 1.0}, pcc_acc=0.5)
     for epoch in (1, 2, 2):  # a resumed epoch is logged twice; the report keeps the last
         folder.log_metrics({"stage": "pretrain", "epoch": epoch, "train_loss": 1.0 / epoch,
                             "train_acc": 0.5, "test_acc": 0.4 + 0.1 * epoch, "pcc": 0.3})
@@ -72,7 +72,7 @@ def test_report_from_a_real_plan(tmp_path):
     assert all(after == round(before * (1 - (0.3 if i < 7 else 0.6))) or after >= 1
                for i, (_, before, after) in enumerate(widths))
     report = write_report(tmp_path).read_text()
-    for png in ("training_curves.png", "ci_distribution.png", "channels_kept.png"):
+    for png in ("training_curves.png", "score_distribution.png", "channels_kept.png"):
         assert (tmp_path / "plots" / png).stat().st_size > 1000
         assert f"plots/{png}" in report
     assert f"| {widths[0][0]} | {widths[0][1]} | {widths[0][2]} |" in report
@@ -100,9 +100,9 @@ def test_whole_pipeline_on_a_cifar10_slice(tmp_path):
     s = json.loads((out / "summary.json").read_text())
     assert s["pcc_acc"] > 0.25 and s["finetuned_acc"] > 0.2  # chance is 0.1
     assert abs(s["flops_removed"] - 0.5) <= 0.005 and 0.3 < s["params_removed"] < 0.9
-    assert s["ci_images"] == 256 and s["ci_layers"] == 13
+    assert s["score_images"] == 256 and s["score_layers"] == 13
     plan = json.loads((out / "plan.json").read_text())
-    scores = torch.load(out / "ci_scores.pt", weights_only=True)["scores"]
+    scores = torch.load(out / "scores.pt", weights_only=True)["scores"]
     for layer in plan["layers"]:  # the kept channels are the highest-CI ones of each layer
         ci = scores[layer["name"]]
         kept = torch.tensor(layer["kept_indices"])

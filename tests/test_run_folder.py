@@ -108,7 +108,7 @@ def test_factory_models_are_stored_without_pickle(tmp_path, monkeypatch, capsys)
     out = tmp_path / "run"
     flags = [f for f in FLAGS if f != "vgg16_cifar"]
     flags[flags.index("--model") + 1:flags.index("--model") + 1] = ["rf_factory:vgg"]
-    for stage in ("train", "ci", "prune"):
+    for stage in ("train", "scores", "prune"):
         assert main([stage, *flags, "--out", str(out)]) == 0, stage
     for name in ("pretrained.pt", "pruned.pt"):
         payload = torch.load(out / name, weights_only=True)
@@ -130,7 +130,7 @@ def test_fresh_run_after_a_finished_one_never_reuses_its_files(run, monkeypatch,
     with pytest.raises(KeyboardInterrupt):
         main(["run", *FLAGS, "--lr", "0.05", "--out", str(run)])
     restore()
-    for name in ("pruned.pt", "finetuned.pt", "plan.json", "ci_scores.pt", "report.md",
+    for name in ("pruned.pt", "finetuned.pt", "plan.json", "scores.pt", "report.md",
                  "checkpoints/finetune.pt", "checkpoints/pretrain.pt"):
         assert not (run / name).exists(), name  # nothing of A is left to be picked up
     assert main(["eval", "--out", str(run), "--no-progress"]) == 2
@@ -199,7 +199,7 @@ def test_a_stage_rerun_removes_what_read_from_it(run, capsys):
     assert main(["eval", "--out", str(run), "--no-progress"]) == 0
     assert "pruned.pt: test accuracy" in capsys.readouterr().out
     assert json.loads((run / "config.json").read_text())["prune"]["target_flops"] == 0.3
-    assert set(RunFolder(run).read_records()) == {"pretrain", "ci", "prune"}
+    assert set(RunFolder(run).read_records()) == {"pretrain", "scores", "prune"}
 
 
 # ---------------------------------------------------------------- settings records
@@ -216,11 +216,11 @@ def test_stage_settings_chain_and_ignore_speed_settings():
     faster = RunConfig.from_dict({"run": {"device": "cuda"}, "data": {"workers": 9}})
     assert fingerprint(stage_settings(faster.to_dict(), "finetune")) == fingerprint(finetune)
     wider = RunConfig.from_dict({"model": {"width": 1}})  # a TOML 1 is the flag's 1.0
-    assert fingerprint(stage_settings(wider.to_dict(), "ci")) == fingerprint(
-        stage_settings(RunConfig.from_dict({"model": {"width": 1.0}}).to_dict(), "ci"))
+    assert fingerprint(stage_settings(wider.to_dict(), "scores")) == fingerprint(
+        stage_settings(RunConfig.from_dict({"model": {"width": 1.0}}).to_dict(), "scores"))
     assert differences({"a.b": 1, "c.d": "x"}, {"a.b": 2, "c.d": "x", "e.f": None}) == \
         ["a.b=1 (now 2)", "e.f=unset (now null)"]
-    assert downstream("pretrain") == ["pretrain", "ci", "prune", "finetune"]
+    assert downstream("pretrain") == ["pretrain", "scores", "prune", "finetune"]
     assert downstream("baseline") == ["baseline"]
 
 
@@ -311,10 +311,10 @@ def test_data_replaced_under_a_run_is_refused(tmp_path, capsys):
     assert main(["run", "--resume", "--out", str(out), "--no-progress"]) == 2
     err = _error(capsys)
     assert "cannot resume" in err and "data.file:digits.npz=" in err
-    assert main(["ci", "--out", str(out), "--no-progress"]) == 2
+    assert main(["scores", "--out", str(out), "--no-progress"]) == 2
     assert "made with other settings: data.file:digits.npz=" in _error(capsys)
     _digits_npz(npz)  # the original bytes again (a newer modification time)
-    assert main(["ci", "--out", str(out), "--no-progress"]) == 0
+    assert main(["scores", "--out", str(out), "--no-progress"]) == 0
 
 
 def test_data_stamps(tmp_path):
@@ -344,7 +344,7 @@ def test_data_stamps(tmp_path):
     assert set(before) >= {"data.file:train/cat/", "data.file:val/dog/"}
     os.utime(root / "train" / "dog", (2e9, 2e9))  # (what adding an image does)
     assert data_stamps(f"imagefolder:{root}") != before
-    current = stage_settings(RunConfig().to_dict(), "ci", None, first)
+    current = stage_settings(RunConfig().to_dict(), "scores", None, first)
     legacy = {k: v for k, v in current.items() if not k.startswith("data.file")}
     assert differences(legacy, current) == []
     assert differences({**legacy, "data.file:d.npz": "sha256 0"}, current) != []
@@ -388,3 +388,20 @@ def test_a_full_disk_is_one_line_naming_the_file(tmp_path, monkeypatch, capsys):
     assert main(["train", *FLAGS, "--out", str(tmp_path / "run")]) == 2
     err = _error(capsys)
     assert f"no space left on device: cannot write {tmp_path / 'run'}" in err
+
+
+def test_a_folder_of_the_older_ci_stage_is_refused_then_rescored(finished, tmp_path, capsys):
+    """Before the scores stage was named for scores it was `ci` (ci_scores.pt, a "ci" record):
+    such a folder keeps its pre-training, the stages after it say to run `pccfast scores`,
+    and the old command name still runs the stage; the old file goes with its stage."""
+    out = tmp_path / "old"
+    shutil.copytree(finished, out)
+    (out / "scores.pt").rename(out / "ci_scores.pt")
+    records = json.loads((out / "stages.json").read_text())
+    records["ci"] = records.pop("scores")
+    (out / "stages.json").write_text(json.dumps(records))
+    assert main(["prune", "--out", str(out), "--no-progress"]) == 2
+    assert f"run `pccfast scores --out {out}` first" in _error(capsys)
+    assert main(["ci", "--out", str(out), "--no-progress"]) == 0  # the old name of the stage
+    assert (out / "scores.pt").is_file() and not (out / "ci_scores.pt").exists()
+    assert main(["prune", "--out", str(out), "--no-progress"]) == 0

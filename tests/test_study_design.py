@@ -306,7 +306,7 @@ def test_a_data_file_replaced_under_a_study_invalidates_its_caches(tmp_path):
     np.savez(path, x_train=x, y_train=y, x_test=x, y_test=y)
     config = design(data={"spec": f"npz:{path}", "val_images": 0})
     cfg = config.arm_config(config.arms[0], 0)
-    before = {stage: settings_of(cfg, stage) for stage in ("pretrain", "ci", "prune")}
+    before = {stage: settings_of(cfg, stage) for stage in ("pretrain", "scores", "prune")}
     np.savez(path, x_train=x + 1, y_train=y, x_test=x, y_test=y)  # same shapes, new pixels
     for stage, settings in before.items():
         now = settings_of(cfg, stage)

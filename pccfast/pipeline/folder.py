@@ -5,7 +5,7 @@
     DIR/summary.json      accuracies, params/FLOPs removed, seconds per stage
     DIR/baseline.pt       pretrained without PCC (only with --baseline)
     DIR/pretrained.pt     pretrained with PCC
-    DIR/ci_scores.pt      CI per scored layer (float64)
+    DIR/scores.pt         the criterion's score per channel of every scored layer (float64)
     DIR/plan.json         per layer: width before/after and the kept channel indices
     DIR/pruned.pt         the physically pruned model, before fine-tuning
     DIR/finetuned.pt      after fine-tuning
@@ -34,25 +34,31 @@ SUMMARY_KEYS = ("baseline_acc", "pcc_acc", "pruned_acc", "pruned_bn_acc", "finet
                 "params_removed", "flops_removed")
 # what each stage writes: files and summary.json fields (its seconds and metrics too)
 STAGE_FILES = {"baseline": ("baseline.pt",), "pretrain": ("pretrained.pt",),
-               "ci": ("ci_scores.pt",), "prune": ("pruned.pt", "plan.json"),
+               "scores": ("scores.pt",), "prune": ("pruned.pt", "plan.json"),
                "finetune": ("finetuned.pt",)}
 STAGE_SUMMARY = {
     "baseline": ("baseline_acc",),
     "pretrain": ("pcc_acc", "pcc_weight", "params_before", "flops_before"),
-    "ci": ("ci_images", "ci_layers", "ci_criterion"),
+    "scores": ("score_images", "score_layers", "score_criterion",
+               "ci_images", "ci_layers", "ci_criterion"),  # (the second three: older runs)
     "prune": ("pruned_acc", "pruned_bn_acc", "params_removed", "flops_removed", "params_after",
               "flops_after", "budget", "criterion", "speedup_cpu", "speedup_cpu_q1",
               "speedup_cpu_q3", "speedup_cpu_batch", "speedup_cpu_threads", "latency_cpu_ms"),
     "finetune": ("finetuned_acc",),
 }
-REPORT_FILES = ("report.md", "plots/training_curves.png", "plots/ci_distribution.png",
+REPORT_FILES = ("report.md", "plots/training_curves.png", "plots/score_distribution.png",
                 "plots/channels_kept.png")
+# what older pccfast wrote under other names (the scores stage was called ci): removed with
+# their stage, never read
+OLD_FILES = {"scores": ("ci_scores.pt",), "report": ("plots/ci_distribution.png",)}
+OLD_STAGES = ("ci",)
 MANIFEST = ".pccfast-files.json"
 MANIFEST_FORMAT = "pccfast-run-folder"
 # every name pccfast writes or removes in a run folder
 OWNED_FILES = (("config.json", "summary.json", "metrics.jsonl", "stages.json")
                + tuple(name for s in STAGES for name in STAGE_FILES[s])
-               + tuple(f"checkpoints/{s}.pt" for s in STAGES) + REPORT_FILES)
+               + tuple(f"checkpoints/{s}.pt" for s in STAGES) + REPORT_FILES
+               + tuple(name for names in OLD_FILES.values() for name in names))
 
 
 class RunFolder:
@@ -212,7 +218,9 @@ class RunFolder:
             raise ValueError(f"{self.records_path} is not valid JSON ({exc})") from exc
         if not isinstance(records, dict):
             raise ValueError(f"{self.records_path} is not a table of stages")
-        return records
+        # an older pccfast's "ci" stage: its scores are redone as the scores stage (pre-training
+        # is kept), so the stages after it are refused until then, naming `pccfast scores`
+        return {k: v for k, v in records.items() if k not in OLD_STAGES}
 
     def write_record(self, stage: str, settings: dict) -> None:
         """Marks ``stage`` finished, made with ``settings`` (the last write of a stage)."""
@@ -228,9 +236,10 @@ class RunFolder:
         reads. keep_checkpoint: keep ``stage``'s checkpoint and metrics (it resumes). Claims
         the files it removes and the stages rewrite (refusing a user's file of their names)."""
         stages = downstream(stage)
+        old = tuple(n for s in stages + ["report"] for n in OLD_FILES.get(s, ()))
         self.claim(("summary.json", "metrics.jsonl", "stages.json")
                    + tuple(n for s in stages for n in STAGE_FILES[s])
-                   + tuple(f"checkpoints/{s}.pt" for s in stages) + REPORT_FILES)
+                   + tuple(f"checkpoints/{s}.pt" for s in stages) + REPORT_FILES + old)
         records = self.read_records()
         if any(s in records for s in stages):
             save_json(self.records_path, {k: v for k, v in records.items() if k not in stages})
@@ -247,7 +256,7 @@ class RunFolder:
                     summary.pop(key, None)
                 summary.get("seconds", {}).pop(s, None)
             save_json(self.summary_path, summary)
-        for name in REPORT_FILES:
+        for name in REPORT_FILES + old:
             self.path(name).unlink(missing_ok=True)
 
     def clear(self) -> None:

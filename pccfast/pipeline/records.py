@@ -1,8 +1,8 @@
 """What each stage's outputs were made from, so that a run folder never reuses stale files.
 
 A stage's *settings* are the config values its outputs depend on: the data and model settings,
-run.seed, its own section(s), and those of the stages it reads from (ci reads the pretrained
-model, prune the CI scores, finetune the pruned model), plus the SHA-256 of model.init's file
+run.seed, its own section(s), and those of the stages it reads from (scores reads the
+pretrained model, prune the scores, finetune the pruned model), plus the SHA-256 of model.init's file
 and a stamp of every data file (``data.file:NAME``: pccfast.data.stamps).
 Each finished stage records them, and their hash (the *fingerprint*), in DIR/stages.json; its
 training checkpoint carries them too. Settings that change speed, not results, are left out.
@@ -20,18 +20,18 @@ from __future__ import annotations
 import hashlib
 import json
 
-STAGES = ("baseline", "pretrain", "ci", "prune", "finetune")
+STAGES = ("baseline", "pretrain", "scores", "prune", "finetune")
 # stage -> the stage whose output it reads
-READS = {"ci": "pretrain", "prune": "ci", "finetune": "prune"}
+READS = {"scores": "pretrain", "prune": "scores", "finetune": "prune"}
 # stage -> the config sections that are its own
-OWN_SECTIONS = {"baseline": ("pretrain",), "pretrain": ("pretrain", "pcc"), "ci": ("ci",),
+OWN_SECTIONS = {"baseline": ("pretrain",), "pretrain": ("pretrain", "pcc"), "scores": ("ci",),
                 "prune": ("prune",), "finetune": ("finetune",)}
 COMMON_SECTIONS = ("data", "model", "run")
 # speed, placement or bookkeeping only: a resume may change them
 IGNORED = frozenset({"data.workers", "data.download", "run.device", "run.baseline",
                      "pcc.backend", "pretrain.compile", "finetune.compile", "prune.speed"})
 # the command that (re)makes each stage's outputs
-COMMAND = {"baseline": "train", "pretrain": "train", "ci": "ci", "prune": "prune",
+COMMAND = {"baseline": "train", "pretrain": "train", "scores": "scores", "prune": "prune",
            "finetune": "finetune"}
 INIT_DIGEST = "model.init_sha256"
 

@@ -1,7 +1,7 @@
 """The stages of the method, each reading and writing one run folder.
 
     pretrain   train with the PCC regulariser (and, with --baseline, the same without it)
-    ci         channel independence (or ci.criterion's scores) of every scored layer
+    scores     every scored layer's channels by ci.criterion (channel independence by default)
     prune      a per-layer plan from those scores, then physical removal of the channels
     finetune   train the pruned model (no PCC)
     evaluate   test accuracy, params and FLOPs of any saved model
@@ -35,7 +35,7 @@ from .records import (COMMAND, STAGES, chain, differences, downstream, file_dige
 from .steps import build_model, count, initial_model, load_init, removed  # noqa: F401 (API)
 
 TRAINED = ("baseline", "pretrain", "finetune")  # the stages with checkpoints
-NEEDS = {"ci": ("pretrain",), "prune": ("pretrain", "ci"), "finetune": ("prune",)}
+NEEDS = {"scores": ("pretrain",), "prune": ("pretrain", "scores"), "finetune": ("prune",)}
 
 
 class StageError(RuntimeError):
@@ -275,15 +275,15 @@ class Pipeline:
             dist_utils.barrier()
         return results
 
-    def ci(self) -> dict:
+    def scores(self) -> dict:
         """Scores of every scored layer of the pretrained model by ci.criterion (CI by default)
-        -> ci_scores.pt.
+        -> scores.pt.
 
         Under DDP each rank scores its shard of the calibration images and the collector
         all-reduces the sums; rank 0 writes the file."""
         source = self._require("pretrain")
         if self.env.is_main:
-            self.folder.invalidate("ci")
+            self.folder.invalidate("scores")
         started = time.perf_counter()
         criterion = self.cfg.ci.criterion
         scores, images = steps.score_model(
@@ -291,24 +291,27 @@ class Pipeline:
             batch_size=self.cfg.ci.batch_size, seed=self.cfg.run.seed, env=self.env,
             channels_last=self.cfg.pretrain.channels_last, workers=self.cfg.data.workers,
             progress=self.progress)
-        seconds = self._seconds("ci", started)
+        seconds = self._seconds("scores", started)
         if self.env.is_main:
-            steps.save_scores(self.folder.path("ci_scores.pt"), scores, criterion, images,
-                              self.settings("ci"))
-            self.folder.update_summary(seconds={"ci": seconds}, ci_images=images,
-                                       ci_layers=len(scores), ci_criterion=criterion)
-            self._record("ci")
-        self.echo(f"ci        {criterion}: {len(scores)} layers over {images} images ({seconds:.1f} s)")
+            steps.save_scores(self.folder.path("scores.pt"), scores, criterion, images,
+                              self.settings("scores"))
+            self.folder.update_summary(seconds={"scores": seconds}, score_images=images,
+                                       score_layers=len(scores), score_criterion=criterion)
+            self._record("scores")
+        self.echo(f"scores    {criterion}: {len(scores)} layers over {images} images "
+                  f"({seconds:.1f} s)")
         dist_utils.barrier()
         return scores
 
+    ci = scores  # the stage's name before it scored by any criterion
+
     def read_scores(self) -> dict:
-        path = self._require("ci")
+        path = self._require("scores")
         wanted = self.cfg.ci.criterion
         scores, meta = steps.read_scores(path)
         if meta.get("criterion", "ci") != wanted:
             raise ValueError(f"{path} holds {meta.get('criterion')} scores, but ci.criterion is "
-                             f"{wanted}: run `pccfast ci --criterion {wanted} --out "
+                             f"{wanted}: run `pccfast scores --criterion {wanted} --out "
                              f"{self.folder.out}` first")
         return scores
 
@@ -316,7 +319,7 @@ class Pipeline:
         """A plan from the scores (ci.criterion) and the budget (prune.rates / tau / target_*),
         then removal of the channels -> pruned.pt, plan.json."""
         source = self._require("pretrain")
-        self._require("ci")
+        self._require("scores")
         budget = self.cfg.prune.budget
         if not budget:
             raise ValueError("prune needs one of --rates, --tau, --target-flops, --target-params")
@@ -447,7 +450,7 @@ class Pipeline:
             for note in self.check("run", resume):
                 self.echo(note)
         self.pretrain(resume)
-        for stage in ("ci", "prune"):
+        for stage in ("scores", "prune"):
             if self._finished(stage, resume):
                 self.echo(f"{stage:<9} done before, skipped")
             else:

@@ -133,7 +133,7 @@ def features(work: Path, model, cfg: RunConfig, data, env, images: int) -> list[
 def scores(work: Path, criterion: str, model, cfg: RunConfig, data, env) -> dict:
     """layer -> (C,) float64 scores of ``criterion``, cached in ``work`` with their settings."""
     cfg = with_criterion(cfg, criterion)
-    settings = settings_of(cfg, "ci")
+    settings = settings_of(cfg, "scores")
     path = work / f"scores-{criterion}.pt"
     if path.is_file():
         try:
