@@ -1,4 +1,4 @@
-"""The PCC + CI pipeline: pretrain (with PCC) -> ci -> prune -> finetune, in one run folder."""
+"""The PCC + CI pipeline: pretrain (with PCC) -> scores -> prune -> finetune, in one run folder."""
 
 from .config import RunConfig, demo_config, load_toml
 from .folder import RunFolder

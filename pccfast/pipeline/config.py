@@ -77,7 +77,7 @@ class ModelSection:
 class CISection:
     images: int = 640
     batch_size: int = 128
-    # what the ci stage scores channels by: a name of pccfast.prune.CRITERIA or
+    # what the scores stage ranks channels by: a name of pccfast.prune.CRITERIA or
     # "package.module:Class" (a pccfast.prune.Criterion subclass)
     criterion: str = "ci"
 
