@@ -82,8 +82,10 @@ def test_two_gloo_processes_match_one_process(tmp_path, monkeypatch):
             assert x["pcc"] == pytest.approx(y["pcc"], rel=1e-4)
 
     # CI: each rank scored half of the 64 images; the all-reduced means equal one process's.
-    sa = torch.load(one / "scores.pt", weights_only=True)
-    sb = torch.load(two / "scores.pt", weights_only=True)
+    from pccfast.pipeline.steps import read_scores
+
+    sa, sb = ({"scores": scores, **meta} for scores, meta in
+              (read_scores(one / "scores.pt"), read_scores(two / "scores.pt")))
     assert sa["images"] == sb["images"] == 64
     for name in sa["scores"]:  # from those weights: as far apart as they are (above)
         assert torch.allclose(sa["scores"][name], sb["scores"][name], rtol=1e-3, atol=1e-5), name
