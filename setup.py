@@ -70,9 +70,11 @@ def _extensions():
     sources = sorted(glob.glob("csrc/*.cpp"))
     torch_version = torch.__version__.split("+")[0]
     macros = [("PCCFAST_TORCH_VERSION", f'"{torch_version}"')]
-    # The C++ standard comes from torch.utils.cpp_extension (C++20 for new torch); -fopenmp-simd
-    # lets `#pragma omp simd` reductions vectorise without the OpenMP runtime.
-    cxx = ["-O3", "-fopenmp-simd"]
+    # The C++ standard comes from torch.utils.cpp_extension (C++20 for new torch). -fopenmp:
+    # at::parallel_for / parallel_reduce are header templates that run serially unless the
+    # extension itself is compiled with OpenMP; linked as libgomp.so.1, the soname of the
+    # runtime torch has already loaded, so the process keeps one OpenMP runtime.
+    cxx = ["-O3", "-fopenmp"]
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", _default_arch(torch))
         sources += cuda_sources
@@ -88,6 +90,7 @@ def _extensions():
             include_dirs=[os.path.join(ROOT, "csrc"), os.path.join(ROOT, "kernels")],
             define_macros=macros,
             extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+            extra_link_args=["-fopenmp"],
         )
     else:
         ext = CppExtension(
@@ -96,6 +99,7 @@ def _extensions():
             include_dirs=[os.path.join(ROOT, "csrc")],
             define_macros=macros,
             extra_compile_args={"cxx": cxx},
+            extra_link_args=["-fopenmp"],
         )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
