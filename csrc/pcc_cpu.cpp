@@ -7,10 +7,10 @@
 // chunk by chunk. The one-group "batch" mode streams its N*P-long rows over sample chunks and
 // keeps only C x C matrices.
 #include "pcc_cpu.h"
+#include "pcc_gemm.h"
 #include "pcc_rows.h"
 #include "pcc_short_rows.h"
 
-#include <ATen/ops/mm_cpu_dispatch.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
@@ -140,6 +140,15 @@ constexpr int64_t kTileElements = int64_t(1) << 16;
 
 int64_t tile_rows(int64_t m) { return std::clamp<int64_t>(kTileElements / m, 1, m); }
 
+// Rows per block of R's upper staircase: at most a tile, and about an eighth of M (so that the
+// blocks formed are ~(1 + 1/8) / 2 of R) but not under kStaircaseMinRows, below which BLAS runs
+// the thin products slower than the work they save.
+constexpr int64_t kStaircaseMinRows = 32;
+
+int64_t staircase_rows(int64_t m) {
+  return std::min(tile_rows(m), std::max<int64_t>(kStaircaseMinRows, (m / 8 + 7) / 8 * 8));
+}
+
 // Short rows take the pair loops of pcc_short_rows.h ("square" with K < M has the cheaper
 // K x K side).
 bool short_rows(int64_t m, int64_t k, const PCCConfig& cfg) {
@@ -147,13 +156,10 @@ bool short_rows(int64_t m, int64_t k, const PCCConfig& cfg) {
 }
 
 // Whole groups per thread when they split evenly enough over the threads (otherwise, for one
-// group or a few on many threads, the chunked path parallelises inside each product), and when
-// the work inside is the pair loops or there is one thread: BLAS products called from inside the
-// region took twice the CPU time on 2 threads (measured with torch's MKL, 2026-12-07), so with
-// several threads long rows stay on the chunked path, whose products are threaded by BLAS.
-bool groups_per_thread(int64_t groups, const Sizes& s, const PCCConfig& cfg) {
+// group or a few on many threads, the chunked path parallelises inside each product). BLAS
+// products called inside the region run on their thread alone (nested regions are serial).
+bool groups_per_thread(int64_t groups) {
   const int64_t threads = at::get_num_threads();
-  if (threads > 1 && !short_rows(s.rows, s.features, cfg)) return false;
   return groups >= threads && (groups % threads == 0 || groups >= 4 * threads);
 }
 
@@ -170,9 +176,6 @@ struct GroupBuffers {
       transposed = at::empty({2, s.features * s.rows}, options);
     }
   }
-  at::Tensor block(int64_t rows, int64_t cols) const {
-    return tile.narrow(0, 0, rows * cols).view({rows, cols});
-  }
 };
 
 // sum over pairs of phi(R) for one group's normalised rows vhat: (M, K).
@@ -186,11 +189,11 @@ double group_phi_sum(const at::Tensor& vhat, const GroupBuffers& buf, const PCCC
   const acc_t inv_k = static_cast<acc_t>(1.0 / double(k));
   if (cfg.square && k < m) {
     // sum_ij R_ij^2 = ||Vhat^T Vhat||_F^2 / K^2: the K x K side.
-    at::Tensor features = buf.block(k, k);
-    at::cpu::mm_out(features, vhat.t(), vhat);
-    double total = phi_row_sum(features.const_data_ptr<acc_t>(), k * k, inv_k, true);
+    const acc_t* v = vhat.const_data_ptr<acc_t>();
+    acc_t* features = buf.tile.data_ptr<acc_t>();
+    gemm<acc_t>(k, k, m, 1, {v, k, true}, {v, k, false}, 0, features, k);
+    double total = phi_row_sum(features, k * k, inv_k, true);
     if (!cfg.include_diagonal) {
-      const acc_t* v = vhat.const_data_ptr<acc_t>();
       for (int64_t i = 0; i < m; ++i) {
         const double r_ii = backward_sums(v + i * k, v + i * k, k).vv / double(k);
         total -= r_ii * r_ii;
@@ -198,17 +201,22 @@ double group_phi_sum(const at::Tensor& vhat, const GroupBuffers& buf, const PCCC
     }
     return total;
   }
+  // R is symmetric: only its upper staircase of blocks is formed, rows [i0, i0 + b) against
+  // columns [i0, M). The b x b diagonal block holds both orders of its pairs, the rest one.
   double total = 0.0;
-  const int64_t block_rows = tile_rows(m);
+  const acc_t* v = vhat.const_data_ptr<acc_t>();
+  acc_t* r = buf.tile.data_ptr<acc_t>();
+  const int64_t block_rows = staircase_rows(m);
   for (int64_t i0 = 0; i0 < m; i0 += block_rows) {
-    const int64_t b = std::min(block_rows, m - i0);
-    at::Tensor r = buf.block(b, m);
-    at::cpu::mm_out(r, vhat.narrow(0, i0, b), vhat.t());  // K R[i0:i0+b, :]
-    const acc_t* row = r.const_data_ptr<acc_t>();
-    for (int64_t i = 0; i < b; ++i, row += m) {
-      total += phi_row_sum(row, m, inv_k, cfg.square);
+    const int64_t b = std::min(block_rows, m - i0), width = m - i0;
+    const acc_t* vi = v + i0 * k;
+    gemm<acc_t>(b, width, k, 1, {vi, k, false}, {vi, k, true}, 0, r, width);  // K R[I, i0:]
+    const acc_t* row = r;
+    for (int64_t i = 0; i < b; ++i, row += width) {
+      total += phi_row_sum(row, b, inv_k, cfg.square) +
+               2.0 * phi_row_sum(row + b, width - b, inv_k, cfg.square);
       if (!cfg.include_diagonal) {
-        const double t = double(row[i0 + i] * inv_k);
+        const double t = double(row[i] * inv_k);
         total -= cfg.square ? t * t : std::abs(t);
       }
     }
@@ -230,25 +238,31 @@ void group_row_gradient(const at::Tensor& vhat, at::Tensor& dvhat, const GroupBu
                         cfg.include_diagonal);
     return;
   }
+  const acc_t* v = vhat.const_data_ptr<acc_t>();
+  acc_t* dv = dvhat.data_ptr<acc_t>();
+  acc_t* r = buf.tile.data_ptr<acc_t>();
   if (cfg.square && k < m) {
-    at::Tensor features = buf.block(k, k);
-    at::cpu::mm_out(features, vhat.t(), vhat);
-    at::cpu::mm_out(dvhat, vhat, features);
+    gemm<acc_t>(k, k, m, 1, {v, k, true}, {v, k, false}, 0, r, k);  // Vhat^T Vhat
+    gemm<acc_t>(m, k, k, 1, {v, k, false}, {r, k, false}, 0, dv, k);
     return;
   }
+  // D is symmetric: from its upper staircase D[I, i0:], rows I get D[I, i0:] Vhat[i0:] and the
+  // rows below the block get D[I, i0 + b:]^T Vhat[I].
   const acc_t inv_k = static_cast<acc_t>(1.0 / double(k));
-  const int64_t block_rows = tile_rows(m);
+  const int64_t block_rows = staircase_rows(m);
+  std::fill(dv, dv + m * k, acc_t(0));
   for (int64_t i0 = 0; i0 < m; i0 += block_rows) {
-    const int64_t b = std::min(block_rows, m - i0);
-    at::Tensor r = buf.block(b, m);
-    at::cpu::mm_out(r, vhat.narrow(0, i0, b), vhat.t());
-    acc_t* row = r.data_ptr<acc_t>();
-    for (int64_t i = 0; i < b; ++i, row += m) {
-      phi_derivative_row(row, m, inv_k, static_cast<acc_t>(factor), cfg.square);
-      if (!cfg.include_diagonal) row[i0 + i] = 0;
+    const int64_t b = std::min(block_rows, m - i0), width = m - i0;
+    const acc_t* vi = v + i0 * k;
+    gemm<acc_t>(b, width, k, 1, {vi, k, false}, {vi, k, true}, 0, r, width);
+    acc_t* row = r;
+    for (int64_t i = 0; i < b; ++i, row += width) {
+      phi_derivative_row(row, width, inv_k, static_cast<acc_t>(factor), cfg.square);
+      if (!cfg.include_diagonal) row[i] = 0;
     }
-    at::Tensor out = dvhat.narrow(0, i0, b);
-    at::cpu::mm_out(out, r, vhat);  // rows of D Vhat (D is symmetric)
+    gemm<acc_t>(b, k, width, 1, {r, width, false}, {vi, k, false}, 1, dv + i0 * k, k);
+    gemm<acc_t>(width - b, k, b, 1, {r + b, width, true}, {vi, k, false}, 1, dv + (i0 + b) * k,
+                k);
   }
 }
 
@@ -320,7 +334,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_grouped(const at::Tensor&
   at::Tensor mean = at::empty({s.groups, s.rows}, x.options().dtype(type));
   at::Tensor rstd = at::empty_like(mean);
   const double pairs = double(s.groups) * double(pair_count(s.rows, cfg.include_diagonal));
-  if (groups_per_thread(s.groups, s, cfg)) {
+  if (groups_per_thread(s.groups)) {
     const double total = forward_groups_per_thread(src, layout, s, cfg, mean, rstd);
     return {at::scalar_tensor(total / pairs, x.options().dtype(type)), mean, rstd};
   }
@@ -350,7 +364,7 @@ at::Tensor backward_grouped(double scale, const at::Tensor& x, const at::Tensor&
   at::Tensor dsrc = mean_map ? at::empty(src.sizes(), src.options().dtype(type)) : dx;
   const auto [dst, dst_layout] = addressable(dsrc, cfg.pixel);
   TORCH_INTERNAL_ASSERT(dst.is_same(dsrc), "gradient buffers are always addressable");
-  if (groups_per_thread(s.groups, s, cfg)) {
+  if (groups_per_thread(s.groups)) {
     backward_groups_per_thread(src, layout, s, cfg, scale, mean, rstd, dsrc, dst_layout);
     if (mean_map) dx.copy_((dsrc / double(x.size(0))).expand_as(x));
     return dx;
