@@ -15,7 +15,7 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-from ..atomic import atomic_write_text
+from ..atomic import atomic_write, atomic_write_text
 from ..plotting import pyplot
 from . import stats as st
 
@@ -420,10 +420,8 @@ def _save(fig, path: Path) -> None:
     """Lay out, write atomically (a reader never sees half a PNG) and free the figure."""
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
     try:
-        fig.savefig(tmp, dpi=110)
-        tmp.replace(path)
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
     finally:
         pyplot().close(fig)
 
