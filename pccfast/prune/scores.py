@@ -102,6 +102,7 @@ class ScoreCollector:
         self.groups: dict[str, list[str]] = {}  # layer -> its site names
         self.convs: dict[str, list[str]] = {}  # layer -> the convs writing its channels
         self.widths: dict[str, int] = {}
+        self.offsets: dict[str, dict[str, tuple]] = {}  # layer -> site -> its channels' starts
         self.sites: list[Site] = []
         self._sums: dict[str, torch.Tensor] = {}
         self._seen: dict[str, int] = {}
@@ -142,6 +143,7 @@ class ScoreCollector:
         self.groups = {g.name: [s.name for s in g.sites] for g in scored}
         self.convs = {g.name: list(g.convs) for g in scored}
         self.widths = {g.name: g.width for g in scored}
+        self.offsets = {g.name: dict(g.site_offsets) for g in scored}  # parts of wider sites
         sites = {}
         for g in scored:
             for s in g.sites:
@@ -379,8 +381,16 @@ class ScoreCollector:
             return {name: self._layer_scores(layer) for name, layer in self.layers.items()}, 0
         sums, seen = self._reduced()
         per_site = {n: sums[n] / seen[n] for n in sums}
-        return ({layer: torch.stack([per_site[s] for s in sites]).mean(0)
+        return ({layer: torch.stack([self._part(layer, s, per_site[s]) for s in sites]).mean(0)
                  for layer, sites in self.groups.items()}, seen[self.sites[0].name])
+
+    def _part(self, layer: str, site: str, scores: torch.Tensor) -> torch.Tensor:
+        """The layer's channels among a site's scores: a part of a conv's output that a later
+        split reads apart starts at its offset (equal parts pruned with one index set: the mean
+        over the parts)."""
+        width = self.widths[layer]
+        starts = self.offsets.get(layer, {}).get(site, (0,))
+        return torch.stack([scores[a:a + width] for a in starts]).mean(0)
 
     def _layer_scores(self, layer: ScoredLayer) -> torch.Tensor:
         found = self.scorer.layer_scores(self.model, layer, seed=self.seed)
