@@ -758,3 +758,28 @@ def test_pcc_regulariser_trains_the_transformer_mlps(kind):
     losses = regulariser_steps(model, reg, torch.randn(4, 3, 32, 32))
     assert losses[-1] < losses[0]
     reg.remove()
+
+
+def test_coatnet_prunes_on_pccfasts_graph_with_its_map_attention_kept(tmp_path):
+    """coatnet_0_rw_224 (issue 20: Torch-Pruning's grouping ran past 300 s on the qkv conv of
+    its Attention2d): on pccfast's own graph the attention is kept whole and counted, the
+    MBConv and MLP hidden channels prune (64 px: its relative position tables follow img_size)."""
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("coatnet_0_rw_224", pretrained=False, num_classes=10, img_size=64)
+    graph = build_graph(model, (1, 3, 64, 64), engine="pccfast")
+    assert "attention stages.2.blocks.0.attn (Attention2d)" in graph.group("stages.2.blocks").reason
+    readme_flow(model, 64, tmp_path)
+
+
+def test_map_attention_flops_match_torchs_flop_counter():
+    """CoAtNet's Attention2d: 1x1 conv projections plus QK^T and AV over the pixels, as
+    torch.utils.flop_counter counts them (FLOPs = 2 MACs)."""
+    pytest.importorskip("timm")
+    from timm.models.maxxvit import Attention2d
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = Attention2d(24, 24, dim_head=8).eval()
+    model.fused_attn = False  # explicit matmuls, which the counter sees (not CPU's fused kernel)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.randn(2, 24, 5, 7))
+    assert pccfast.count(model, (2, 24, 5, 7))["flops"] * 2 == counter.get_total_flops()

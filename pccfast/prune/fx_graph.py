@@ -65,7 +65,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .._modules import eval_mode
 from ..sites import ACTIVATION_FUNCTIONS, ACTIVATION_METHODS, ACTIVATION_MODULES
 from ..sites import eval_modules, is_drop_path, pooled_and_last, scored_sites, trace
-from .counting import attention_cost, is_token_attention, is_window_attention
+from .counting import attention_cost, is_map_attention, is_token_attention, is_window_attention
 from .fx_surgery import UNPRUNABLE_CONV_HINT, unprunable_conv
 from .graph_types import ChannelGroup, CostTerm, Port, PruningGraph, UnsupportedLayerError
 from .layer_rules import register_layer, rule_for, split_rule_for
@@ -749,15 +749,18 @@ def _attention(b: GraphBuilder, n: NodeInfo) -> None:
             owner not in b.attention_seen)
         b.attention_seen.add(owner)
         b.attention_count += 1
-        b.attention_widths.update(int(_tensor_meta(a).shape[-1]) for a in n.inputs[:1]
-                                  if _tensor_meta(a) is not None)
+        b.attention_widths.update(int(_tensor_meta(a).shape[b.chan[a].dim if a in b.chan
+                                                             else -1])
+                                  for a in n.inputs[:1] if _tensor_meta(a) is not None)
         b.terms.append((owner, None, None, params, macs, False, first, 1))
     if n.meta is None:
         b.attention_tuples.add(node)  # MultiheadAttention's (output, weights)
     elif len(n.meta.shape) >= 2:
-        out = b.groups.new(int(n.meta.shape[-1]), "other", n.pos)
+        map_attention = n.module is not None and is_map_attention(n.module)  # (N, C, H, W)
+        dim = 1 if map_attention else len(n.meta.shape) - 1
+        out = b.groups.new(int(n.meta.shape[dim]), "other", n.pos)
         b.groups.keep(out, why)
-        b.chan[node] = _Layout((out,), len(n.meta.shape) - 1)
+        b.chan[node] = _Layout((out,), dim)
 
 
 # -- module handlers: one per layer type (pccfast.prune.layer_rules) --------------------------
