@@ -112,8 +112,10 @@ class Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         from .prune.counting import is_token_attention  # timm's attention: one call
 
+        from .prune.layer_rules import is_leaf  # registered by name (timm's SplitAttn)
+
         return (isinstance(m, _leaf_types()) or is_token_attention(m) or is_drop_path(m)
-                or super().is_leaf_module(m, qualname))
+                or is_leaf(m) or super().is_leaf_module(m, qualname))
 
 
 def trace(model: nn.Module, training: bool = True) -> fx.Graph:

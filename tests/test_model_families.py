@@ -520,7 +520,8 @@ TORCHVISION = [
 TIMM = [("resnet18", 32, False), ("efficientnet_b0", 32, False),
         ("mobilenetv3_small_100", 32, False), ("convnext_atto", 32, False),
         ("regnetx_002", 32, False), ("mixnet_s", 32, False), ("res2net50_26w_4s", 32, False),
-        ("cspdarknet53", 32, False), ("cspresnet50", 32, False)]  # the last four split channels
+        ("cspdarknet53", 32, False), ("cspresnet50", 32, False),  # these four split channels
+        ("resnest14d", 32, False)]
 
 
 def _params(table, prefix):
@@ -783,3 +784,25 @@ def test_map_attention_flops_match_torchs_flop_counter():
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(torch.randn(2, 24, 5, 7))
     assert pccfast.count(model, (2, 24, 5, 7))["flops"] * 2 == counter.get_total_flops()
+
+
+def test_resnest_split_attention_is_one_group_scored_on_every_radix_part():
+    """resnest14d's SplitAttn (issue 20: ~66 s in Torch-Pruning's grouping): one group per
+    layer, cut alike in the conv's, bn0's and fc2's radix parts, scored on act0 (both parts),
+    its FLOPs counted although the layer is traced as one call."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("resnest14d", pretrained=False, num_classes=10)
+    size = (1, 3, 32, 32)
+    graph = build_graph(model, size, engine="pccfast")
+    group = graph.group("layer1.0.conv2.conv")
+    assert group.prunable and group.width == 64
+    assert {(p.module, p.offset) for p in group.producers} == {
+        (f"layer1.0.conv2.{m}", o) for m in ("conv", "bn0", "fc2") for o in (0, 64)}
+    assert [s.name for s in group.sites] == ["layer1.0.conv2.act0"]
+    assert group.site_offsets == {"layer1.0.conv2.act0": (0, 64)}
+    assert graph.cost({}) == {k: v for k, v in pccfast.count(model, size).items()
+                              if k != "params_all"}
+    widths = {g.name: g.width // 2 for g in graph.prunable}
+    pruned, plan = pccfast.prune(model, random_scores(graph), rates=0.5, input_size=size)
+    assert graph.cost(widths)["flops"] == pccfast.count(pruned, size)["flops"]

@@ -296,6 +296,7 @@ class GraphBuilder:
         #   within the node's output, whether the node's output may be cut)
         self.pieces: dict[fx.Node, list] = {}  # split node -> its pieces' layouts
         self.splits: list[tuple[str, list]] = []  # (owner module, each part's group ids)
+        self.inner_sites: dict[int, list] = {}  # group id -> (Site, its starts) inside leaves
         self.residual, self.prune_classifier_input = residual, prune_classifier_input
         self.modules = dict(model.named_modules())
         self.nodes = list(gm.graph.nodes)
@@ -504,6 +505,9 @@ class GraphBuilder:
             add_block[node] = stack[-1] if stack else ""
         blocks = list(dict.fromkeys(b for b in add_block.values() if b))
         evaluated = eval_modules(self.model)
+        if evaluated is not None:  # a leaf's submodules run with it (SplitAttn's conv)
+            evaluated |= {f"{name}.{sub}" for name in list(evaluated) if name in self.modules
+                          for sub, _ in self.modules[name].named_modules() if sub}
         final, id_to_name = self._final_groups(add_block, blocks, evaluated)
         # FLOPs are of one eval-mode forward (pccfast.count): training-only layers have params
         counted = (lambda module: True) if evaluated is None else evaluated.__contains__
@@ -585,6 +589,11 @@ class GraphBuilder:
                      if n in site_of]
             sites += [site_of[n] for n in adds if n in site_of]
             g.sites, g.site_offsets = self._site_offsets(root, g, list(dict.fromkeys(sites)))
+            for i in members[root]:  # sites inside a layer kept as one call (its rule's)
+                for site, starts in self.inner_sites.get(i, ()):
+                    if evaluated is None or site.module in evaluated:
+                        g.sites.append(site)
+                        g.site_offsets[site.name] = tuple(starts)
             if g.kind == "conv" and g.convs:
                 owners = [b for b in blocks if g.convs[0].startswith(b + ".")]
                 g.block = max(owners, key=len) if owners else ""
@@ -1237,3 +1246,6 @@ def _common_prefix(names: list[str]) -> str:
             break
         prefix.append(column[0])
     return ".".join(prefix)
+
+
+from . import timm_layers  # noqa: E402,F401  (registers timm's layer types by name)
