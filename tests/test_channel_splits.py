@@ -153,3 +153,24 @@ def test_a_split_pccfast_cannot_resize_keeps_its_channels_with_the_reason():
         pruned, plan = pccfast.prune(model, _random_scores(graph), rates=0.5,
                                      input_size=(1, 3, 9, 9))
     assert plan.widths["conv3"] == 3 and pruned.conv1.out_channels == 16
+
+
+def test_l1_scores_each_part_on_its_own_filters():
+    """A part of a cut conv output: l1 reads that part's rows of the conv's weight (issue 20:
+    "l1: no conv ... has 26 output filters" on Res2Net); equal parts: the mean over them."""
+    torch.manual_seed(0)
+    model = MixedNet()
+    col = pccfast.ScoreCollector(model, criterion="l1", input_size=(1, 3, 9, 9), progress=False)
+    scores = col.scores()
+    filters = model.stem.weight.detach().double().abs().flatten(1).sum(1)
+    dw = [c.weight.detach().double().abs().flatten(1).sum(1) for c in model.mixed.convs]
+    graph = build_graph(model, (1, 3, 9, 9), prune_classifier_input=True)
+    first, second = [g.name for g in graph.groups if g.name.startswith("stem")]
+    torch.testing.assert_close(scores[first], (filters[:5] + dw[0]) / 2)
+    torch.testing.assert_close(scores[second], (filters[5:] + dw[1]) / 2)
+    chunked = ChunkNet()
+    scores = pccfast.ScoreCollector(chunked, criterion="l1", input_size=(1, 3, 9, 9),
+                                    progress=False).scores()
+    rows = chunked.conv1.weight.detach().double().abs().flatten(1).sum(1)
+    conv2 = chunked.conv2.weight.detach().double().abs().flatten(1).sum(1)
+    torch.testing.assert_close(scores["conv1"], (rows[:8] + rows[8:] + conv2) / 3)
