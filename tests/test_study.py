@@ -10,6 +10,7 @@ import pytest
 from pccfast.study import Study, StudyConfig, StudyError
 from pccfast.study import report as study_report
 from pccfast.study.runner import PCC_STEP_COST, Key, read_rows
+from studies import run, study_config
 
 TINY = {
     "data": {"spec": "digits", "workers": 0, "train_limit": 400, "test_limit": 200},
@@ -26,13 +27,7 @@ TINY = {
 
 
 def tiny(**study) -> StudyConfig:
-    tree = {k: (dict(v) if isinstance(v, dict) else v) for k, v in TINY.items()}
-    tree["study"] = {**TINY["study"], **study}
-    return StudyConfig.from_dict(tree)
-
-
-def run(config, out, **kw):
-    return Study(config, out, progress=False, echo=None, **kw).run()
+    return study_config(TINY, study=study)
 
 
 def by_key(rows):

@@ -15,6 +15,7 @@ from pccfast.study import Study, StudyConfig, StudyError
 from pccfast.study import report as study_report
 from pccfast.study import stats as study_stats
 from pccfast.study.runner import read_rows
+from studies import run, study_config
 
 DESIGN = {
     "data": {"spec": "digits", "workers": 0, "train_limit": 500, "test_limit": 200,
@@ -33,14 +34,7 @@ DESIGN = {
 
 
 def design(**changes) -> StudyConfig:
-    tree = {k: (dict(v) if isinstance(v, dict) else v) for k, v in DESIGN.items()}
-    for section, values in changes.items():
-        tree[section] = values if section == "arms" else {**tree[section], **values}
-    return StudyConfig.from_dict(tree)
-
-
-def run(config, out, **kw):
-    return Study(config, out, progress=False, echo=None, **kw).run()
+    return study_config(DESIGN, **changes)
 
 
 @pytest.fixture(scope="module")
