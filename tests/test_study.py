@@ -201,6 +201,12 @@ def test_cli_dry_run(tmp_path, capsys):
     assert main(["study", "--config", str(config), "--out", str(tmp_path / "o"), "--dry-run"]) == 0
     assert "pcc" in capsys.readouterr().out
     assert not (tmp_path / "o").exists()
+    out = ["--out", str(tmp_path / "o"), "--dry-run"]
+    assert main(["study", "--config", str(config), *out, "--arms", "pcc"]) == 0
+    assert "pcc" in capsys.readouterr().out
+    assert main(["study", "--config", str(config), *out, "--arms", "no_pcc"]) == 2
+    assert "--arms: ['no_pcc'] names no arm of this study; its arms are ['pcc']" in \
+        capsys.readouterr().err
 
 
 def test_cli_report_rewrites_the_tables_from_the_record(finished, tmp_path, capsys):

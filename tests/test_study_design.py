@@ -252,6 +252,22 @@ def test_rows_other_processes_write_meanwhile_are_kept_and_not_redone(tmp_path, 
     assert {f["arm"] for f in runner.read_features(out / "features.csv")} == {"no_pcc", "pcc"}
 
 
+def test_arms_can_be_run_apart(tmp_path):
+    """--arms runs only the pairs of the arms named (the baseline while the other arm is being
+    chosen); a later run of every arm adds the rest and redoes nothing."""
+    config = quick()
+    with pytest.raises(ValueError, match=r"--arms: \['pc'\] names no arm of this study; its "
+                                         r"arms are \['no_pcc', 'pcc'\]"):
+        Study(config, tmp_path, progress=False, echo=None, only=["pc"])
+    Study(config, tmp_path, progress=False, echo=None, only=["no_pcc"]).run()
+    first = read_rows(tmp_path / "study.csv")
+    assert {r["arm"] for r in first} == {"no_pcc"}
+    run(config, tmp_path)
+    rows = read_rows(tmp_path / "study.csv")
+    assert {r["arm"] for r in rows} == {"no_pcc", "pcc"}
+    assert [r for r in rows if r["arm"] == "no_pcc"] == first
+
+
 def test_a_study_with_other_settings_is_refused_while_one_runs(tmp_path):
     from pccfast.study.runner import _FileLock
 

@@ -229,7 +229,14 @@ class Study:
     """One study folder. ``run()`` does every cell not yet in ``study.csv``."""
 
     def __init__(self, config: StudyConfig, out, *, device: str | None = None,
-                 progress: bool = True, echo=print):
+                 progress: bool = True, echo=print, only: list[str] | None = None):
+        names = [a.name for a in config.arms]
+        if only is not None:
+            unknown = [a for a in only if a not in names]
+            if not only or unknown:
+                raise ValueError(f"--arms: {unknown or only!r} names no arm of this study; its "
+                                 f"arms are {names}")
+        self.only = only
         self.config = config
         self.out = Path(out)
         self.device = device
@@ -285,8 +292,10 @@ class Study:
         return [r for r in rows if r["arm"] in arms]
 
     def pairs(self):
-        """(arm, seed) in the order they run: seed-major, so early results span every arm."""
-        return [(arm, seed) for seed in self.config.seeds for arm in self.config.arms]
+        """(arm, seed) in the order they run: seed-major, so early results span every arm
+        (only the arms asked for, if any)."""
+        return [(arm, seed) for seed in self.config.seeds for arm in self.config.arms
+                if self.only is None or arm.name in self.only]
 
     def work_dir(self, arm: Arm, seed: int) -> Path:
         return self.out / "work" / f"{arm.name}-seed{seed}"
