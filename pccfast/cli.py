@@ -156,7 +156,9 @@ def _study(args) -> int:
                              "tables in the study file")
         tree.setdefault(section, {}).update(values)
     config = StudyConfig.from_dict(tree)
-    study = Study(config, args.out, device=args.device, progress=not args.no_progress)
+    only = [a for a in args.arms.split(",") if a] if args.arms is not None else None
+    study = Study(config, args.out, device=args.device, progress=not args.no_progress,
+                  only=only)
     if args.report:
         print(f"study  {study.write_report()}")
         return 0
@@ -305,6 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "pretrain.epochs=5 --set study.seeds=[0] (arms still override "
                             "the base)")
     study.add_argument("--device", metavar="DEV", help="override run.device")
+    study.add_argument("--arms", metavar="NAME[,NAME]",
+                       help="run only these arms' pairs now (e.g. the baseline while another "
+                            "arm is still being chosen); the report covers every arm")
     study.add_argument("--dry-run", action="store_true",
                        help="print the cells, what is done and the work left, and exit")
     study.add_argument("--report", action="store_true",

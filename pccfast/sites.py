@@ -112,8 +112,10 @@ class Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         from .prune.counting import is_token_attention  # timm's attention: one call
 
+        from .prune.layer_rules import is_leaf  # registered by name (timm's SplitAttn)
+
         return (isinstance(m, _leaf_types()) or is_token_attention(m) or is_drop_path(m)
-                or super().is_leaf_module(m, qualname))
+                or is_leaf(m) or super().is_leaf_module(m, qualname))
 
 
 def trace(model: nn.Module, training: bool = True) -> fx.Graph:
@@ -292,6 +294,8 @@ def scored_sites(graph: fx.Graph, modules: dict[str, nn.Module], chip_pool: bool
         conv = start.target if start.op == "call_module" else ""
         channels_last = start in last
         node, nxt = next_real(start)
+        if nxt is not None and _joins_convs(nxt, modules):  # MixNet's mixed conv: its parts
+            node, nxt = next_real(nxt)  # are scored on the concatenation's activation
         norm = ""
         if nxt is not None and nxt.op == "call_module" and isinstance(modules.get(nxt.target),
                                                                       _BatchNorm):
@@ -324,6 +328,17 @@ def scored_sites(graph: fx.Graph, modules: dict[str, nn.Module], chip_pool: bool
         if site is not None:
             out[node] = site
     return out
+
+
+def _joins_convs(node: fx.Node, modules) -> bool:
+    """A concatenation along the channels of convs read by nothing else (a mixed conv)."""
+    if not (node.op == "call_function" and node.target is torch.cat and node.args):
+        return False
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    parts = node.args[0]
+    return dim == 1 and isinstance(parts, (list, tuple)) and all(
+        isinstance(p, fx.Node) and p.op == "call_module"
+        and isinstance(modules.get(p.target), nn.Conv2d) and len(p.users) == 1 for p in parts)
 
 
 def _is_add(node: fx.Node) -> bool:

@@ -217,6 +217,21 @@ def site_activations(model, module_names, images) -> dict:
     return acts
 
 
+def streamed_scores(model, criterion, images, input_size) -> tuple[dict, dict]:
+    """(scores, groups) of ``criterion`` streamed over ``images`` in two uneven batches, after
+    checking it scores the same sites as CI (an activation criterion must)."""
+    import pccfast
+
+    col = pccfast.ScoreCollector(model, criterion)
+    assert col.update(images[:2]) == 2 and col.update(images[2:]) == len(images) - 2
+    scores = col.scores()
+    ci = pccfast.CICollector(model, input_size=input_size)
+    assert col.groups == ci.groups  # the same sites as CI
+    ci.remove()
+    col.remove()
+    return scores, col.groups
+
+
 def randomize_bn(model, seed=0):
     """Non-trivial BN statistics and affine values, so a wrongly sliced BN shows in the output."""
     g = torch.Generator().manual_seed(seed)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import pccfast
+from faults import fill_disk
 from pccfast.atomic import atomic_torch_save, atomic_write_json, atomic_write_text
 
 
@@ -44,38 +45,13 @@ def test_rewritten_files_keep_their_mode(tmp_path):
     assert _mode(path) == 0o640 and path.read_text() == '{\n  "v": 2\n}\n'
 
 
-class _FullDisk:
-    """A binary file whose write fails with ENOSPC after ``writes`` successful writes."""
-
-    def __init__(self, f, writes: int):
-        self._f, self._writes = f, writes
-
-    def write(self, data):
-        self._writes -= 1
-        if self._writes < 0:
-            import errno
-
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return self._f.write(data)
-
-    def __getattr__(self, name):
-        return getattr(self._f, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return self._f.__exit__(*exc)
-
-
 @pytest.mark.parametrize("writes", [0, 1, 3])  # 1 and 3: torch's zip writer raises RuntimeError
 def test_a_full_disk_is_named(tmp_path, monkeypatch, writes):
     """torch.save on a full disk: an OSError saying "no space left on device" and naming the
     file, the old file intact and no temporary file left."""
     path = tmp_path / "m.pt"
     atomic_torch_save({"old": torch.ones(3)}, path)
-    real = os.fdopen
-    monkeypatch.setattr(os, "fdopen", lambda fd, mode: _FullDisk(real(fd, mode), writes))
+    fill_disk(monkeypatch, writes)
     with pytest.raises(OSError, match=f"no space left on device: cannot write {path}"):
         atomic_torch_save({"x": torch.randn(1000), "y": torch.randn(7)}, path)
     monkeypatch.undo()

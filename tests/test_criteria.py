@@ -17,7 +17,7 @@ import pccfast
 from pccfast import CICollector
 from pccfast.models import resnet56_cifar, vgg16_cifar
 from pccfast.prune.criteria import channel_rank, taylor_importance
-from cases import site_activations
+from cases import site_activations, streamed_scores
 
 SIZE = (1, 3, 32, 32)
 
@@ -111,19 +111,13 @@ def test_hrank_is_the_mean_rank_and_streams_average_like_ci():
     torch.manual_seed(3)
     model = resnet56_cifar(width=0.25)
     images = torch.randn(3, 3, 32, 32)
-    col = pccfast.ScoreCollector(model, "hrank")
-    assert col.update(images[:2]) == 2 and col.update(images[2:]) == 1
-    scores = col.scores()
-    ci = pccfast.CICollector(model, input_size=SIZE)
-    assert col.groups == ci.groups  # the same sites as CI
-    ci.remove()
-    stream = col.groups["layer1"]
+    scores, groups = streamed_scores(model, "hrank", images, SIZE)
+    stream = groups["layer1"]
     expected = hrank_reference(model, stream + ["layer3.2.relu1"], images)
     torch.testing.assert_close(scores["layer1"],
                                torch.stack([expected[s] for s in stream]).mean(0))
     torch.testing.assert_close(scores["layer3.2.conv1"], expected["layer3.2.relu1"])
     assert 1 < float(scores["layer1"].min()) and float(scores["layer1"].max()) <= 32
-    col.remove()
 
 
 # -------------------------------------------------------------------------------- taylor

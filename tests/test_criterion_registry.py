@@ -14,7 +14,7 @@ from pccfast.models import resnet56_cifar, vgg16_cifar
 from pccfast.prune import CRITERIA, Criterion, get_criterion, register_criterion
 from pccfast.prune import criteria as criteria_module
 from pccfast.prune.criteria import filter_l1
-from cases import site_activations
+from cases import site_activations, streamed_scores
 
 SIZE = (1, 3, 32, 32)
 
@@ -68,13 +68,8 @@ def test_an_activation_criterion_is_streamed_like_ci(registered):
     torch.manual_seed(1)
     model = resnet56_cifar(width=0.25).double()  # float64: batch splits round alike
     images = torch.randn(3, 3, 32, 32, dtype=torch.float64)
-    col = pccfast.ScoreCollector(model, "channel_mean")
-    assert col.update(images[:2]) == 2 and col.update(images[2:]) == 1
-    scores = col.scores()
-    ci = pccfast.CICollector(model, input_size=SIZE)
-    assert col.groups == ci.groups  # the same sites as CI
-    ci.remove()
-    stream = col.groups["layer1"]
+    scores, groups = streamed_scores(model, "channel_mean", images, SIZE)
+    stream = groups["layer1"]
     acts = site_activations(model, stream + ["layer3.2.relu1"], images)
     expected = {m: a.mean((2, 3)).mean(0) for m, a in acts.items()}
     close = dict(rtol=1e-10, atol=1e-12)
@@ -82,7 +77,6 @@ def test_an_activation_criterion_is_streamed_like_ci(registered):
                                **close)
     torch.testing.assert_close(scores["layer3.2.conv1"], expected["layer3.2.relu1"], **close)
     assert float(scores["layer1"].max()) > 0
-    col.remove()
     # the same through the one-call API and a (images, labels) loader
     again = pccfast.scores(model, [(images, torch.zeros(3, dtype=torch.long))],
                            criterion=ChannelMean)

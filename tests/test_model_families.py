@@ -123,10 +123,10 @@ def test_weight_standardised_convs_are_refused_by_both_engines():
                     build_graph(model, (1, 3, 16, 16), engine=engine)
 
 
-@pytest.mark.parametrize("name, refused", [("ghostnet_100", "conv_stem"), ("cspresnet50", None)])
+@pytest.mark.parametrize("name, refused", [("ghostnet_100", "conv_stem")])
 def test_timm_models_prune_through_torch_pruning(name, refused, tmp_path):
-    """ghostnet_100's ghost modules (a concat cut back by a slice) and cspresnet50's
-    cross-stage splits go to Torch-Pruning; groups it refuses to halve are kept with that
+    """ghostnet_100's ghost modules (a concat cut back by a slice) go to Torch-Pruning;
+    groups it refuses to halve are kept with that
     reason (issue 20: the build-time cost probe raised a bare "refuses to prune conv_stem" out
     of CICollector.update), the rest meet the target."""
     timm = pytest.importorskip("timm")
@@ -153,27 +153,6 @@ def test_timm_models_prune_through_torch_pruning(name, refused, tmp_path):
     loaded = pccfast.load(tmp_path / "pruned.pt", allow_pickle=True)
     with torch.no_grad():
         torch.testing.assert_close(loaded.eval()(images), pruned.eval()(images), rtol=0, atol=0)
-
-
-def test_a_channel_split_is_refused_where_it_happens():
-    """mixnet_s splits its channels among convs of several kernel sizes: pccfast's graph names
-    the split; through Torch-Pruning no group is both scored and allowed to halve, so pruning
-    is refused with the reasons counted, instead of a raw RuntimeError (issue 20)."""
-    timm = pytest.importorskip("timm")
-    pytest.importorskip("torch_pruning")
-    model = timm.create_model("mixnet_s", pretrained=False, num_classes=10)
-    size = (1, 3, 32, 32)
-    with pytest.raises(ValueError, match=r"cannot prune through blocks\.1\.0\.conv_pw: "
-                                         r"split .*splits the channels"):
-        build_graph(model, size, engine="pccfast")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        col = pccfast.CICollector(model, progress=False)
-        col.update(torch.randn(1, 3, 32, 32))
-        with pytest.raises(ValueError, match=r"has no prunable layer.*torch_pruning engine.*"
-                                             r"Torch-Pruning refuses to prune it to"):
-            pccfast.prune(model, col.scores(), target_flops=0.5, input_size=size)
-    col.remove()
 
 
 def test_nfnet_is_refused_clearly():
@@ -540,7 +519,9 @@ TORCHVISION = [
 ]  # slow: the largest (68M-133M parameters to copy and save)
 TIMM = [("resnet18", 32, False), ("efficientnet_b0", 32, False),
         ("mobilenetv3_small_100", 32, False), ("convnext_atto", 32, False),
-        ("regnetx_002", 32, False)]
+        ("regnetx_002", 32, False), ("mixnet_s", 32, False), ("res2net50_26w_4s", 32, False),
+        ("cspdarknet53", 32, False), ("cspresnet50", 32, False),  # these four split channels
+        ("resnest14d", 32, False)]
 
 
 def _params(table, prefix):
@@ -778,3 +759,50 @@ def test_pcc_regulariser_trains_the_transformer_mlps(kind):
     losses = regulariser_steps(model, reg, torch.randn(4, 3, 32, 32))
     assert losses[-1] < losses[0]
     reg.remove()
+
+
+def test_coatnet_prunes_on_pccfasts_graph_with_its_map_attention_kept(tmp_path):
+    """coatnet_0_rw_224 (issue 20: Torch-Pruning's grouping ran past 300 s on the qkv conv of
+    its Attention2d): on pccfast's own graph the attention is kept whole and counted, the
+    MBConv and MLP hidden channels prune (64 px: its relative position tables follow img_size)."""
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("coatnet_0_rw_224", pretrained=False, num_classes=10, img_size=64)
+    graph = build_graph(model, (1, 3, 64, 64), engine="pccfast")
+    assert "attention stages.2.blocks.0.attn (Attention2d)" in graph.group("stages.2.blocks").reason
+    readme_flow(model, 64, tmp_path)
+
+
+def test_map_attention_flops_match_torchs_flop_counter():
+    """CoAtNet's Attention2d: 1x1 conv projections plus QK^T and AV over the pixels, as
+    torch.utils.flop_counter counts them (FLOPs = 2 MACs)."""
+    pytest.importorskip("timm")
+    from timm.models.maxxvit import Attention2d
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = Attention2d(24, 24, dim_head=8).eval()
+    model.fused_attn = False  # explicit matmuls, which the counter sees (not CPU's fused kernel)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.randn(2, 24, 5, 7))
+    assert pccfast.count(model, (2, 24, 5, 7))["flops"] * 2 == counter.get_total_flops()
+
+
+def test_resnest_split_attention_is_one_group_scored_on_every_radix_part():
+    """resnest14d's SplitAttn (issue 20: ~66 s in Torch-Pruning's grouping): one group per
+    layer, cut alike in the conv's, bn0's and fc2's radix parts, scored on act0 (both parts),
+    its FLOPs counted although the layer is traced as one call."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("resnest14d", pretrained=False, num_classes=10)
+    size = (1, 3, 32, 32)
+    graph = build_graph(model, size, engine="pccfast")
+    group = graph.group("layer1.0.conv2.conv")
+    assert group.prunable and group.width == 64
+    assert {(p.module, p.offset) for p in group.producers} == {
+        (f"layer1.0.conv2.{m}", o) for m in ("conv", "bn0", "fc2") for o in (0, 64)}
+    assert [s.name for s in group.sites] == ["layer1.0.conv2.act0"]
+    assert group.site_offsets == {"layer1.0.conv2.act0": (0, 64)}
+    assert graph.cost({}) == {k: v for k, v in pccfast.count(model, size).items()
+                              if k != "params_all"}
+    widths = {g.name: g.width // 2 for g in graph.prunable}
+    pruned, plan = pccfast.prune(model, random_scores(graph), rates=0.5, input_size=size)
+    assert graph.cost(widths)["flops"] == pccfast.count(pruned, size)["flops"]

@@ -15,6 +15,7 @@ from pccfast.cli import main
 from pccfast.pipeline.config import RunConfig
 from pccfast.pipeline.folder import RunFolder
 from pccfast.pipeline.records import differences, downstream, fingerprint, stage_settings
+from faults import fill_disk
 from planted import planted_checkpoint, planted_model_file
 
 FLAGS = ["--data", "digits", "--train-limit", "128", "--test-limit", "32", "--model",
@@ -364,27 +365,7 @@ def test_a_stage_run_from_python_never_touches_the_users_files(tmp_path):
 
 
 def test_a_full_disk_is_one_line_naming_the_file(tmp_path, monkeypatch, capsys):
-    import errno
-    import os
-
-    class Full:
-        def __init__(self, f):
-            self._f = f
-
-        def write(self, data):
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-        def __getattr__(self, name):
-            return getattr(self._f, name)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return self._f.__exit__(*exc)
-
-    real = os.fdopen
-    monkeypatch.setattr(os, "fdopen", lambda fd, mode: Full(real(fd, mode)))
+    fill_disk(monkeypatch)
     assert main(["train", *FLAGS, "--out", str(tmp_path / "run")]) == 2
     err = _error(capsys)
     assert f"no space left on device: cannot write {tmp_path / 'run'}" in err

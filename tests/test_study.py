@@ -10,6 +10,7 @@ import pytest
 from pccfast.study import Study, StudyConfig, StudyError
 from pccfast.study import report as study_report
 from pccfast.study.runner import PCC_STEP_COST, Key, read_rows
+from studies import run, study_config
 
 TINY = {
     "data": {"spec": "digits", "workers": 0, "train_limit": 400, "test_limit": 200},
@@ -26,13 +27,7 @@ TINY = {
 
 
 def tiny(**study) -> StudyConfig:
-    tree = {k: (dict(v) if isinstance(v, dict) else v) for k, v in TINY.items()}
-    tree["study"] = {**TINY["study"], **study}
-    return StudyConfig.from_dict(tree)
-
-
-def run(config, out, **kw):
-    return Study(config, out, progress=False, echo=None, **kw).run()
+    return study_config(TINY, study=study)
 
 
 def by_key(rows):
@@ -206,6 +201,12 @@ def test_cli_dry_run(tmp_path, capsys):
     assert main(["study", "--config", str(config), "--out", str(tmp_path / "o"), "--dry-run"]) == 0
     assert "pcc" in capsys.readouterr().out
     assert not (tmp_path / "o").exists()
+    out = ["--out", str(tmp_path / "o"), "--dry-run"]
+    assert main(["study", "--config", str(config), *out, "--arms", "pcc"]) == 0
+    assert "pcc" in capsys.readouterr().out
+    assert main(["study", "--config", str(config), *out, "--arms", "no_pcc"]) == 2
+    assert "--arms: ['no_pcc'] names no arm of this study; its arms are ['pcc']" in \
+        capsys.readouterr().err
 
 
 def test_cli_report_rewrites_the_tables_from_the_record(finished, tmp_path, capsys):

@@ -15,6 +15,7 @@ from pccfast.study import Study, StudyConfig, StudyError
 from pccfast.study import report as study_report
 from pccfast.study import stats as study_stats
 from pccfast.study.runner import read_rows
+from studies import run, study_config
 
 DESIGN = {
     "data": {"spec": "digits", "workers": 0, "train_limit": 500, "test_limit": 200,
@@ -33,14 +34,7 @@ DESIGN = {
 
 
 def design(**changes) -> StudyConfig:
-    tree = {k: (dict(v) if isinstance(v, dict) else v) for k, v in DESIGN.items()}
-    for section, values in changes.items():
-        tree[section] = values if section == "arms" else {**tree[section], **values}
-    return StudyConfig.from_dict(tree)
-
-
-def run(config, out, **kw):
-    return Study(config, out, progress=False, echo=None, **kw).run()
+    return study_config(DESIGN, **changes)
 
 
 @pytest.fixture(scope="module")
@@ -200,12 +194,95 @@ def test_targets_are_exact_keys():
         design(study={"targets": [0.3333333], "finetune_targets": []})
 
 
-def test_one_study_at_a_time_in_a_folder(tmp_path):
-    from pccfast.study.runner import _Lock
+def quick(**study):
+    """One seed, one criterion, one target, no fine-tuning: two arm x seed pairs."""
+    return design(study={"seeds": [0], "criteria": ["l1"], "targets": [0.5],
+                         "finetune_targets": [], "allocation": ["fixed"], **study})
 
-    with _Lock(tmp_path):
-        with pytest.raises(StudyError, match="another pccfast study is running"):
-            run(design(), tmp_path)
+
+def test_a_pair_another_process_runs_is_left_to_it(tmp_path):
+    from pccfast.study.runner import _FileLock
+
+    config, said = quick(), []
+    (tmp_path / "work").mkdir()
+    other = _FileLock(tmp_path / "work" / ".pcc-seed0.lock")
+    assert other.acquire(blocking=False)
+    other.sign()
+    try:
+        Study(config, tmp_path, progress=False, echo=said.append).run()
+    finally:
+        other.release()
+    first = read_rows(tmp_path / "study.csv")
+    assert {r["arm"] for r in first} == {"no_pcc"}
+    assert any("pcc seed 0: run by pid" in line and "left to it" in line for line in said)
+    run(config, tmp_path)  # the other process went away: its pair is done now
+    rows = read_rows(tmp_path / "study.csv")
+    assert {(r["arm"], r["stage"]) for r in rows} == {
+        (a, s) for a in ("no_pcc", "pcc") for s in ("pretrained", "pruned", "pruned_bn")}
+    assert [r for r in rows if r["arm"] == "no_pcc"] == first  # not redone
+
+
+def test_rows_other_processes_write_meanwhile_are_kept_and_not_redone(tmp_path, monkeypatch):
+    """Two processes share a folder: what one writes while the other runs stays in the record,
+    and a pair it finished is not run again."""
+    from pccfast.study import runner
+
+    config = quick()
+    elsewhere = tmp_path / "elsewhere"
+    run(config, elsewhere)  # what the other process will have written
+    theirs = [r for r in read_rows(elsewhere / "study.csv") if r["arm"] == "pcc"]
+    features = [f for f in runner.read_features(elsewhere / "features.csv") if f["arm"] == "pcc"]
+    ran, real = [], runner.Study._run_pair
+
+    def run_pair_while_the_other_finishes(self, arm, seed, rows, feats, bar):
+        ran.append(arm.name)
+        real(self, arm, seed, rows, feats, bar)
+        with self._record_lock():  # the other process saves its pair meanwhile
+            runner.write_rows(self.csv_path, runner.read_rows(self.csv_path) + theirs)
+            runner.write_features(self.features_path,
+                                  runner.read_features(self.features_path) + features)
+
+    monkeypatch.setattr(runner.Study, "_run_pair", run_pair_while_the_other_finishes)
+    out = tmp_path / "shared"
+    run(config, out)
+    assert ran == ["no_pcc"]
+    rows = read_rows(out / "study.csv")
+    assert [r for r in rows if r["arm"] == "pcc"] == theirs
+    assert {r["arm"] for r in rows} == {"no_pcc", "pcc"}
+    assert {f["arm"] for f in runner.read_features(out / "features.csv")} == {"no_pcc", "pcc"}
+
+
+def test_arms_can_be_run_apart(tmp_path):
+    """--arms runs only the pairs of the arms named (the baseline while the other arm is being
+    chosen); a later run of every arm adds the rest and redoes nothing."""
+    config = quick()
+    with pytest.raises(ValueError, match=r"--arms: \['pc'\] names no arm of this study; its "
+                                         r"arms are \['no_pcc', 'pcc'\]"):
+        Study(config, tmp_path, progress=False, echo=None, only=["pc"])
+    Study(config, tmp_path, progress=False, echo=None, only=["no_pcc"]).run()
+    first = read_rows(tmp_path / "study.csv")
+    assert {r["arm"] for r in first} == {"no_pcc"}
+    run(config, tmp_path)
+    rows = read_rows(tmp_path / "study.csv")
+    assert {r["arm"] for r in rows} == {"no_pcc", "pcc"}
+    assert [r for r in rows if r["arm"] == "no_pcc"] == first
+
+
+def test_a_study_with_other_settings_is_refused_while_one_runs(tmp_path):
+    from pccfast.study.runner import _FileLock
+
+    run(quick(), tmp_path)
+    member = _FileLock(tmp_path / ".study.lock")
+    assert member.acquire(exclusive=False)  # a study runs in the folder
+    try:
+        with pytest.raises(StudyError, match="another pccfast study with other settings is "
+                                             "running"):
+            run(quick(targets=[0.5, 0.7]), tmp_path)
+        run(quick(), tmp_path)  # the same settings join it (nothing is left to do here)
+    finally:
+        member.release()
+    run(quick(targets=[0.5, 0.7]), tmp_path)  # once it has finished, other settings may run
+    assert {r["target"] for r in read_rows(tmp_path / "study.csv")} >= {"0.500000", "0.700000"}
 
 
 @pytest.mark.parametrize("column, value, message", [

@@ -51,18 +51,34 @@ def is_window_attention(module: nn.Module) -> bool:
 
 
 def is_token_attention(module: nn.Module) -> bool:
-    """timm's ViT/DeiT ``Attention`` and Swin ``WindowAttention`` on ``(N, tokens, C)``: their
-    projections are Linear modules (counted as such), the ``QK^T`` and ``AV`` products run as
-    functions (counted by :func:`attention_products`)."""
-    return (type(module).__module__.startswith("timm.")
-            and type(module).__name__ in ("Attention", "WindowAttention")
-            and isinstance(getattr(module, "qkv", None), nn.Linear)
-            and isinstance(getattr(module, "proj", None), nn.Linear))
+    """timm's ViT/DeiT ``Attention`` and Swin ``WindowAttention`` on ``(N, tokens, C)``, and
+    CoAtNet's/MaxViT's ``Attention2d`` on ``(N, C, H, W)`` maps (1x1 conv projections): their
+    projections are Linear (or conv) modules, counted as such; the ``QK^T`` and ``AV`` products
+    run as functions (counted by :func:`attention_products`)."""
+    if not type(module).__module__.startswith("timm."):
+        return False
+    qkv, proj = getattr(module, "qkv", None), getattr(module, "proj", None)
+    if type(module).__name__ in ("Attention", "WindowAttention"):
+        return isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear)
+    return is_map_attention(module)
+
+
+def is_map_attention(module: nn.Module) -> bool:
+    """timm's ``Attention2d`` (CoAtNet, MaxViT): attention over the pixels of an
+    ``(N, C, H, W)`` map, with 1x1 conv projections and only parameter tables besides."""
+    convs = [m for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    return (type(module).__module__.startswith("timm.") and type(module).__name__ == "Attention2d"
+            and all(isinstance(getattr(module, n, None), nn.Conv2d)
+                    and getattr(module, n).kernel_size == (1, 1) for n in ("qkv", "proj"))
+            and len(convs) == 2)
 
 
 def attention_products(module: nn.Module, shape) -> int:
     """MACs of ``QK^T`` and ``AV`` of a token attention on ``(N, tokens, C)`` (per window for
-    Swin: N counts the windows)."""
+    Swin: N counts the windows) or on an ``(N, C, H, W)`` map (tokens: the pixels)."""
+    if isinstance(module.qkv, nn.Conv2d):
+        n, tokens = shape[0], math.prod(shape[2:])
+        return 2 * n * tokens * tokens * (module.qkv.out_channels // 3)
     n, tokens = shape[0], shape[1]
     return 2 * n * tokens * tokens * (module.qkv.out_features // 3)
 
@@ -70,6 +86,12 @@ def attention_products(module: nn.Module, shape) -> int:
 def attention_cost(module: nn.Module, shapes) -> tuple[int, int]:
     """(params, MACs) of one attention call on inputs of ``shapes`` (query, key, value for
     ``nn.MultiheadAttention``; ``(N, H, W, C)`` for Swin): projections, ``QK^T`` and ``AV``."""
+    if is_map_attention(module):
+        convs = (module.qkv, module.proj)
+        pixels = shapes[0][0] * math.prod(shapes[0][2:])
+        params = sum(p.numel() for m in convs for p in m.parameters(recurse=False))
+        macs = pixels * sum(m.in_channels * m.out_channels // m.groups for m in convs)
+        return params, macs + attention_products(module, shapes[0])
     if is_token_attention(module):
         linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
         tokens = math.prod(shapes[0][:-1])

@@ -50,12 +50,14 @@ NEEDS = ("nothing", "images", "gradients")
 class ScoredLayer:
     """One layer the collector scores: ``name`` (a conv, or a residual stage's stream), its
     ``width`` (channels), the ``convs`` writing its channels and the ``sites`` (activations)
-    whose scores it averages."""
+    whose scores it averages; ``conv_offsets``: where the layer's channels start among the
+    outputs of a conv that writes more (a conv output cut into parts by a later split)."""
 
     name: str
     width: int
     convs: tuple[str, ...]
     sites: tuple[str, ...]
+    conv_offsets: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
 
 class Criterion:
@@ -205,14 +207,18 @@ def taylor_importance(activation: torch.Tensor, grad: torch.Tensor) -> torch.Ten
     return product.sum(dim=(2, 3), dtype=torch.float64).abs()
 
 
-def filter_l1(model: nn.Module, convs, width: int) -> torch.Tensor:
+def filter_l1(model: nn.Module, convs, width: int, offsets=()) -> torch.Tensor:
     """Li et al.: ``(width,)`` float64 L1 norm of each output filter, the mean over ``convs``
-    (the convs writing one channel group; those with another output width are skipped)."""
+    (the convs writing one channel group; ``offsets``: ``(conv, starts)`` pairs for convs writing
+    it as parts of a wider output, each part's filters counted; other convs with another output
+    width are skipped)."""
+    starts_of = dict(offsets)
     norms = []
     for name in dict.fromkeys(convs):
         weight = model.get_submodule(name).weight.detach()
-        if weight.shape[0] == width:
-            norms.append(weight.to("cpu", torch.float64).abs().flatten(1).sum(1))
+        filters = weight.to("cpu", torch.float64).abs().flatten(1).sum(1)
+        starts = starts_of.get(name, (0,) if weight.shape[0] == width else ())
+        norms += [filters[a:a + width] for a in starts if a + width <= weight.shape[0]]
     if not norms:
         raise ValueError(f"l1: no conv among {list(convs)} has {width} output filters")
     return torch.stack(norms).mean(0)
@@ -241,7 +247,7 @@ class FilterL1(Criterion):
     summary = "filter L1 norm"
 
     def layer_scores(self, model, layer, seed=0):
-        return filter_l1(model, layer.convs, layer.width)
+        return filter_l1(model, layer.convs, layer.width, layer.conv_offsets)
 
 
 @register_criterion

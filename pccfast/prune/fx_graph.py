@@ -19,6 +19,11 @@ channel positions that must be pruned with one index set:
   multiplies its input channel by channel, so the gate's last conv joins the input's group;
 - a concatenation (DenseNet, Inception, SqueezeNet's Fire) keeps each input as a segment at its
   channel offset, read by the next layers' inputs;
+- a split along the channels (MixNet's mixed kernels, Res2Net's scales, CSPNet's cross-stage
+  halves) cuts the output of the conv writing the channels into groups of its own, one per
+  part (the walk runs again with the cut); the module that splits is told its parts' new
+  widths after pruning (:func:`pccfast.prune.layer_rules.register_split`), equal parts split
+  by one size are pruned with one index set, and a split it cannot resize keeps its channels;
 - a grouped conv's input and output groups keep the same number of channels in each of the
   conv's groups (``chunks``), so the conv keeps its ``groups`` (ResNeXt, RegNet);
 - a layer type of its own registers how it joins the groups (:mod:`pccfast.prune.layer_rules`;
@@ -60,10 +65,10 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .._modules import eval_mode
 from ..sites import ACTIVATION_FUNCTIONS, ACTIVATION_METHODS, ACTIVATION_MODULES
 from ..sites import eval_modules, is_drop_path, pooled_and_last, scored_sites, trace
-from .counting import attention_cost, is_token_attention, is_window_attention
+from .counting import attention_cost, is_map_attention, is_token_attention, is_window_attention
 from .fx_surgery import UNPRUNABLE_CONV_HINT, unprunable_conv
 from .graph_types import ChannelGroup, CostTerm, Port, PruningGraph, UnsupportedLayerError
-from .layer_rules import register_layer, rule_for
+from .layer_rules import register_layer, rule_for, split_rule_for
 
 # Modules and functions that keep every channel where it is (elementwise or spatial only) and
 # map 0 to 0, so a removed channel is the same as a zeroed one.
@@ -229,6 +234,9 @@ class _ShapeProp(fx.Interpreter):
         result = super().run_node(n)
         if isinstance(result, torch.Tensor):
             n.meta["tensor_meta"] = _extract_tensor_metadata(result)
+        elif isinstance(result, (tuple, list)) and result and all(
+                isinstance(r, torch.Tensor) for r in result):
+            n.meta["piece_shapes"] = [tuple(r.shape) for r in result]  # torch.split's pieces
         return result
 
 
@@ -280,8 +288,15 @@ class GraphBuilder:
     channel groups (union-find), the cost terms and the notes that decide prunability."""
 
     def __init__(self, model: nn.Module, gm: fx.GraphModule, input_size, residual: str,
-                 prune_classifier_input: bool):
+                 prune_classifier_input: bool, cuts=None):
         self.model, self.gm, self.input_size = model, gm, tuple(input_size)
+        self.cuts: dict[str, tuple[int, ...]] = dict(cuts or {})  # node -> where its output
+        #   channels are cut into groups of their own (a later split reads the parts apart)
+        self.creator: dict[int, tuple[str, int, bool]] = {}  # group id -> (node, first channel
+        #   within the node's output, whether the node's output may be cut)
+        self.pieces: dict[fx.Node, list] = {}  # split node -> its pieces' layouts
+        self.splits: list[tuple[str, list]] = []  # (owner module, each part's group ids)
+        self.inner_sites: dict[int, list] = {}  # group id -> (Site, its starts) inside leaves
         self.residual, self.prune_classifier_input = residual, prune_classifier_input
         self.modules = dict(model.named_modules())
         self.nodes = list(gm.graph.nodes)
@@ -325,7 +340,52 @@ class GraphBuilder:
         return layout.segs[0]
 
     def new_group(self, width: int, kind: str, n: NodeInfo, pooled: bool = False) -> int:
-        return self.groups.new(width, kind, n.pos, pooled=pooled)
+        i = self.groups.new(width, kind, n.pos, pooled=pooled)
+        self.creator[i] = (n.node.name, 0, False)
+        return i
+
+    def new_groups(self, width: int, kind: str, n: NodeInfo, pooled: bool = False
+                   ) -> tuple[int, ...]:
+        """The groups of a node's ``width`` output channels: one, or one per part where a
+        later split reads them apart (``self.cuts``); each part's first channel is ``offset``."""
+        bounds = (0,) + tuple(self.cuts.get(n.node.name, ())) + (width,)
+        out = []
+        for start, end in zip(bounds, bounds[1:]):
+            i = self.groups.new(end - start, kind, n.pos, pooled=pooled)
+            self.creator[i] = (n.node.name, start, True)
+            out.append(i)
+        return tuple(out)
+
+    def cut(self, layout: _Layout, bounds, n: NodeInfo) -> None:
+        """Makes every position in ``bounds`` a boundary between the layout's groups: where one
+        falls inside a group, the nodes writing that group cut their outputs there and the walk
+        starts again (:class:`_Recut`)."""
+        wanted: dict[str, set[int]] = {}
+        for s, offset in self.offsets(layout.segs):
+            width = self.group(s).width
+            inside = {p - offset for p in bounds if offset < p < offset + width}
+            if not inside:
+                continue
+            root = self.groups.find(s)
+            for m in range(len(self.groups.parent)):
+                if self.groups.find(m) != root:
+                    continue
+                node, start, cuttable = self.creator.get(m, ("", 0, False))
+                if not cuttable:
+                    raise n.error(f"splits channels {node or 'a layer'} writes as one group "
+                                  "(pccfast cuts the outputs of convs and pointwise Linears; "
+                                  "other layers' outputs are kept whole)")
+                wanted.setdefault(node, set()).update(start + p for p in inside)
+        if wanted:
+            raise _Recut({k: tuple(sorted(set(self.cuts.get(k, ())) | v))
+                          for k, v in wanted.items()}, n)
+
+    def split(self, layout: _Layout, bounds, n: NodeInfo) -> list[_Layout]:
+        """The layouts of the parts of ``layout`` between consecutive ``bounds``."""
+        self.cut(layout, bounds, n)
+        offsets = self.offsets(layout.segs)
+        return [_Layout(tuple(s for s, o in offsets if a <= o < b), layout.dim)
+                for a, b in zip(bounds, bounds[1:])]
 
     def group(self, i: int) -> ChannelGroup:
         return self.groups.get(i)
@@ -368,7 +428,12 @@ class GraphBuilder:
             for a, b in zip(layout_in.segs, before_in.segs):
                 self.groups.union(a, b, n.name, n.what, stream=False)
         if out is not None and before_out is not None:
-            self.groups.union(out, before_out, n.name, n.what, stream=False)
+            outs = out if isinstance(out, tuple) else (out,)
+            befores = before_out if isinstance(before_out, tuple) else (before_out,)
+            if len(outs) != len(befores):
+                raise n.error("called again with its outputs cut differently")
+            for a, b in zip(outs, befores):
+                self.groups.union(a, b, n.name, n.what, stream=False)
 
     def constant(self, n: NodeInfo) -> bool:
         """Whether the node is computed from parameters and buffers only (not the input)."""
@@ -422,7 +487,8 @@ class GraphBuilder:
                 raise n.error("unknown module type")
             return
         # call_function / call_method / get_attr
-        _refuse_channel_split(n)
+        if _channel_split(self, n) or _split_piece(self, n):
+            return
         if not n.inputs or meta is None:  # constants; x.size(), x.shape: no tensor comes out
             return
         for (functions, methods, names), handler in _CALL_HANDLERS:
@@ -439,6 +505,9 @@ class GraphBuilder:
             add_block[node] = stack[-1] if stack else ""
         blocks = list(dict.fromkeys(b for b in add_block.values() if b))
         evaluated = eval_modules(self.model)
+        if evaluated is not None:  # a leaf's submodules run with it (SplitAttn's conv)
+            evaluated |= {f"{name}.{sub}" for name in list(evaluated) if name in self.modules
+                          for sub, _ in self.modules[name].named_modules() if sub}
         final, id_to_name = self._final_groups(add_block, blocks, evaluated)
         # FLOPs are of one eval-mode forward (pccfast.count): training-only layers have params
         counted = (lambda module: True) if evaluated is None else evaluated.__contains__
@@ -457,6 +526,8 @@ class GraphBuilder:
                  for g, per_channel, module in self.norm_calls if counted(module)]
         graph = PruningGraph(self.model, final, cost_terms, tuple(self.input_size),
                              self.residual, blocks, self.prune_classifier_input, norms)
+        graph.splits = [(owner, [[id_to_name[groups.find(s)] for s in part] for part in parts])
+                        for owner, parts in self.splits]
         if self.attention_count:
             streams = "/".join(str(w) for w in sorted(self.attention_widths))
             graph.limits = (
@@ -465,6 +536,25 @@ class GraphBuilder:
                 "map); attention (heads, q/k/v and output projections, QK^T and AV, all counted "
                 f"in the flops) and the {streams}-wide residual stream it reads are kept whole")
         return graph
+
+    def _site_offsets(self, root: int, g: ChannelGroup, sites: list) -> tuple[list, dict]:
+        """The sites whose activation carries the group's channels, and where they start in
+        each that is wider than the group (a conv's output cut into parts; several starts where
+        equal parts are pruned with one index set)."""
+        if not hasattr(self, "_hooked"):
+            self._hooked = _site_nodes(self.gm)
+        kept, offsets = [], {}
+        for site in sites:
+            node = self._hooked.get((site.module, site.call_index or 0))
+            layout = self.chan.get(node)
+            if layout is None or self.width(layout.segs) == g.width:
+                kept.append(site)
+                continue
+            at = tuple(o for s, o in self.offsets(layout.segs) if self.groups.find(s) == root)
+            if at:
+                kept.append(site)
+                offsets[site.name] = at
+        return kept, offsets
 
     def _final_groups(self, add_block, blocks, evaluated):
         """The groups, named, with their sites and prunability; and root id -> name."""
@@ -485,7 +575,8 @@ class GraphBuilder:
             g.producers = list(dict.fromkeys(g.producers))
             g.consumers = list(dict.fromkeys(g.consumers))
             producers = [n for i in members[root] for n in self.producer_node.get(i, [])]
-            adds = [n for n in self.add_nodes if groups.find(self.chan[n].segs[0]) == root]
+            adds = [n for n in self.add_nodes
+                    if any(groups.find(s) == root for s in self.chan[n].segs)]
             if g.kind == "stream" and adds:
                 g.name = _common_prefix([add_block[n] for n in adds]) or g.convs[0]
             elif g.convs:
@@ -497,7 +588,12 @@ class GraphBuilder:
             sites = [site_of[n] for n in sorted(producers, key=self.position.get)
                      if n in site_of]
             sites += [site_of[n] for n in adds if n in site_of]
-            g.sites = list(dict.fromkeys(sites))
+            g.sites, g.site_offsets = self._site_offsets(root, g, list(dict.fromkeys(sites)))
+            for i in members[root]:  # sites inside a layer kept as one call (its rule's)
+                for site, starts in self.inner_sites.get(i, ()):
+                    if evaluated is None or site.module in evaluated:
+                        g.sites.append(site)
+                        g.site_offsets[site.name] = tuple(starts)
             if g.kind == "conv" and g.convs:
                 owners = [b for b in blocks if g.convs[0].startswith(b + ".")]
                 g.block = max(owners, key=len) if owners else ""
@@ -514,30 +610,115 @@ class GraphBuilder:
         return final, {r: g.name for r, g in zip(roots, final)}
 
 
+def _site_nodes(gm: fx.GraphModule) -> dict[tuple[str, int], fx.Node]:
+    """(module name, call index) -> its call node."""
+    out, calls = {}, {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            index = calls.get(node.target, 0)
+            calls[node.target] = index + 1
+            out[(node.target, index)] = node
+    return out
+
+
+class _Recut(Exception):
+    """A split reads apart channels that some nodes write as one group: the walk starts again
+    with those nodes' outputs cut (``cuts``: node name -> all its cut positions)."""
+
+    def __init__(self, cuts: dict[str, tuple[int, ...]], n: NodeInfo):
+        super().__init__(n.name)
+        self.cuts, self.n = cuts, n
+
+
 def build_fx_graph(model: nn.Module, input_size, residual: str = "stream",
                    prune_classifier_input: bool = False) -> PruningGraph:
     """pccfast's own pruning graph of ``model`` (arguments checked by
     :func:`pccfast.prune.graph.build_graph`); :class:`UnsupportedLayerError` where a layer
-    cannot be followed."""
+    cannot be followed.
+
+    A split along the channels (MixNet's mixed kernels, Res2Net's scales, CSPNet's cross-stage
+    halves, a slice) whose parts are not yet separate groups cuts the outputs of the convs that
+    write them, and the walk runs again; every walk adds cut positions, so it ends."""
     gm = _trace(model, input_size)
-    return GraphBuilder(model, gm, input_size, residual, prune_classifier_input).run()
+    cuts: dict[str, tuple[int, ...]] = {}
+    while True:
+        try:
+            return GraphBuilder(model, gm, input_size, residual, prune_classifier_input,
+                                cuts).run()
+        except _Recut as recut:
+            if all(set(v) <= set(cuts.get(k, ())) for k, v in recut.cuts.items()):
+                raise recut.n.error("splits channels at positions the pruner cannot cut "
+                                    "apart") from None
+            cuts.update(recut.cuts)
 
 
 _SPLIT_FUNCTIONS = (torch.split, torch.chunk, torch.tensor_split)
 _SPLIT_METHODS = ("split", "chunk", "tensor_split")
 
 
-def _refuse_channel_split(n: NodeInfo) -> None:
-    """A split along the channels (MixNet's mixed kernels, Res2Net) returns a tuple no handler
-    sees: refuse it here, where it happens."""
+def _channel_split(b: GraphBuilder, n: NodeInfo) -> bool:
+    """A split along the channels: each part carries the groups between its bounds (the
+    writers' outputs cut where a bound falls inside one of them).
+
+    The split's sizes live in the module whose forward splits (the *owner*); after pruning it
+    is told its parts' widths by its rule (:func:`pccfast.prune.layer_rules.register_split`).
+    A split into equal parts by one size (``torch.split(x, self.width, 1)``, ``chunk``) must
+    stay equal: its parts are pruned with one index set. A split whose owner has no rule keeps
+    its parts' channels (chunk needs none: equal parts stay equal)."""
     if n.xl is None or not _is(n.node, _SPLIT_FUNCTIONS, _SPLIT_METHODS):
-        return
+        return False
     node = n.node
     dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
     x_meta = _tensor_meta(n.x)
-    if isinstance(dim, int) and x_meta is not None and dim % len(x_meta.shape) == n.xl.dim:
-        raise n.error("splits the channels into parts, each read by other layers (mixed "
-                      "kernel sizes, Res2Net); pccfast's graph does not split a channel group")
+    shapes = node.meta.get("piece_shapes")
+    if not (isinstance(dim, int) and x_meta is not None and shapes is not None):
+        raise n.error("splits along a dim or into parts the pruner cannot tell")
+    if n.x in b.gated:
+        b.gated.add(node)
+    if dim % len(x_meta.shape) != n.xl.dim:  # along other dims: every part keeps the channels
+        b.pieces[node] = [n.xl] * len(shapes)
+        return True
+    sizes = [int(shape[n.xl.dim]) for shape in shapes]
+    bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+    how = node.args[1] if len(node.args) > 1 else node.kwargs.get(
+        "split_size_or_sections", node.kwargs.get("chunks", node.kwargs.get("split_size")))
+    equal = isinstance(how, int)  # one size (or a number of chunks): the parts stay equal
+    owner = list(node.meta.get("nn_module_stack", {}) or [""])[-1]
+    module = b.modules.get(owner)
+    rule = split_rule_for(module) if module is not None else None
+    chunked = _is(node, (torch.chunk,), ("chunk",))
+    kept = ""
+    if rule is None and not chunked:
+        kept = (f"split at {n.name} by {type(module).__name__}, whose split sizes pccfast "
+                "cannot change (register a resize rule: "
+                "pccfast.prune.layer_rules.register_split)")
+    elif equal and len(set(sizes)) > 1:
+        kept = f"split at {n.name} into unequal parts {sizes} by one size"
+    parts = b.split(n.xl, bounds, n)
+    if equal and not kept:  # the parts must keep one width: one index set for them all,
+        relative = {o for p in parts for _, o in b.offsets(p.segs)}  # so cut alike
+        b.cut(n.xl, sorted({start + r for start in bounds[:-1] for r in relative}), n)
+    if equal and not kept:
+        for segs in zip(*(p.segs for p in parts)):
+            for s in segs[1:]:
+                b.groups.union(segs[0], s, n.name, n.what, stream=False)
+    if kept:
+        for s in n.xl.segs:
+            b.groups.keep(s, kept)
+    elif rule is not None:
+        b.splits.append((owner, [p.segs for p in parts]))
+    b.pieces[node] = parts
+    return True
+
+
+def _split_piece(b: GraphBuilder, n: NodeInfo) -> bool:
+    """``parts[i]`` of a split: that part's groups."""
+    node = n.node
+    if not (node.op == "call_function" and node.target is operator.getitem
+            and n.x in b.pieces and isinstance(node.args[1], int)):
+        return False
+    b.follow(n, source=n.x, layout=b.pieces[n.x][node.args[1]])
+    return True
 
 
 # -- attention: kept whole, counted as a constant ---------------------------------------------
@@ -577,15 +758,18 @@ def _attention(b: GraphBuilder, n: NodeInfo) -> None:
             owner not in b.attention_seen)
         b.attention_seen.add(owner)
         b.attention_count += 1
-        b.attention_widths.update(int(_tensor_meta(a).shape[-1]) for a in n.inputs[:1]
-                                  if _tensor_meta(a) is not None)
+        b.attention_widths.update(int(_tensor_meta(a).shape[b.chan[a].dim if a in b.chan
+                                                             else -1])
+                                  for a in n.inputs[:1] if _tensor_meta(a) is not None)
         b.terms.append((owner, None, None, params, macs, False, first, 1))
     if n.meta is None:
         b.attention_tuples.add(node)  # MultiheadAttention's (output, weights)
     elif len(n.meta.shape) >= 2:
-        out = b.groups.new(int(n.meta.shape[-1]), "other", n.pos)
+        map_attention = n.module is not None and is_map_attention(n.module)  # (N, C, H, W)
+        dim = 1 if map_attention else len(n.meta.shape) - 1
+        out = b.groups.new(int(n.meta.shape[dim]), "other", n.pos)
         b.groups.keep(out, why)
-        b.chan[node] = _Layout((out,), len(n.meta.shape) - 1)
+        b.chan[node] = _Layout((out,), dim)
 
 
 # -- module handlers: one per layer type (pccfast.prune.layer_rules) --------------------------
@@ -601,28 +785,32 @@ def _conv_graph(b: GraphBuilder, n: NodeInfo) -> None:
     kernel = math.prod(module.kernel_size)
     bias = module.bias is not None
     if g_count > 1 and g_count == c_in == c_out:  # depthwise: channel c reads channel c
-        g = b.single(xl, n)
-        b.group(g).producers.append(Port(node.target, "dw"))
-        b.producer_node.setdefault(g, []).append(node)
-        b.terms.append((node.target, None, g, kernel, spatial * kernel, bias, b.first(n), 1))
+        for g, offset in b.offsets(xl.segs):
+            b.group(g).producers.append(Port(node.target, "dw", 1, offset))
+            b.producer_node.setdefault(g, []).append(node)
+            b.terms.append((node.target, None, g, kernel, spatial * kernel, bias, b.first(n), 1))
         b.share(n, xl, None)
         b.chan[node] = xl
         return
     if g_count > 1 and c_out != c_in and c_in == g_count:
         raise n.error("a depthwise conv with a channel multiplier")
     b.read_gated(n.x, f"read by {n.name} through a gate")
-    out = b.new_group(c_out, "conv", n, pooled=n.x in b.pooled_nodes)
+    outs = b.new_groups(c_out, "conv", n, pooled=n.x in b.pooled_nodes)
     if g_count > 1:
+        if len(outs) > 1:
+            raise n.error("a grouped conv whose outputs a later split reads apart")
         b.groups.add_chunks(b.single(xl, n), g_count, n.name, n.what)
-        b.groups.add_chunks(out, g_count, n.name, n.what)
+        b.groups.add_chunks(outs[0], g_count, n.name, n.what)
     for i, (s, offset) in enumerate(b.offsets(xl.segs)):
         b.group(s).consumers.append(Port(node.target, "conv_in", 1, offset))
-        b.terms.append((node.target, s, out, kernel, spatial * kernel, bias and i == 0,
-                        b.first(n), g_count))
-    b.group(out).producers.append(Port(node.target, "conv_out"))
-    b.producer_node.setdefault(out, []).append(node)
-    b.share(n, xl, out)
-    b.write(n, out)
+        for out in outs:
+            b.terms.append((node.target, s, out, kernel, spatial * kernel, bias and i == 0,
+                            b.first(n), g_count))
+    for out, offset in b.offsets(outs):
+        b.group(out).producers.append(Port(node.target, "conv_out", 1, offset))
+        b.producer_node.setdefault(out, []).append(node)
+    b.share(n, xl, outs)
+    b.write(n, *outs)
 
 
 def _batch_norm_graph(b: GraphBuilder, n: NodeInfo) -> None:
@@ -793,10 +981,14 @@ def _join(b: GraphBuilder, n: NodeInfo, tracked, is_add: bool, is_div: bool) -> 
     if not is_add and 1 in (wa, wb) and wa != wb:  # a (N, 1, H, W) spatial gate
         b.follow(n, tracked[0] if wb == 1 else tracked[1])
         return True
-    if len(la.segs) != 1 or len(lb.segs) != 1:
-        raise n.error("combines concatenated channels")
-    root = b.groups.union(la.segs[0], lb.segs[0], n.name, n.what, stream=is_add)
-    b.write(n, root, dim=la.dim)
+    if wa != wb:
+        raise n.error(f"combines {wa} with {wb} channels")
+    bounds = sorted({o for s, o in b.offsets(la.segs)} | {o for s, o in b.offsets(lb.segs)})
+    b.cut(la, bounds, n)  # both cut at the same positions: the parts pair up
+    b.cut(lb, bounds, n)
+    roots = [b.groups.union(x, y, n.name, n.what, stream=is_add)
+             for x, y in zip(la.segs, lb.segs)]
+    b.write(n, *roots, dim=la.dim)
     if is_add:
         b.add_nodes.append(node)
         if tracked[0] in b.gated or tracked[1] in b.gated:
@@ -1054,3 +1246,6 @@ def _common_prefix(names: list[str]) -> str:
             break
         prefix.append(column[0])
     return ".".join(prefix)
+
+
+from . import timm_layers  # noqa: E402,F401  (registers timm's layer types by name)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .._hooks import clean_copy, marked
-from .layer_rules import rule_for
+from .layer_rules import rule_for, split_rule_for
 
 
 def _replace_param(module: nn.Module, name: str, dim: int, index: torch.Tensor) -> None:
@@ -129,6 +129,10 @@ def slice_channels(model: nn.Module, graph, kept: dict[str, torch.Tensor]) -> nn
             raise ValueError(f"{name} ({type(modules[name]).__name__}) has ports with roles "
                              f"{sorted(indices)} but no registered slice rule")
         rule.slice(modules[name], indices)
+    for owner, parts in getattr(graph, "splits", ()):
+        widths = [sum(len(kept[g]) if g in kept else graph.group(g).width for g in part)
+                  for part in parts]
+        split_rule_for(modules[owner])(modules[owner], widths)
     return pruned
 
 

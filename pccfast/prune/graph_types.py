@@ -66,6 +66,9 @@ class ChannelGroup:
     prunable: whether plans may remove channels; ``reason`` says why not.
     chunks: the group is cut into this many equal runs of channels (a grouped conv's groups),
     and every run keeps the same number of channels.
+    site_offsets: site name -> where the group's channels start in that site's activation, for
+    sites wider than the group (a conv's output that a later split reads apart; several starts
+    for equal parts pruned with one index set, scored by their mean); 0 if absent.
     """
 
     name: str
@@ -78,6 +81,7 @@ class ChannelGroup:
     prunable: bool = True
     reason: str = ""
     chunks: int = 1
+    site_offsets: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     @property
     def convs(self) -> list[str]:
@@ -147,6 +151,8 @@ class PruningGraph:
         self._by_name = {g.name: g for g in groups}
         self.limits = ""  # what the model keeps by design (attention), for budget errors
         self.fallback_reason = ""  # why pccfast's engine gave way to Torch-Pruning's
+        self.splits: list[tuple[str, list[list[str]]]] = []  # (module splitting channels, the
+        #   groups of each part): told the parts' new widths after pruning
 
     def group(self, name: str) -> ChannelGroup:
         return self._by_name[name]

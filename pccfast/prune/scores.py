@@ -102,6 +102,8 @@ class ScoreCollector:
         self.groups: dict[str, list[str]] = {}  # layer -> its site names
         self.convs: dict[str, list[str]] = {}  # layer -> the convs writing its channels
         self.widths: dict[str, int] = {}
+        self.offsets: dict[str, dict[str, tuple]] = {}  # layer -> site -> its channels' starts
+        self.conv_offsets: dict[str, tuple] = {}  # layer -> ((conv, its channels' starts), ...)
         self.sites: list[Site] = []
         self._sums: dict[str, torch.Tensor] = {}
         self._seen: dict[str, int] = {}
@@ -142,6 +144,9 @@ class ScoreCollector:
         self.groups = {g.name: [s.name for s in g.sites] for g in scored}
         self.convs = {g.name: list(g.convs) for g in scored}
         self.widths = {g.name: g.width for g in scored}
+        self.offsets = {g.name: dict(g.site_offsets) for g in scored}  # parts of wider sites
+        self.conv_offsets = {g.name: _conv_starts(g) for g in scored} if (
+            graph.engine == "pccfast") else {}
         sites = {}
         for g in scored:
             for s in g.sites:
@@ -160,7 +165,8 @@ class ScoreCollector:
     def layers(self) -> dict[str, ScoredLayer]:
         """layer name -> what a criterion knows of it (width, convs, sites)."""
         return {name: ScoredLayer(name, self.widths[name], tuple(self.convs[name]),
-                                  tuple(sites)) for name, sites in self.groups.items()}
+                                  tuple(sites), self.conv_offsets.get(name, ()))
+                for name, sites in self.groups.items()}
 
     @property
     def capacity(self) -> int:
@@ -379,8 +385,16 @@ class ScoreCollector:
             return {name: self._layer_scores(layer) for name, layer in self.layers.items()}, 0
         sums, seen = self._reduced()
         per_site = {n: sums[n] / seen[n] for n in sums}
-        return ({layer: torch.stack([per_site[s] for s in sites]).mean(0)
+        return ({layer: torch.stack([self._part(layer, s, per_site[s]) for s in sites]).mean(0)
                  for layer, sites in self.groups.items()}, seen[self.sites[0].name])
+
+    def _part(self, layer: str, site: str, scores: torch.Tensor) -> torch.Tensor:
+        """The layer's channels among a site's scores: a part of a conv's output that a later
+        split reads apart starts at its offset (equal parts pruned with one index set: the mean
+        over the parts)."""
+        width = self.widths[layer]
+        starts = self.offsets.get(layer, {}).get(site, (0,))
+        return torch.stack([scores[a:a + width] for a in starts]).mean(0)
 
     def _layer_scores(self, layer: ScoredLayer) -> torch.Tensor:
         found = self.scorer.layer_scores(self.model, layer, seed=self.seed)
@@ -503,3 +517,12 @@ def load_scores(path) -> dict[str, torch.Tensor]:
     if payload.get("version") != SCORES_VERSION:
         raise ValueError(f"{path}: scores version {payload.get('version')} is not supported")
     return dict(payload["scores"])
+
+
+def _conv_starts(group) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """(conv, where the group's channels start among its outputs) for every conv writing it."""
+    starts: dict[str, list[int]] = {}
+    for port in group.producers:
+        if port.module in group.convs and port.role in ("conv_out", "dw", "linear_out"):
+            starts.setdefault(port.module, []).append(port.offset)
+    return tuple((m, tuple(sorted(set(v)))) for m, v in starts.items())

@@ -15,7 +15,7 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-from ..atomic import atomic_write_text
+from ..atomic import atomic_write, atomic_write_text
 from ..plotting import pyplot
 from . import stats as st
 
@@ -336,9 +336,7 @@ def plot(rows: list[dict], path: Path, config=None, chance: float | None = None)
         ax.title.set_fontsize(9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
     _save(fig, path)
-    plt.close(fig)
     return True
 
 
@@ -379,9 +377,7 @@ def plot_differences(rows: list[dict], path: Path, config=None) -> bool:
             if col == 0:
                 ax.set_ylabel("paired difference (points)\nmean, 95% interval")
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
     _save(fig, path)
-    plt.close(fig)
     return True
 
 
@@ -416,18 +412,18 @@ def plot_features(features: list[dict], path: Path, arms: list[str]) -> bool:
         ax.set_xlabel("scored layer (forward order)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
     _save(fig, path)
-    plt.close(fig)
     return True
 
 
 def _save(fig, path: Path) -> None:
-    """Atomically: a reader never sees half a PNG."""
+    """Lay out, write atomically (a reader never sees half a PNG) and free the figure."""
+    fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    tmp.replace(path)
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    finally:
+        pyplot().close(fig)
 
 
 def write_study_report(out: Path, rows: list[dict], config=None,

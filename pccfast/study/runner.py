@@ -16,8 +16,13 @@ its checkpoint), and a study continued on another machine from the committed ``s
 alone redoes only the arm x seed pairs that were not complete, from their pre-training (all rows
 of one arm x seed always come from one pre-trained model). Every row carries the hash of its
 arm's settings; rows made with other settings are refused, never mixed in. Every cached file in
-``work/`` carries the settings it was made with and is reused only under the same ones. One
-study at a time may run in a folder (a lock file).
+``work/`` carries the settings it was made with and is reused only under the same ones.
+
+Several processes may run the same study in one folder and share its work: each arm x seed is
+run by whichever process locks it first (``work/.ARM-seedS.lock``), and each writes only its own
+pairs' rows into the record, merged under a short lock (``.record.lock``). A process with other
+settings is refused while the study runs (``.study.lock``). On a small CPU, two processes with
+one thread each can do more than one with two (README, "Accuracy studies").
 """
 
 from __future__ import annotations
@@ -174,40 +179,64 @@ def _fmt(value) -> str:
     return "" if value is None else (f"{value:.6f}" if isinstance(value, float) else str(value))
 
 
-class _Lock:
-    """An exclusive lock on the study folder (released by the OS if the process dies)."""
+class _FileLock:
+    """``flock`` on one file (the OS releases it if the process dies)."""
 
-    def __init__(self, folder: Path):
-        self.path = folder / ".study.lock"
+    def __init__(self, path: Path):
+        self.path = path
         self.file = None
 
-    def __enter__(self):
+    def acquire(self, exclusive: bool = True, blocking: bool = True) -> bool:
         import fcntl
 
-        self.file = open(self.path, "a+")
+        if self.file is None:
+            self.file = open(self.path, "a+")
+        flags = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | (0 if blocking else
+                                                                  fcntl.LOCK_NB)
         try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(self.file, flags)
+        except BlockingIOError:
+            return False
+        return True
+
+    def holder(self) -> str:
+        """What the holder wrote (its pid), for messages."""
+        try:
+            return self.path.read_text().strip() or "another process"
         except OSError:
-            self.file.seek(0)
-            holder = self.file.read().strip() or "another process"
-            self.file.close()
-            raise StudyError(f"another pccfast study is running in {self.path.parent} "
-                             f"({holder}): wait for it to finish, or study into another --out")
+            return "another process"
+
+    def sign(self) -> None:
         self.file.seek(0)
         self.file.truncate()
         self.file.write(f"pid {os.getpid()}")
         self.file.flush()
+
+    def release(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+    def __enter__(self):
+        self.acquire()
         return self
 
     def __exit__(self, *exc):
-        self.file.close()
+        self.release()
 
 
 class Study:
     """One study folder. ``run()`` does every cell not yet in ``study.csv``."""
 
     def __init__(self, config: StudyConfig, out, *, device: str | None = None,
-                 progress: bool = True, echo=print):
+                 progress: bool = True, echo=print, only: list[str] | None = None):
+        names = [a.name for a in config.arms]
+        if only is not None:
+            unknown = [a for a in only if a not in names]
+            if not only or unknown:
+                raise ValueError(f"--arms: {unknown or only!r} names no arm of this study; its "
+                                 f"arms are {names}")
+        self.only = only
         self.config = config
         self.out = Path(out)
         self.device = device
@@ -263,8 +292,10 @@ class Study:
         return [r for r in rows if r["arm"] in arms]
 
     def pairs(self):
-        """(arm, seed) in the order they run: seed-major, so early results span every arm."""
-        return [(arm, seed) for seed in self.config.seeds for arm in self.config.arms]
+        """(arm, seed) in the order they run: seed-major, so early results span every arm
+        (only the arms asked for, if any)."""
+        return [(arm, seed) for seed in self.config.seeds for arm in self.config.arms
+                if self.only is None or arm.name in self.only]
 
     def work_dir(self, arm: Arm, seed: int) -> Path:
         return self.out / "work" / f"{arm.name}-seed{seed}"
@@ -311,43 +342,105 @@ class Study:
 
     # ------------------------------------------------------------------ running
     def run(self) -> Path:
+        """Every arm x seed not yet in the record that no other process is running."""
         from tqdm.auto import tqdm
 
-        self.out.mkdir(parents=True, exist_ok=True)
-        with _Lock(self.out):
+        (self.out / "work").mkdir(parents=True, exist_ok=True)
+        with self._joined():
             self.check()
-            atomic_write_text(self.out / "study.json",
-                              json.dumps(self.config.to_dict(), indent=1, sort_keys=True) + "\n")
-            rows = self._load_rows()
-            features = read_features(self.features_path)
+            rows, features = self._read_record()
             done = {Key.of(r) for r in rows}
             todo = [(arm, seed) for arm, seed in self.pairs()
-                    if not set(self.keys(arm, seed)) <= done or self._features_missing(
-                        features, arm, seed)]
+                    if not self._complete(arm, seed, done, features)]
             units = {(a.name, s): self._units(a, s, done) for a, s in todo}
             bar = tqdm(total=sum(units.values()), unit="img", unit_scale=True, desc="study",
                        disable=not self.progress, dynamic_ncols=True)
             try:
                 for arm, seed in todo:
-                    self._run_pair(arm, seed, rows, features, bar)
-                    self.write_outputs(rows, features)
-            finally:  # also when interrupted: the tables show every finished cell
+                    lock = _FileLock(self.out / "work" / f".{arm.name}-seed{seed}.lock")
+                    if not lock.acquire(blocking=False):
+                        self.echo(f"study  {arm.name} seed {seed}: run by {lock.holder()}, "
+                                  "left to it")
+                        bar.total -= units[(arm.name, seed)]
+                        lock.release()
+                        continue
+                    try:
+                        lock.sign()
+                        rows, features = self._read_record()  # another process may be done
+                        if self._complete(arm, seed, {Key.of(r) for r in rows}, features):
+                            bar.update(units[(arm.name, seed)])
+                            continue
+                        try:
+                            self._run_pair(arm, seed, rows, features, bar)
+                        finally:  # also when interrupted: the record keeps every finished cell
+                            rows, features = self._save(arm, seed, rows, features)
+                        self._report(rows, features)
+                    finally:
+                        lock.release()
+            finally:
                 bar.close()
-                write_rows(self.csv_path, rows)
-                write_features(self.features_path, features)
-        self.write_outputs(rows, features)
+            rows, features = self._read_record()
+            self._report(rows, features)
         return self.csv_path
+
+    def _joined(self):
+        """Membership of the folder's study for the whole run: the first process writes
+        study.json; others join if their settings are the same and are refused if not."""
+        from contextlib import contextmanager
+
+        @contextmanager
+        def joined():
+            member = _FileLock(self.out / ".study.lock")
+            try:
+                with self._record_lock():
+                    settings = json.dumps(self.config.to_dict(), indent=1, sort_keys=True) + "\n"
+                    path = self.out / "study.json"
+                    if member.acquire(exclusive=True, blocking=False):  # no one else runs
+                        atomic_write_text(path, settings)
+                    elif not path.is_file() or path.read_text() != settings:
+                        raise StudyError(
+                            f"another pccfast study with other settings is running in "
+                            f"{self.out}: wait for it to finish, or study into another --out")
+                    member.acquire(exclusive=False)  # shared while running
+                yield
+            finally:
+                member.release()
+
+        return joined()
+
+    def _record_lock(self) -> _FileLock:
+        return _FileLock(self.out / ".record.lock")
+
+    def _read_record(self) -> tuple[list[dict], list[dict]]:
+        with self._record_lock():
+            return self._load_rows(), read_features(self.features_path)
+
+    def _save(self, arm: Arm, seed: int, rows: list[dict], features: list[dict] | None = None
+              ) -> tuple[list[dict], list[dict]]:
+        """Write this process's rows (and features) of one arm x seed into the record as it is
+        on disk now, whatever other processes wrote meanwhile; returns the merged record."""
+        def ours(r):
+            return r["arm"] == arm.name and int(r["seed"]) == seed
+
+        with self._record_lock():
+            merged = [r for r in read_rows(self.csv_path) if not ours(r)]
+            merged += [r for r in rows if ours(r)]
+            write_rows(self.csv_path, merged)
+            record = read_features(self.features_path)
+            if features is not None:
+                record = [f for f in record if not ours(f)] + [f for f in features if ours(f)]
+                write_features(self.features_path, record)
+        return merged, record
+
+    def _complete(self, arm: Arm, seed: int, done: set, features: list[dict]) -> bool:
+        return set(self.keys(arm, seed)) <= done and not self._features_missing(
+            features, arm, seed)
 
     def _features_missing(self, features, arm: Arm, seed: int) -> bool:
         if not self.config.feature_images:
             return False
         return not any(f["arm"] == arm.name and int(f["seed"]) == seed
                        and f["arm_hash"] == self.hash_of(arm) for f in features)
-
-    def write_outputs(self, rows: list[dict], features: list[dict]) -> None:
-        write_rows(self.csv_path, rows)
-        write_features(self.features_path, features)
-        self._report(rows, features)
 
     def _report(self, rows, features) -> Path:
         from .report import write_study_report
@@ -480,7 +573,7 @@ class Study:
             for key in want:
                 add(key, None, note=str(exc))
             self.echo(f"{label}: not measured: {exc}")
-            write_rows(self.csv_path, rows)
+            self._save(arm, seed, rows)
             return
         for stage in ("pruned", "pruned_bn"):
             measured = result[stage]
@@ -495,7 +588,7 @@ class Study:
                 tuned.get("val_acc"), result["flops_removed"], result["params_removed"],
                 result["kept"], tuned["seconds"])
             bar.update(_finetune_units(cfg, target))
-        write_rows(self.csv_path, rows)  # the record grows cell by cell
+        self._save(arm, seed, rows)  # the record grows cell by cell
         self.echo(f"{label}: {100 * result['flops_removed']:.1f}% FLOPs removed, "
                   f"{100 * result['pruned_bn']['acc']:.2f}% after BN re-estimation"
                   + (f", {100 * tuned['acc']:.2f}% fine-tuned" if tuned else ""))
