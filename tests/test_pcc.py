@@ -145,10 +145,10 @@ def test_cpu_backend_larger_chunked_inputs():
 @pytest.mark.parametrize("threads", [1, 3, 4])
 def test_cpu_backend_both_schedules(threads):
     """Both schedules of the CPU kernels against the reference: whole groups per thread (one
-    parallel region: every input on 1 thread, short rows of 2x2 maps on 3 threads) and chunks
-    of groups with threaded products (long rows on 3 threads, 6 groups on 4 threads). Long rows
-    (17x19 pixels, or 20 channels) take the matrix products, pixel rows spanning two row blocks
-    of R; short rows the pair loops; channels_last and fp16 the strided and converting loops."""
+    parallel region: 6 groups on 1 and 3 threads) and chunks of groups with threaded products
+    (6 groups on 4 threads). Long rows (17x19 pixels, or 20 channels) take the matrix products,
+    the 323 pixel rows spanning seven row blocks of R's upper staircase (the last one ragged);
+    short rows the pair loops; channels_last and fp16 the strided and converting loops."""
     g = torch.Generator().manual_seed(threads)
     inputs = [torch.randn(6, 20, 17, 19, generator=g).relu(), torch.randn(6, 40, 2, 2, generator=g)]
     for x in inputs:
