@@ -6,6 +6,8 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <cstdlib>
+#include <string>
 #include <ATen/ops/addmm_cpu_dispatch.h>
 
 extern "C" {
@@ -19,6 +21,16 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 }
 
 namespace pccfast {
+
+// PCCFAST_PCC_GEMM=aten takes the at::cpu::addmm_out path even where the exported BLAS exists,
+// so that the path a torch built with another BLAS takes is tested too (read once).
+inline bool exported_blas_allowed() {
+  static const bool allowed = [] {
+    const char* choice = std::getenv("PCCFAST_PCC_GEMM");
+    return choice == nullptr || std::string(choice) != "aten";
+  }();
+  return allowed;
+}
 
 // One operand: rows x cols, row-major with leading dimension ld, or its transpose.
 template <typename acc_t>
@@ -46,12 +58,12 @@ void gemm(int64_t m, int64_t n, int64_t k, acc_t alpha, Operand<acc_t> a, Operan
   const int im = int(n), in = int(m), ik = int(k), lda = int(b.ld), ldb = int(a.ld),
             ic = int(ldc);
   if constexpr (std::is_same_v<acc_t, float>) {
-    if (sgemm_) {
+    if (sgemm_ && exported_blas_allowed()) {
       sgemm_(&ta, &tb, &im, &in, &ik, &alpha, b.data, &lda, a.data, &ldb, &beta, c, &ic);
       return;
     }
   } else {
-    if (dgemm_) {
+    if (dgemm_ && exported_blas_allowed()) {
       dgemm_(&ta, &tb, &im, &in, &ik, &alpha, b.data, &lda, a.data, &ldb, &beta, c, &ic);
       return;
     }

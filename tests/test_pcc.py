@@ -167,6 +167,23 @@ def test_cpu_backend_both_schedules(threads):
 
 
 @needs_ext
+def test_cpu_backend_without_the_exported_blas():
+    """A torch built with another BLAS exports no sgemm_/dgemm_: the kernels then multiply
+    through at::cpu::addmm_out (PCCFAST_PCC_GEMM=aten takes that path here, read once per
+    process), and must agree with the reference the same way."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PCCFAST_PCC_GEMM": "aten"}
+    test = f"{__file__}::test_cpu_backend_both_schedules"
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "passed" in done.stdout and "skipped" not in done.stdout
+
+
+@needs_ext
 def test_cpu_backend_keeps_only_row_statistics():
     """Autograd saves x itself and (G, M) statistics, nothing activation- or Gram-sized."""
     x = torch.randn(4, 6, 5, 5, requires_grad=True)
