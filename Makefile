@@ -8,6 +8,8 @@ PYTEST_ARGS ?=
 # OpenMP threads sleep as soon as a parallel region ends instead of spinning: on a machine shared
 # with other processes spinning threads take the cores from working ones (README, "Threads").
 export OMP_WAIT_POLICY ?= PASSIVE
+# ... after a short spin, which keeps an idle machine as fast as the default (pccfast/_openmp.py).
+export GOMP_SPINCOUNT ?= 1000
 # The oldest versions we support: those of the GPU machines (and triton 3.6's interpreter needs
 # numpy<2.4). `make test-oldest` tests a copy of the working tree against them.
 OLDEST_VENV ?= .venv-oldest

@@ -17,6 +17,7 @@ import pytest
 # Before torch loads libgomp: threads that sleep after a region, as pccfast's CLI and the
 # Makefile run (README, "Threads on a shared machine"); a value in the environment is kept.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
 import torch  # noqa: E402
 
