@@ -45,9 +45,11 @@ OLDER = {"allocation": "adaptive", "val_acc": "", "kept": ""}
 STAGES = ("pretrained", "pruned", "pruned_bn", "finetuned")
 FEATURE_COLUMNS = ("arm", "seed", "layer", "channels", "pixels", "pcc_channel", "pcc_pixel",
                    "ci_share", "ci_mean", "nuclear_mean", "images", "arm_hash")
-# Pre-training with the PCC regulariser costs this many plain steps (measured in the CPU
-# studies of 2026-12: 600-700 images/s with PCC against 1,250-1,370 without, 1.7-2.3x)
-PCC_STEP_COST = 2.0
+# Pre-training with the PCC regulariser costs this many plain steps: measured on 2 cores
+# (RESULTS.md, "How it runs on 2 cores"), one-thread processes of VGG-16-CIFAR width 0.25 at 571
+# images/s with PCC against 759 without (1.33x); one two-thread process with the kernels before
+# -fopenmp was 3.4x, and the 2026-12 studies saw 1.7-2.3x
+PCC_STEP_COST = 1.4
 
 
 @dataclass(frozen=True)
