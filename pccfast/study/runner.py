@@ -46,10 +46,10 @@ STAGES = ("pretrained", "pruned", "pruned_bn", "finetuned")
 FEATURE_COLUMNS = ("arm", "seed", "layer", "channels", "pixels", "pcc_channel", "pcc_pixel",
                    "ci_share", "ci_mean", "nuclear_mean", "images", "arm_hash")
 # Pre-training with the PCC regulariser costs this many plain steps: measured on 2 cores
-# (RESULTS.md, "How it runs on 2 cores"), one-thread processes of VGG-16-CIFAR width 0.25 at 571
-# images/s with PCC against 759 without (1.33x); one two-thread process with the kernels before
-# -fopenmp was 3.4x, and the 2026-12 studies saw 1.7-2.3x
-PCC_STEP_COST = 1.4
+# (RESULTS.md, "How it runs on 2 cores"), VGG-16-CIFAR width 0.25 at 623 images/s with PCC
+# against 783 without in one-thread processes (1.26x), 501 against 652 in one two-thread process
+# (1.30x); the kernels before -fopenmp gave 1.33x and 3.4x, and the 2026-12 studies 1.7-2.3x
+PCC_STEP_COST = 1.3
 
 
 @dataclass(frozen=True)
