@@ -32,6 +32,7 @@ import io
 import json
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -385,30 +386,25 @@ class Study:
             self._report(rows, features)
         return self.csv_path
 
+    @contextmanager
     def _joined(self):
         """Membership of the folder's study for the whole run: the first process writes
         study.json; others join if their settings are the same and are refused if not."""
-        from contextlib import contextmanager
-
-        @contextmanager
-        def joined():
-            member = _FileLock(self.out / ".study.lock")
-            try:
-                with self._record_lock():
-                    settings = json.dumps(self.config.to_dict(), indent=1, sort_keys=True) + "\n"
-                    path = self.out / "study.json"
-                    if member.acquire(exclusive=True, blocking=False):  # no one else runs
-                        atomic_write_text(path, settings)
-                    elif not path.is_file() or path.read_text() != settings:
-                        raise StudyError(
-                            f"another pccfast study with other settings is running in "
-                            f"{self.out}: wait for it to finish, or study into another --out")
-                    member.acquire(exclusive=False)  # shared while running
-                yield
-            finally:
-                member.release()
-
-        return joined()
+        member = _FileLock(self.out / ".study.lock")
+        try:
+            with self._record_lock():
+                settings = json.dumps(self.config.to_dict(), indent=1, sort_keys=True) + "\n"
+                path = self.out / "study.json"
+                if member.acquire(exclusive=True, blocking=False):  # no one else runs
+                    atomic_write_text(path, settings)
+                elif not path.is_file() or path.read_text() != settings:
+                    raise StudyError(
+                        f"another pccfast study with other settings is running in "
+                        f"{self.out}: wait for it to finish, or study into another --out")
+                member.acquire(exclusive=False)  # shared while running
+            yield
+        finally:
+            member.release()
 
     def _record_lock(self) -> _FileLock:
         return _FileLock(self.out / ".record.lock")
