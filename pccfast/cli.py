@@ -311,7 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run only these arms' pairs now (e.g. the baseline while another "
                             "arm is still being chosen); the report covers every arm")
     study.add_argument("--dry-run", action="store_true",
-                       help="print the cells, what is done and the work left, and exit")
+                       help="print the cells, what is done, the work left (pre-training "
+                            "epochs done, the process running each pair), and exit")
     study.add_argument("--report", action="store_true",
                        help="rewrite study.md and the plots from study.csv and exit (e.g. while "
                             "the study runs in another process)")

@@ -222,6 +222,45 @@ def test_a_pair_another_process_runs_is_left_to_it(tmp_path):
     assert [r for r in rows if r["arm"] == "no_pcc"] == first  # not redone
 
 
+def test_dry_run_says_how_far_a_running_pair_is(tmp_path):
+    """--dry-run names the pre-training epochs a pair's checkpoint holds (under its own
+    settings only), counts only the epochs left, and names the process running the pair."""
+    import json
+    import os
+
+    from pccfast.study import cells
+    from pccfast.study.runner import _FileLock, _pretrain_units
+
+    config = study_config(DESIGN, pretrain={"epochs": 4}, study={
+        "seeds": [0, 1], "criteria": ["l1"], "targets": [0.5], "finetune_targets": [],
+        "allocation": ["fixed"]})
+    study = Study(config, tmp_path, progress=False, echo=None)
+    arm = next(a for a in config.arms if a.name == "pcc")
+    fresh = study._units(arm, 1)
+    work = study.work_dir(arm, 0)
+    (work / "checkpoints").mkdir(parents=True)
+    (work / "checkpoints" / "pretrain.pt").write_bytes(b"a checkpoint")
+    (work / "settings.json").write_text(json.dumps(
+        {"settings": cells.pretrain_settings(config.arm_config(arm, 0))}))
+    epochs = [{"stage": "pretrain", "epoch": e, "epochs": 4} for e in (1, 2, 3, 3)]
+    (work / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in epochs) + '{"sta')
+    lock = _FileLock(tmp_path / "work" / ".pcc-seed0.lock")
+    assert lock.acquire(blocking=False)
+    try:
+        lines = study.describe().splitlines()
+    finally:
+        lock.release()
+    (ours,) = [line for line in lines if line.split()[:3] == ["pcc", "seed", "0:"]]
+    assert "pre-training 3/4 epochs" in ours and f"running in pid {os.getpid()}" in ours
+    assert not any("pre-training" in line or "running" in line
+                   for line in lines if line is not ours)
+    pretrain = fresh - study._units(arm, 0)
+    assert pretrain == pytest.approx(3 / 4 * _pretrain_units(arm.config))
+    # the same files under other settings: nothing of them counts
+    (work / "settings.json").write_text(json.dumps({"settings": {"pretrain.epochs": 5}}))
+    assert "pre-training" not in study.describe() and study._units(arm, 0) == fresh
+
+
 def test_rows_other_processes_write_meanwhile_are_kept_and_not_redone(tmp_path, monkeypatch):
     """Two processes share a folder: what one writes while the other runs stays in the record,
     and a pair it finished is not run again."""

@@ -108,6 +108,30 @@ def pretrained_model(work: Path, cfg: RunConfig, data, env, progress: bool) -> P
     return Pretrained(model, result.test_acc, val, seconds, True)
 
 
+def pretrain_progress(work: Path, cfg: RunConfig) -> int | None:
+    """Pre-training epochs done in ``work`` under ``cfg``'s settings (``cfg.pretrain.epochs``
+    once the model is saved), or None when nothing there is reusable (for --dry-run)."""
+    if not _same(_read_json(work / "settings.json"), pretrain_settings(cfg)):
+        return None
+    if (work / "pretrained.pt").is_file() and (work / "pretrain.json").is_file():
+        return cfg.pretrain.epochs
+    if not (work / "checkpoints" / "pretrain.pt").is_file():
+        return 0
+    epochs = set()
+    try:
+        with open(work / "metrics.jsonl") as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue  # a line cut short by a crash
+                if isinstance(record, dict) and record.get("stage") == "pretrain":
+                    epochs.add(record.get("epoch"))
+    except OSError:
+        return 0
+    return min(len(epochs), cfg.pretrain.epochs)
+
+
 def features(work: Path, model, cfg: RunConfig, data, env, images: int) -> list[dict]:
     """The feature record (:mod:`.features`) of the pre-trained model on ``images`` held images
     (the validation split when there is one, else training images other than the scores'),

@@ -182,6 +182,24 @@ def _fmt(value) -> str:
     return "" if value is None else (f"{value:.6f}" if isinstance(value, float) else str(value))
 
 
+def _flock_holder(path: Path) -> int | None:
+    """The pid holding a ``flock`` on ``path`` (from /proc/locks), or None: unlocked, or no
+    /proc/locks to read (then --dry-run just does not say who runs a pair)."""
+    try:
+        st = path.stat()
+        with open("/proc/locks") as f:
+            table = f.read().splitlines()
+    except OSError:
+        return None
+    device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    for line in table:
+        fields = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 1656 00:1a:123456 0 EOF" (blocked waiters read "1: -> ...")
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == device:
+            return int(fields[4]) if fields[4].lstrip("-").isdigit() else None
+    return None
+
+
 class _FileLock:
     """``flock`` on one file (the OS releases it if the process dies)."""
 
@@ -313,9 +331,16 @@ class Study:
         for arm, seed in self.pairs():
             keys = self.keys(arm, seed)
             have = sum(k in done for k in keys)
-            lines.append(f"  {arm.name:<16} seed {seed}: {have}/{len(keys)} rows done, "
-                         f"about {self._units(arm, seed, done) / 1e6:.2f}M training-image "
-                         "equivalents left")
+            line = f"  {arm.name:<16} seed {seed}: {have}/{len(keys)} rows done, "
+            epochs = self._pretrain_progress(arm, seed)
+            if have < len(keys) and 0 < epochs < arm.config.pretrain.epochs:
+                line += f"pre-training {epochs}/{arm.config.pretrain.epochs} epochs, "
+            line += f"about {self._units(arm, seed, done) / 1e6:.2f}M training-image " \
+                    "equivalents left"
+            pid = _flock_holder(self.out / "work" / f".{arm.name}-seed{seed}.lock")
+            if pid is not None and have < len(keys):
+                line += f", running in pid {pid}"
+            lines.append(line)
         return "\n".join(lines)
 
     # ------------------------------------------------------------------ checks
@@ -464,12 +489,12 @@ class Study:
 
     def _units(self, arm: Arm, seed: int, done: set | None = None) -> float:
         """Rough work left of one arm x seed in training-image equivalents (for the ETA):
-        pre-training unless its model is in the work folder, and the cells not in ``done``."""
+        the pre-training epochs its work folder does not hold yet, and the cells not in ``done``."""
         cfg = arm.config
         done = done or set()
-        total = 0.0
-        if not (self.work_dir(arm, seed) / "pretrained.pt").is_file():
-            total += _pretrain_units(cfg)
+        if set(self.keys(arm, seed)) <= done:
+            return 0.0
+        total = self._pretrain_left(arm, seed)
         for allocation in self.config.allocations:
             for criterion in self.config.criteria:
                 for target in self.config.targets:
@@ -481,6 +506,18 @@ class Study:
                                     "finetuned") not in done):
                         total += _finetune_units(cfg, target)
         return total
+
+    def _pretrain_progress(self, arm: Arm, seed: int) -> int:
+        """Pre-training epochs of this arm x seed already done in its work folder."""
+        from . import cells
+
+        return cells.pretrain_progress(self.work_dir(arm, seed),
+                                       self.config.arm_config(arm, seed)) or 0
+
+    def _pretrain_left(self, arm: Arm, seed: int) -> float:
+        epochs = arm.config.pretrain.epochs
+        done = self._pretrain_progress(arm, seed)
+        return _pretrain_units(arm.config) * (epochs - done) / epochs
 
     def _data_for(self, cfg):
         from ..pipeline import steps
@@ -508,6 +545,7 @@ class Study:
         work = self.work_dir(arm, seed)
         data = self._data_for(cfg)
         env = self._env(cfg)
+        pretrain_left = self._pretrain_left(arm, seed)
         pretrained = cells.pretrained_model(work, cfg, data, env, self.progress)
         if pretrained.retrained:
             # every row of one arm x seed must come from one pre-trained model
@@ -519,7 +557,7 @@ class Study:
                 done = {Key.of(r) for r in rows}
             features[:] = [f for f in features
                            if not (f["arm"] == arm.name and int(f["seed"]) == seed)]
-            bar.update(_pretrain_units(cfg))
+            bar.update(pretrain_left)
 
         def add(key: Key, acc, val=None, flops=None, params=None, kept="", seconds=None,
                 note=""):
