@@ -10,8 +10,9 @@
     pccfast info
 
 Settings come from defaults < DIR/config.json (stage commands, and run --resume) < --config
-FILE < flags < --set SECTION.KEY=VALUE. Under torchrun every command runs data-parallel. Errors in the input print one line and exit
-with status 2 (PCCFAST_DEBUG=1 shows the traceback instead).
+FILE < flags < --set SECTION.KEY=VALUE. Under torchrun every command runs data-parallel. Errors
+in the input print one line and exit with status 2 (PCCFAST_DEBUG=1 shows the traceback
+instead).
 """
 
 from __future__ import annotations
@@ -43,41 +44,82 @@ def _criteria_help() -> str:
 
 # (flag, config paths it sets, argparse keywords)
 FLAGS = [
-    ("--data", ["data.spec"], dict(metavar="SPEC", help="dataset: digits, cifar10:DIR, npz:FILE or imagefolder:DIR")),
-    ("--train-limit", ["data.train_limit"], dict(type=int, metavar="N", help="train on a seeded random subset of N images")),
-    ("--test-limit", ["data.test_limit"], dict(type=int, metavar="N", help="test on a seeded random subset of N images")),
-    ("--download", ["data.download"], dict(action="store_const", const=True, help="download CIFAR-10 into the cifar10:DIR folder if it lacks it")),
-    ("--augment", ["data.augment"], dict(choices=("auto", "none", "crop", "crop+flip"), help="training augmentation (auto: the dataset's usual)")),
-    ("--workers", ["data.workers"], dict(type=int, metavar="N", help="data-loading worker processes (imagefolder)")),
-    ("--model", ["model.name"], dict(metavar="NAME", help="vgg16_cifar, resnet56_cifar, resnet50, or package.module:factory")),
-    ("--width", ["model.width"], dict(type=float, metavar="W", help="channel-width multiplier of the model")),
+    ("--data", ["data.spec"],
+     dict(metavar="SPEC", help="dataset: digits, cifar10:DIR, npz:FILE or imagefolder:DIR")),
+    ("--train-limit", ["data.train_limit"],
+     dict(type=int, metavar="N", help="train on a seeded random subset of N images")),
+    ("--test-limit", ["data.test_limit"],
+     dict(type=int, metavar="N", help="test on a seeded random subset of N images")),
+    ("--download", ["data.download"],
+     dict(action="store_const", const=True,
+          help="download CIFAR-10 into the cifar10:DIR folder if it lacks it")),
+    ("--augment", ["data.augment"],
+     dict(choices=("auto", "none", "crop", "crop+flip"),
+          help="training augmentation (auto: the dataset's usual)")),
+    ("--workers", ["data.workers"],
+     dict(type=int, metavar="N", help="data-loading worker processes (imagefolder)")),
+    ("--model", ["model.name"],
+     dict(metavar="NAME", help="vgg16_cifar, resnet56_cifar, resnet50, or package.module:factory")),
+    ("--width", ["model.width"],
+     dict(type=float, metavar="W", help="channel-width multiplier of the model")),
     ("--epochs", ["pretrain.epochs"], dict(type=int, metavar="N", help="pre-training epochs")),
-    ("--batch-size", ["pretrain.batch_size", "finetune.batch_size"], dict(type=int, metavar="N", help="global batch size of pre-training and fine-tuning")),
-    ("--lr", ["pretrain.lr"], dict(type=float, metavar="LR", help="pre-training learning rate (peak, before any batch scaling)")),
-    ("--warmup-epochs", ["pretrain.warmup_epochs"], dict(type=float, metavar="E", help="pre-training linear warm-up epochs")),
-    ("--label-smoothing", ["pretrain.label_smoothing", "finetune.label_smoothing"], dict(type=float, metavar="EPS", help="label smoothing of the cross-entropy")),
-    ("--amp", ["pretrain.amp", "finetune.amp"], dict(choices=("none", "bf16", "fp16"), help="autocast precision")),
-    ("--channels-last", ["pretrain.channels_last", "finetune.channels_last"], dict(action="store_const", const=True, help="channels_last memory format")),
-    ("--compile", ["pretrain.compile", "finetune.compile"], dict(action="store_const", const=True, help="torch.compile the model for training")),
-    ("--pcc-weight", ["pcc.weight"], dict(type=float, metavar="W", help="weight of the PCC term in pre-training (0: none)")),
-    ("--pcc-mode", ["pcc.mode"], dict(choices=tuple(MODES), help="promote (reward correlation, default) or suppress")),
-    ("--no-pcc", ["pcc.weight"], dict(action="store_const", const=0.0, help="pre-train without the PCC term")),
-    ("--calib-images", ["ci.images"], dict(type=int, metavar="N", help="calibration images for CI (640 unless the config says otherwise)")),
+    ("--batch-size", ["pretrain.batch_size", "finetune.batch_size"],
+     dict(type=int, metavar="N", help="global batch size of pre-training and fine-tuning")),
+    ("--lr", ["pretrain.lr"],
+     dict(type=float, metavar="LR",
+          help="pre-training learning rate (peak, before any batch scaling)")),
+    ("--warmup-epochs", ["pretrain.warmup_epochs"],
+     dict(type=float, metavar="E", help="pre-training linear warm-up epochs")),
+    ("--label-smoothing", ["pretrain.label_smoothing", "finetune.label_smoothing"],
+     dict(type=float, metavar="EPS", help="label smoothing of the cross-entropy")),
+    ("--amp", ["pretrain.amp", "finetune.amp"],
+     dict(choices=("none", "bf16", "fp16"), help="autocast precision")),
+    ("--channels-last", ["pretrain.channels_last", "finetune.channels_last"],
+     dict(action="store_const", const=True, help="channels_last memory format")),
+    ("--compile", ["pretrain.compile", "finetune.compile"],
+     dict(action="store_const", const=True, help="torch.compile the model for training")),
+    ("--pcc-weight", ["pcc.weight"],
+     dict(type=float, metavar="W", help="weight of the PCC term in pre-training (0: none)")),
+    ("--pcc-mode", ["pcc.mode"],
+     dict(choices=tuple(MODES), help="promote (reward correlation, default) or suppress")),
+    ("--no-pcc", ["pcc.weight"],
+     dict(action="store_const", const=0.0, help="pre-train without the PCC term")),
+    ("--calib-images", ["ci.images"],
+     dict(type=int, metavar="N",
+          help="calibration images for CI (640 unless the config says otherwise)")),
     ("--criterion", ["ci.criterion"], dict(type=_criterion, metavar="NAME")),  # help: the registry
-    ("--bn-images", ["prune.bn_images"], dict(type=int, metavar="N", help="also report the pruned accuracy with BatchNorm statistics re-estimated on N training images (pruned_bn_acc; 0: off; the saved model is unchanged)")),
-    ("--round-to", ["prune.round_to"], dict(type=int, metavar="N", help="every pruned layer keeps a multiple of N channels (at least N), counts fast kernels prefer")),
-    ("--no-speed", ["prune.speed"], dict(action="store_const", const=False, help="skip measuring the pruned model's CPU speed-up (summary.json, report.md)")),
-    ("--finetune-epochs", ["finetune.epochs"], dict(type=int, metavar="N", help="fine-tuning epochs")),
-    ("--finetune-lr", ["finetune.lr"], dict(type=float, metavar="LR", help="fine-tuning learning rate")),
-    ("--baseline", ["run.baseline"], dict(action="store_const", const=True, help="also pre-train without PCC (baseline_acc)")),
-    ("--device", ["run.device"], dict(metavar="DEV", help="auto (GPU when present), cpu, cuda, cuda:1, ...")),
-    ("--seed", ["run.seed", "pretrain.seed", "finetune.seed"], dict(type=int, metavar="N", help="seed of weights, subsets and batch order")),
+    ("--bn-images", ["prune.bn_images"],
+     dict(type=int, metavar="N",
+          help="also report the pruned accuracy with BatchNorm statistics re-estimated on N "
+               "training images (pruned_bn_acc; 0: off; the saved model is unchanged)")),
+    ("--round-to", ["prune.round_to"],
+     dict(type=int, metavar="N",
+          help="every pruned layer keeps a multiple of N channels (at least N), counts fast "
+               "kernels prefer")),
+    ("--no-speed", ["prune.speed"],
+     dict(action="store_const", const=False,
+          help="skip measuring the pruned model's CPU speed-up (summary.json, report.md)")),
+    ("--finetune-epochs", ["finetune.epochs"],
+     dict(type=int, metavar="N", help="fine-tuning epochs")),
+    ("--finetune-lr", ["finetune.lr"],
+     dict(type=float, metavar="LR", help="fine-tuning learning rate")),
+    ("--baseline", ["run.baseline"],
+     dict(action="store_const", const=True, help="also pre-train without PCC (baseline_acc)")),
+    ("--device", ["run.device"],
+     dict(metavar="DEV", help="auto (GPU when present), cpu, cuda, cuda:1, ...")),
+    ("--seed", ["run.seed", "pretrain.seed", "finetune.seed"],
+     dict(type=int, metavar="N", help="seed of weights, subsets and batch order")),
 ]
 PRUNE_FLAGS = [
-    ("--rates", ["prune.rates"], dict(metavar="LIST", help="CHIP-style per-layer rates, e.g. '[0.21]*7+[0.75]*5'")),
-    ("--tau", ["prune.tau"], dict(type=float, metavar="T", help="adaptive threshold: keep channels holding this share of each layer's CI")),
-    ("--target-flops", ["prune.target_flops"], dict(type=float, metavar="F", help="remove this fraction of the FLOPs")),
-    ("--target-params", ["prune.target_params"], dict(type=float, metavar="F", help="remove this fraction of the params")),
+    ("--rates", ["prune.rates"],
+     dict(metavar="LIST", help="CHIP-style per-layer rates, e.g. '[0.21]*7+[0.75]*5'")),
+    ("--tau", ["prune.tau"],
+     dict(type=float, metavar="T",
+          help="adaptive threshold: keep channels holding this share of each layer's CI")),
+    ("--target-flops", ["prune.target_flops"],
+     dict(type=float, metavar="F", help="remove this fraction of the FLOPs")),
+    ("--target-params", ["prune.target_params"],
+     dict(type=float, metavar="F", help="remove this fraction of the params")),
 ]
 
 
@@ -260,7 +302,8 @@ STAGES = {
     "demo": "the whole method on the bundled digits in a few CPU minutes (default --out runs/demo)",
     "run": "every stage: pretrain (PCC) -> scores (by --criterion) -> prune -> finetune -> report",
     "train": "pre-train with the PCC regulariser (and the baseline with --baseline)",
-    "scores": "score every scored layer's channels by --criterion (channel independence by default)",
+    "scores": ("score every scored layer's channels by --criterion (channel independence by "
+               "default)"),
     "prune": "plan from the scores (--rates/--tau/--target-*) and remove the channels",
     "finetune": "fine-tune the pruned model",
     "eval": "test accuracy, params and FLOPs of the latest model (or --model-file)",
@@ -273,7 +316,8 @@ ALIASES = {"scores": ["ci"]}  # the scores stage's name before it scored by any 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pccfast",
-        description="PCC pre-training and channel-independence pruning of CNNs, with fused kernels.",
+        description=("PCC pre-training and channel-independence pruning of CNNs, with fused "
+                     "kernels."),
         epilog="Settings: defaults < DIR/config.json (stage commands and run --resume) < "
                "--config FILE < flags < --set. Data-parallel under torchrun (NCCL on GPUs, "
                "gloo on CPUs).",
