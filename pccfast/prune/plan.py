@@ -85,7 +85,8 @@ def _shown(text: str) -> str:
 def _rate_pieces(text: str) -> list[tuple[list[float], int]]:
     """``"[0.21]*7+[0.75]*5"`` -> ``[([0.21], 7), ([0.75], 5)]`` (the grammar of parse_rates)."""
     if not isinstance(text, str):
-        raise TypeError(f"rates must be a string such as '[0.21]*7+[0.75]*5', got {type(text).__name__}")
+        raise TypeError(f"rates must be a string such as '[0.21]*7+[0.75]*5', "
+                        f"got {type(text).__name__}")
     tokens: list[tuple[str, str, int]] = []
     pos = 0
     stripped = text.rstrip()
@@ -152,7 +153,8 @@ def rate_layout(graph) -> list[RateSlot]:
     if not streams or not graph.blocks:
         return [RateSlot(g.name, (g.name,)) for g in graph.prunable]
     slots: list[RateSlot] = []
-    first_block = next((i for i, g in enumerate(groups) if g.block or g.kind == "stream"), len(groups))
+    first_block = next((i for i, g in enumerate(groups) if g.block or g.kind == "stream"),
+                       len(groups))
     stem = [g for g in groups[:first_block] if g.kind == "conv" and g.prunable]
     stream_slots = []
     for g in streams:
@@ -166,13 +168,15 @@ def rate_layout(graph) -> list[RateSlot]:
     else:  # the stem conv writes the first stage's stream (CIFAR ResNets)
         stem_conv = next((g for g in groups if g.convs), None)
         host = stem_conv.name if stem_conv is not None else "?"
-        same = 1 if stream_slots and stream_slots[0].label == host and stream_slots[0].groups else -1
+        same = (1 if stream_slots and stream_slots[0].label == host and stream_slots[0].groups
+                else -1)
         how = "set by the next entry" if same >= 0 else "which is kept whole"
         slots.append(RateSlot(f"stem (in {host})", (), f"the stem's output is the residual stream "
                               f"{host}, {how}", same))
     slots += stream_slots
     for block in graph.blocks:
-        inner = tuple(g.name for g in groups if g.block == block and g.kind == "conv" and g.prunable)
+        inner = tuple(g.name for g in groups
+                      if g.block == block and g.kind == "conv" and g.prunable)
         if inner:
             slots.append(RateSlot(block, inner))
     covered = {n for s in slots for n in s.groups}
@@ -196,7 +200,8 @@ def _check_rates(rates, slots: list[RateSlot], model_name: str) -> list[float]:
                         f"one float, got {type(rates).__name__}")
     if count != len(slots):
         labels = [s.label for s in slots]
-        shown = ", ".join(labels) if len(labels) <= 8 else ", ".join(labels[:4] + ["..."] + labels[-2:])
+        shown = (", ".join(labels) if len(labels) <= 8
+                 else ", ".join(labels[:4] + ["..."] + labels[-2:]))
         raise ValueError(f"rates has {_entries(count)} but {model_name} expects {len(slots)} "
                          f"(one per prunable layer, CHIP's order: {shown})")
     out = []
@@ -207,8 +212,10 @@ def _check_rates(rates, slots: list[RateSlot], model_name: str) -> list[float]:
             raise ValueError(f"rates[{i}] ({slots[i].label}) must be in [0, 1), got {v}")
         out.append(float(v))
     for i, slot in enumerate(slots):
-        if slot.zero_reason and out[i] != 0.0 and not (slot.same_as >= 0 and out[i] == out[slot.same_as]):
-            raise ValueError(f"rates[{i}] ({slot.label}) must be 0: {slot.zero_reason}, got {out[i]}")
+        if (slot.zero_reason and out[i] != 0.0
+                and not (slot.same_as >= 0 and out[i] == out[slot.same_as])):
+            raise ValueError(f"rates[{i}] ({slot.label}) must be 0: {slot.zero_reason}, "
+                             f"got {out[i]}")
     return out
 
 
@@ -291,15 +298,18 @@ def check_scores(graph, scores, needed: list[str]) -> dict[str, torch.Tensor]:
     unknown = [k for k in scores if k not in names]
     if unknown:
         raise ValueError(f"scores names layers that {type(graph.model).__name__} lacks: "
-                         f"{unknown[:5]}; its prunable layers are {[g.name for g in graph.prunable][:5]}...")
+                         f"{unknown[:5]}; its prunable layers are "
+                         f"{[g.name for g in graph.prunable][:5]}...")
     out = {}
     for name in needed:
         if name not in scores:
-            raise ValueError(f"scores lack layer {name!r} (collect CI with CICollector on this model)")
+            raise ValueError(f"scores lack layer {name!r} (collect CI with CICollector on this "
+                             "model)")
         value = torch.as_tensor(scores[name]).detach().to("cpu", torch.float64).flatten()
         width = graph.group(name).width
         if value.numel() != width:
-            raise ValueError(f"scores[{name!r}] has {value.numel()} values, layer has {width} channels")
+            raise ValueError(f"scores[{name!r}] has {value.numel()} values, layer has {width} "
+                             "channels")
         _check_rankable(name, value)
         out[name] = value
     if out and not any(bool(v.any()) for v in out.values()):
@@ -386,7 +396,8 @@ def keep_for_budget(graph, scores, metric: str, target: float, rates=None, round
             keep = {}
             for slot, rate in zip(slots, base):
                 for name in slot.groups:
-                    keep[name] = keep_from_rate(graph.group(name).width, min(rate * scale, 1 - 1e-9))
+                    keep[name] = keep_from_rate(graph.group(name).width,
+                                                min(rate * scale, 1 - 1e-9))
             keep = rounded(graph, keep, round_to)
             return _removed(graph, keep, before, metric), keep
 
@@ -434,7 +445,8 @@ def _refine_by_channels(graph, keep: dict[str, int], cumulative: dict | None, me
     the tolerance, then the channel a tau plan would drop first (highest critical tau, see
     :func:`_critical_tau`) or add first (lowest), ties to the earlier layer. When every single
     move overshoots by more than it gains, the pair of one move each way that lands nearest is
-    taken. ``cumulative`` None: no scores (a rate profile's counts), layer order only. Deterministic: the result depends on the scores and the graph only.
+    taken. ``cumulative`` None: no scores (a rate profile's counts), layer order only.
+    Deterministic: the result depends on the scores and the graph only.
     -> (removed, keep, channels moved).
     """
     names = [g.name for g in graph.prunable]
@@ -483,7 +495,8 @@ def keep_from_tau_cumulative(cumulative: torch.Tensor, tau: float) -> int:
     total = float(cumulative[-1])
     if total <= 0.0:
         return 1
-    k = int(torch.searchsorted(cumulative, torch.tensor([tau * total], dtype=cumulative.dtype))[0]) + 1
+    k = int(torch.searchsorted(cumulative,
+                               torch.tensor([tau * total], dtype=cumulative.dtype))[0]) + 1
     return max(1, min(cumulative.numel(), k))
 
 
@@ -608,11 +621,13 @@ def make_plan(graph, scores, *, rates=None, tau=None, target_flops=None, target_
     a multiple of this many channels.
     """
     round_to = check_round_to(round_to)
-    targets = {k: v for k, v in (("flops", target_flops), ("params", target_params)) if v is not None}
+    targets = {k: v for k, v in (("flops", target_flops), ("params", target_params))
+               if v is not None}
     if len(targets) > 1:
         raise ValueError("give one of target_flops and target_params, not both")
     if tau is not None and (rates is not None or targets):
-        raise ValueError("tau sets the keep counts by itself; do not combine it with rates or a target")
+        raise ValueError("tau sets the keep counts by itself; do not combine it with rates or a "
+                         "target")
     if rates is None and tau is None and not targets:
         raise ValueError("say how much to prune: rates='[0.21]*7+[0.75]*5', tau=0.6, "
                          "target_flops=0.846 or target_params=0.9275")
