@@ -27,7 +27,8 @@ def parse_spec(spec: str) -> tuple[str, str | None]:
         raise ValueError(f"data must be a spec such as 'digits' or 'npz:FILE', got {spec!r}")
     kind, sep, path = spec.partition(":")
     if kind not in KINDS:
-        raise ValueError(f"data kind must be one of {KINDS} (as 'kind' or 'kind:PATH'), got {spec!r}")
+        raise ValueError(f"data kind must be one of {KINDS} (as 'kind' or 'kind:PATH'), "
+                         f"got {spec!r}")
     if kind == "digits":
         if sep:
             raise ValueError(f"data 'digits' takes no path, got {spec!r}")
@@ -160,15 +161,17 @@ def load_data(spec: str, *, train_limit: int | None = None, test_limit: int | No
 
     train_limit / test_limit keep a seeded random subset of that many images (for quick runs
     on class-sorted files); val_images then holds out a seeded random subset of the remaining
-    training images as a validation split (``.val``, ``val_loader``). augment: "auto" (the dataset's usual: crop for digits, crop+flip
-    for colour images), "none", "crop" or "crop+flip"; pad: the crop padding in pixels.
+    training images as a validation split (``.val``, ``val_loader``). augment: "auto" (the
+    dataset's usual: crop for digits, crop+flip for colour images), "none", "crop" or
+    "crop+flip"; pad: the crop padding in pixels.
     Raises FileNotFoundError for missing data and DataError (a ValueError) for malformed data.
     """
     kind, path = parse_spec(spec)
     if isinstance(val_images, bool) or not isinstance(val_images, int) or val_images < 0:
         raise ValueError(f"val_images must be a non-negative integer, got {val_images!r}")
     for name, value in (("train_limit", train_limit), ("test_limit", test_limit)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value <= 0):
             raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
     if kind == "imagefolder":
         from .imagefolder import load_imagefolder
@@ -178,7 +181,8 @@ def load_data(spec: str, *, train_limit: int | None = None, test_limit: int | No
                              "(digits, cifar10, npz), not for imagefolder data (give it its own "
                              "val folder)")
         if augment not in ("auto", "crop+flip"):
-            raise ValueError("imagefolder data uses RandomResizedCrop + flip; augment must be 'auto'")
+            raise ValueError("imagefolder data uses RandomResizedCrop + flip; augment must be "
+                             "'auto'")
         train, plain, test, classes = load_imagefolder(path, crop)
         if train_limit or test_limit:
             from torch.utils.data import Subset

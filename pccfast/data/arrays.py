@@ -67,7 +67,8 @@ def check_labels(name: str, labels, count: int, num_classes: int | None = None) 
     return labels.astype(np.int64)
 
 
-def make_arrays(name: str, images: np.ndarray, labels, num_classes: int | None = None) -> ImageArrays:
+def make_arrays(name: str, images: np.ndarray, labels,
+                num_classes: int | None = None) -> ImageArrays:
     """Checked ImageArrays from uint8 NHWC/NHW/NCHW-ready images and integer labels."""
     nchw = to_nchw(f"{name} images", images)
     if nchw.shape[0] == 0:

@@ -46,7 +46,8 @@ def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return images, np.asarray(entry["labels"])
 
 
-def load_cifar10_arrays(root: str | Path, download: bool = False) -> tuple[ImageArrays, ImageArrays]:
+def load_cifar10_arrays(root: str | Path,
+                        download: bool = False) -> tuple[ImageArrays, ImageArrays]:
     root = Path(root).expanduser()
     folder = _folder(root)
     if download and not all((folder / f).is_file() for f in TRAIN_FILES + TEST_FILES):
@@ -61,6 +62,7 @@ def load_cifar10_arrays(root: str | Path, download: bool = False) -> tuple[Image
         labels = np.concatenate([np.asarray(p[1]).reshape(-1) for p in parts]) if parts else None
         for (imgs, labs), f in zip(parts, files):
             if len(imgs) != len(labs):
-                raise DataError(f"cifar10: {folder / f} holds {len(imgs)} images and {len(labs)} labels")
+                raise DataError(f"cifar10: {folder / f} holds {len(imgs)} images and "
+                                f"{len(labs)} labels")
         splits.append(make_arrays(f"cifar10 {split}", images, labels, len(CLASSES)))
     return splits[0], splits[1]

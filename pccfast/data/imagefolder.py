@@ -20,11 +20,13 @@ def _split_dirs(root: Path) -> tuple[Path, Path]:
         raise FileNotFoundError(f"imagefolder: {root} is not a directory")
     train = root / "train"
     if not train.is_dir():
-        raise FileNotFoundError(f"imagefolder: {root} has no train/ folder (expected DIR/train/<class>/...)")
+        raise FileNotFoundError(f"imagefolder: {root} has no train/ folder "
+                                "(expected DIR/train/<class>/...)")
     for name in VAL_NAMES:
         if (root / name).is_dir():
             return train, root / name
-    raise FileNotFoundError(f"imagefolder: {root} has no val/ folder (expected DIR/val/<class>/...)")
+    raise FileNotFoundError(f"imagefolder: {root} has no val/ folder "
+                            "(expected DIR/val/<class>/...)")
 
 
 def transforms_for(crop: int, train: bool, mean=IMAGENET_MEAN, std=IMAGENET_STD):

@@ -40,7 +40,8 @@ class ArrayLoader:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         if batch_size % world_size:
             raise ValueError(
-                f"batch_size ({batch_size}) must be divisible by the number of processes ({world_size})"
+                f"batch_size ({batch_size}) must be divisible by the number of processes "
+                f"({world_size})"
             )
         if train and len(arrays) < batch_size:
             raise ValueError(
@@ -95,7 +96,8 @@ class ArrayLoader:
         if not self.train:
             start, count = self._shard()
             for i in range(0, count, self.local_batch):
-                idx = torch.arange(start + i, start + min(i + self.local_batch, count), device=self.device)
+                idx = torch.arange(start + i, start + min(i + self.local_batch, count),
+                                   device=self.device)
                 yield self._finish(images[idx].float()), labels[idx]
             return
         g = torch.Generator().manual_seed(self.seed * _EPOCH_STRIDE + self.epoch)
@@ -103,7 +105,8 @@ class ArrayLoader:
         order = torch.randperm(n, generator=g)
         steps = n // b
         offsets = torch.randint(0, 2 * self.pad + 1, (steps * b, 2), generator=g)
-        flips = torch.rand(steps * b, generator=g) < 0.5 if self.flip else torch.zeros(steps * b, dtype=torch.bool)
+        flips = (torch.rand(steps * b, generator=g) < 0.5 if self.flip
+                 else torch.zeros(steps * b, dtype=torch.bool))
         order, offsets, flips = (t.to(self.device) for t in (order, offsets, flips))
         lo, hi = self.rank * self.local_batch, (self.rank + 1) * self.local_batch
         for s in range(steps):
@@ -135,11 +138,13 @@ class FolderLoader:
 
     def __init__(self, dataset, batch_size: int, *, train: bool, seed: int = 0, device="cpu",
                  rank: int = 0, world_size: int = 1, channels_last: bool = False, workers: int = 4):
-        from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
+        from torch.utils.data import (DataLoader, DistributedSampler, RandomSampler,
+                                      SequentialSampler)
 
         if batch_size % world_size:
             raise ValueError(
-                f"batch_size ({batch_size}) must be divisible by the number of processes ({world_size})"
+                f"batch_size ({batch_size}) must be divisible by the number of processes "
+                f"({world_size})"
             )
         self.device = torch.device(device)
         self.channels_last = channels_last

@@ -20,13 +20,16 @@ import torch
 from .arrays import DataError, check_labels, make_arrays
 
 ARRAY_KEYS = ("x_train", "y_train", "x_test", "y_test")
-JPEG_KEYS = ("train_jpeg", "train_offsets", "train_labels", "test_jpeg", "test_offsets", "test_labels")
+JPEG_KEYS = ("train_jpeg", "train_offsets", "train_labels",
+             "test_jpeg", "test_offsets", "test_labels")
 
 
-def _decode_jpegs(name: str, blob: np.ndarray, offsets: np.ndarray, indices: np.ndarray) -> np.ndarray:
+def _decode_jpegs(name: str, blob: np.ndarray, offsets: np.ndarray,
+                  indices: np.ndarray) -> np.ndarray:
     """The JPEGs at ``indices`` -> uint8 (n, H, W, 3)."""
     offsets = np.asarray(offsets, dtype=np.int64)
-    if offsets.ndim != 1 or offsets[0] != 0 or np.any(np.diff(offsets) <= 0) or offsets[-1] > blob.size:
+    if (offsets.ndim != 1 or offsets[0] != 0 or np.any(np.diff(offsets) <= 0)
+            or offsets[-1] > blob.size):
         raise DataError(
             f"npz {name}_offsets must rise from 0 to at most the {blob.size} bytes of {name}_jpeg "
             f"(got {offsets[:3].tolist()}...{offsets[-2:].tolist()}); the file may be truncated"
@@ -65,7 +68,8 @@ def _decode_with_pillow(chunks, name="", indices=None, cause=None) -> np.ndarray
                 out.append(np.asarray(im.convert("RGB")))
         except Exception as exc:
             where = f" image {indices[k]}" if indices is not None else ""
-            raise DataError(f"npz {name}_jpeg{where} is not a readable JPEG ({exc})") from (cause or exc)
+            raise DataError(f"npz {name}_jpeg{where} is not a readable JPEG ({exc})") \
+                from (cause or exc)
     shapes = {a.shape for a in out}
     if len(shapes) != 1:
         raise DataError(f"npz {name}_jpeg images differ in size: {sorted(shapes)[:3]}")
@@ -85,7 +89,8 @@ def _read(archive, key: str, path: Path) -> np.ndarray:
     try:
         return archive[key]
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
-        raise DataError(f"npz: {path} array {key!r} is unreadable, the file may be truncated ({exc})") from exc
+        raise DataError(f"npz: {path} array {key!r} is unreadable, the file may be truncated "
+                        f"({exc})") from exc
 
 
 def _class_names(archive, path: Path, train_labels: np.ndarray,
@@ -120,7 +125,8 @@ def _class_names(archive, path: Path, train_labels: np.ndarray,
     return tuple(str(c) for c in range(count))
 
 
-def load_npz_arrays(path: str | Path, limits: tuple[int | None, int | None] = (None, None), seed: int = 0):
+def load_npz_arrays(path: str | Path, limits: tuple[int | None, int | None] = (None, None),
+                    seed: int = 0):
     """-> (train, test, class names). ``limits`` caps (train, test) at seeded random subsets."""
     path = Path(path).expanduser()
     archive = _open(path)
