@@ -44,7 +44,8 @@ def format_info(info: dict | None = None) -> str:
     ]
     ext = info["extension"]
     if ext:
-        cuda = f"CUDA {ext.get('cuda_version')} arch {ext.get('cuda_arch')}" if ext.get("with_cuda") else "no CUDA kernels"
+        cuda = (f"CUDA {ext.get('cuda_version')} arch {ext.get('cuda_arch')}"
+                if ext.get("with_cuda") else "no CUDA kernels")
         lines.append(f"pccfast._C  built for torch {ext.get('torch_version')}, {cuda}")
     else:
         lines.append(f"pccfast._C  unavailable: {info['extension_missing']}")

@@ -52,10 +52,12 @@ def summary_rows(summary: dict) -> list[tuple[str, str]]:
                      f"{summary.get('speedup_cpu_q3', 0):.2f})"))
     if summary.get("params_before") and summary.get("params_after"):
         rows.append(("params before -> after",
-                     f"{summary['params_before'] / 1e6:.3f}M -> {summary['params_after'] / 1e6:.3f}M"))
+                     f"{summary['params_before'] / 1e6:.3f}M -> "
+                     f"{summary['params_after'] / 1e6:.3f}M"))
     if summary.get("flops_before") and summary.get("flops_after"):
         rows.append(("FLOPs (MACs) before -> after",
-                     f"{summary['flops_before'] / 1e6:.2f}M -> {summary['flops_after'] / 1e6:.2f}M"))
+                     f"{summary['flops_before'] / 1e6:.2f}M -> "
+                     f"{summary['flops_after'] / 1e6:.2f}M"))
     for stage in ("baseline", "pretrain", "scores", "ci", "prune", "finetune"):
         if stage in sec:
             rows.append((f"time: {stage}", _secs(sec[stage])))
@@ -159,7 +161,8 @@ def _plot_ci(scores: dict, path: Path) -> bool:
     positive = np.concatenate([v[v > 0] for v in values] or [np.ones(1)])
     floor = positive.min() if positive.size else 1e-12
     fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(names) + 2), 4))
-    ax.boxplot([np.maximum(v, floor) for v in values], showfliers=True, flierprops={"markersize": 2})
+    ax.boxplot([np.maximum(v, floor) for v in values], showfliers=True,
+               flierprops={"markersize": 2})
     ax.set_yscale("log")
     ax.set_xticks(range(1, len(names) + 1), [_short(n) for n in names], rotation=60, ha="right",
                   fontsize=7)
@@ -249,7 +252,8 @@ def write_report(out) -> Path:
     lines = [f"# pccfast run: {model.get('name', '?')}"
              + (f" (width {model['width']})" if model.get("width") is not None else "")
              + f" on {data.get('spec', '?')}", ""]
-    pre, fin, prune = config.get("pretrain", {}), config.get("finetune", {}), config.get("prune", {})
+    pre, fin, prune = (config.get("pretrain", {}), config.get("finetune", {}),
+                       config.get("prune", {}))
     crit = {k: v for k, v in prune.items() if v is not None}
     if config:
         lines += [
@@ -259,7 +263,8 @@ def write_report(out) -> Path:
             f"- {_scores_label(summary, config)}: "
             f"{summary.get('score_images', config.get('ci', {}).get('images'))} calibration images"
             f"; pruning: {', '.join(f'{k} = {v}' for k, v in crit.items()) or '–'}",
-            f"- fine-tuning: {fin.get('epochs')} epochs, batch {fin.get('batch_size')}, lr {fin.get('lr')}",
+            f"- fine-tuning: {fin.get('epochs')} epochs, batch {fin.get('batch_size')}, "
+            f"lr {fin.get('lr')}",
             "",
         ]
     if no_plots is not None:

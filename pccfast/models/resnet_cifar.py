@@ -90,7 +90,8 @@ register_layer(PadShortcut, graph=_shortcut_graph, slice=_shortcut_slice, leaf=T
 
 
 class BasicBlock(nn.Module):
-    """conv3x3-BN-ReLU-conv3x3-BN, plus the shortcut, then ReLU. x: (N, in, H, W) -> (N, out, H/s, W/s)."""
+    """conv3x3-BN-ReLU-conv3x3-BN, plus the shortcut, then ReLU.
+    x: (N, in, H, W) -> (N, out, H/s, W/s)."""
 
     def __init__(self, in_channels: int, mid_channels: int, out_channels: int, stride: int = 1):
         super().__init__()

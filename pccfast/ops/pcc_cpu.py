@@ -23,7 +23,8 @@ def _fake_forward(x, orientation, group, penalty, include_diagonal, eps):
     shape = pcc_shape(x.shape, opts)
     dtype = compute_dtype(x.dtype)
     stats = (shape.groups, shape.rows)
-    return x.new_empty((), dtype=dtype), x.new_empty(stats, dtype=dtype), x.new_empty(stats, dtype=dtype)
+    return (x.new_empty((), dtype=dtype), x.new_empty(stats, dtype=dtype),
+            x.new_empty(stats, dtype=dtype))
 
 
 def _fake_backward(grad, x, mean, rstd, orientation, group, penalty, include_diagonal, eps):

@@ -121,7 +121,8 @@ class PruneSection:
             raise ValueError(f"prune takes one of {PRUNE_KEYS}, got {', '.join(given)}")
         for k in ("tau", "target_flops", "target_params"):
             v = getattr(self, k)
-            if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1):
+            if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool)
+                                      and 0 < v < 1):
                 raise ValueError(f"prune.{k} must be a fraction in (0, 1), got {v!r}")
         if self.rates is not None:
             _check_rates_syntax(self.rates)
@@ -178,7 +179,8 @@ class RunConfig:
             for key, value in values.items():
                 if key not in current[section]:
                     raise ValueError(
-                        f"config [{section}] has no key {key!r} (known: {', '.join(current[section])})"
+                        f"config [{section}] has no key {key!r} "
+                        f"(known: {', '.join(current[section])})"
                     )
                 if section == "prune" and key in PRUNE_KEYS and value is not None:
                     for other in PRUNE_KEYS:  # one budget: setting one clears the others
@@ -206,7 +208,8 @@ def load_toml(path: str | Path) -> dict:
         try:
             import tomli as tomllib
         except ModuleNotFoundError as exc:
-            raise ImportError("reading TOML configs on Python 3.10 needs tomli (pip install tomli)") from exc
+            raise ImportError("reading TOML configs on Python 3.10 needs tomli "
+                              "(pip install tomli)") from exc
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
@@ -271,7 +274,8 @@ def _check_rates_syntax(rates) -> None:
 
 
 def parse_assignment(text: str) -> dict:
-    """``"pretrain.lr=0.05"`` -> {"pretrain": {"lr": 0.05}}; the value is read as TOML, else a string."""
+    """``"pretrain.lr=0.05"`` -> {"pretrain": {"lr": 0.05}}; the value is read as TOML, else a
+    string."""
     key, sep, raw = text.partition("=")
     section, dot, name = key.strip().partition(".")
     if not sep or not dot or not section or not name:

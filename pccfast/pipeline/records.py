@@ -2,8 +2,8 @@
 
 A stage's *settings* are the config values its outputs depend on: the data and model settings,
 run.seed, its own section(s), and those of the stages it reads from (scores reads the
-pretrained model, prune the scores, finetune the pruned model), plus the SHA-256 of model.init's file
-and a stamp of every data file (``data.file:NAME``: pccfast.data.stamps).
+pretrained model, prune the scores, finetune the pruned model), plus the SHA-256 of
+model.init's file and a stamp of every data file (``data.file:NAME``: pccfast.data.stamps).
 Each finished stage records them, and their hash (the *fingerprint*), in DIR/stages.json; its
 training checkpoint carries them too. Settings that change speed, not results, are left out.
 

@@ -52,7 +52,8 @@ def build_model(cfg, num_classes: int, in_channels: int) -> torch.nn.Module:
     try:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
-        raise ValueError(f"model {name!r}: cannot import {attr} from {module_name} ({exc})") from exc
+        raise ValueError(f"model {name!r}: cannot import {attr} from {module_name} "
+                         f"({exc})") from exc
     if in_channels == 3:
         model = factory(**kwargs)
     else:

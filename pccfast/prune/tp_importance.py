@@ -95,7 +95,8 @@ class CIImportance:
             count.index_add_(0, roots, torch.ones(len(roots), dtype=torch.float64))
         if not bool((count > 0).any()):
             return None
-        imp = torch.where(count > 0, total / count.clamp_min(1), torch.full_like(total, float("inf")))
+        imp = torch.where(count > 0, total / count.clamp_min(1),
+                          torch.full_like(total, float("inf")))
         if self.normalize:
             scored = imp[count > 0]
             mean = scored.mean()

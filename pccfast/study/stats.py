@@ -66,7 +66,8 @@ def scipy_missing() -> str | None:
     """Why the report has no intervals (scipy missing), else None."""
     import importlib.util
 
-    return None if importlib.util.find_spec("scipy") else "scipy is not installed (pip install scipy)"
+    return (None if importlib.util.find_spec("scipy")
+            else "scipy is not installed (pip install scipy)")
 
 
 def reading(stat: Paired, what: str) -> str:

@@ -109,7 +109,8 @@ def _progress(total: int, desc: str, enabled: bool):
 def fit(model: nn.Module, data, cfg: TrainConfig, *, env: DistEnv | None = None,
         pcc: PCCConfig | None = None, stage: str = "train", checkpoint=None, resume: bool = False,
         log=None, progress: bool = True, workers: int = 0, origin: dict | None = None) -> FitResult:
-    """Trains ``model`` in place for ``cfg.epochs`` epochs on ``data`` (an ArraySplits/FolderSplits).
+    """Trains ``model`` in place for ``cfg.epochs`` epochs on ``data`` (an
+    ArraySplits/FolderSplits).
 
     checkpoint: path of the stage's checkpoint, rewritten atomically after every epoch (rank 0).
     resume: continue from that checkpoint when it exists (model, optimiser, scaler, epoch,

@@ -8,7 +8,8 @@ from __future__ import annotations
 import math
 
 
-def lr_at(step: int, total_steps: int, base_lr: float, warmup_steps: int = 0, min_lr: float = 0.0) -> float:
+def lr_at(step: int, total_steps: int, base_lr: float, warmup_steps: int = 0,
+          min_lr: float = 0.0) -> float:
     """The learning rate of optimiser step ``step`` (0-based) out of ``total_steps``."""
     if warmup_steps > 0 and step < warmup_steps:
         return base_lr * (step + 1) / warmup_steps
