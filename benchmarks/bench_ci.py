@@ -52,7 +52,8 @@ def test_ci_fast(benchmark, record, i):
 def test_ci_bruteforce(benchmark, record, i):
     c, p = VGG16_CIFAR_SHAPES[i]
     maps = post_relu_maps(BRUTE_IMAGES, c, p, seed=i)
-    benchmark.pedantic(pccfast.channel_independence, args=(maps,), kwargs=dict(method="bruteforce"), rounds=1)
+    benchmark.pedantic(pccfast.channel_independence, args=(maps,),
+                       kwargs=dict(method="bruteforce"), rounds=1)
     row = _label(i, (c, p))
     brute_ms = benchmark.stats.stats.min / BRUTE_IMAGES * 1e3
     values = dict(brute_ms=brute_ms)

@@ -25,7 +25,8 @@ VGG16_CIFAR_CONV_OUTPUTS = [
     (512, 4), (512, 4), (512, 4), (512, 2), (512, 2), (512, 2),
 ]
 DISTINCT = sorted(set(VGG16_CIFAR_CONV_OUTPUTS), reverse=True)
-OPTIONS = {"channel/sample/abs": dict(), "pixel/sample/square": dict(orientation="pixel", penalty="square")}
+OPTIONS = {"channel/sample/abs": dict(),
+           "pixel/sample/square": dict(orientation="pixel", penalty="square")}
 SUITE = "PCC forward+backward, batch 128: cpu backend vs eager reference"
 
 
@@ -72,13 +73,16 @@ def test_pcc_forward_backward(benchmark, record, backend, shape, option):
     x = make_input(*shape)
     benchmark.pedantic(forward_backward, args=(x, backend, options), rounds=3, warmup_rounds=1)
     ms = benchmark.stats.stats.min * 1e3
-    peak = peak_extra_bytes(functools.partial(_setup, *shape), functools.partial(_work, backend, options))
+    peak = peak_extra_bytes(functools.partial(_setup, *shape),
+                            functools.partial(_work, backend, options))
     extra = max(0, peak - x.numel() * x.element_size())
     row = f"{option} C={shape[0]} {shape[1]}x{shape[1]}"
     prefix = "reference" if backend == "torch" else "cpu"
-    record(SUITE, row, **{f"{prefix}_ms": ms, f"{prefix}_saved_MB": saved_bytes(x, backend, options) / 2**20,
+    record(SUITE, row, **{f"{prefix}_ms": ms,
+                          f"{prefix}_saved_MB": saved_bytes(x, backend, options) / 2**20,
                           f"{prefix}_extra_peak_MB": extra / 2**20})
     cells = _TABLES[SUITE]["rows"][row]
     if "reference_ms" in cells and "cpu_ms" in cells:
         record(SUITE, row, speedup=cells["reference_ms"] / cells["cpu_ms"],
-               extra_memory_ratio=cells["reference_extra_peak_MB"] / max(cells["cpu_extra_peak_MB"], 0.1))
+               extra_memory_ratio=(cells["reference_extra_peak_MB"]
+                                   / max(cells["cpu_extra_peak_MB"], 0.1)))

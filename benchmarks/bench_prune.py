@@ -78,7 +78,8 @@ def main(argv=None) -> None:
 
     for name, net, size, rates in [
         ("vgg16_cifar", model, (1, 3, 32, 32), "[0.21]*7+[0.75]*5"),
-        ("resnet56_cifar", pccfast.models.resnet56_cifar(), (1, 3, 32, 32), "[0.]+[0.15]*2+[0.4]*27"),
+        ("resnet56_cifar", pccfast.models.resnet56_cifar(), (1, 3, 32, 32),
+         "[0.]+[0.15]*2+[0.4]*27"),
         ("resnet50", pccfast.models.resnet50(), (1, 3, 224, 224), "[0.]+[0.1]*3+[0.35]*16"),
     ]:
         graph = pccfast.prune.build_graph(net, size)

@@ -60,7 +60,8 @@ def machine() -> str:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads")
 
 
 def _format(suite: str, table: dict) -> str:
@@ -68,7 +69,8 @@ def _format(suite: str, table: dict) -> str:
     columns = []
     for values in rows.values():
         columns += [c for c in values if c not in columns]
-    lines = [f"### {suite}", "", "| case | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines = [f"### {suite}", "", "| case | " + " | ".join(columns) + " |",
+             "|---" * (len(columns) + 1) + "|"]
     for row, values in rows.items():
         cells = [values.get(c, "") for c in columns]
         lines.append(f"| {row} | " + " | ".join(_cell(v) for v in cells) + " |")

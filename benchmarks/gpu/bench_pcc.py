@@ -13,7 +13,8 @@ difference of the fused score from the eager one (a sanity check of the timed ke
 
 Floor model (per forward+backward; G groups of M rows with K features, x of B bytes):
     bytes = 3 B                      (read x in forward and backward, write dx)
-    flops = 4 G M^2 K                (R once, symmetric, in forward; R again and D @ Vhat in backward)
+    flops = 4 G M^2 K                (R once, symmetric, in forward; R again and D @ Vhat in
+                                      backward)
             4 G M K^2                ("square" through the K x K feature Gram, when 2K <= M)
 
 Modes:
@@ -243,7 +244,8 @@ def bench(args):
         eager = lambda t: pcc_reference(t, opts)  # noqa: E731
         s = pt._problem(pt._source(x.detach(), opts), opts)
         r_bytes = 4 * s.groups * s.rows**2
-        too_big = device.type == "cuda" and r_bytes > torch.cuda.get_device_properties(device).total_memory
+        too_big = (device.type == "cuda"
+                   and r_bytes > torch.cuda.get_device_properties(device).total_memory)
         candidates = {"fused": fused}
         if not args.skip_eager:
             candidates["eager"] = eager
@@ -261,7 +263,8 @@ def bench(args):
                 fn(x).backward()
 
             ms = run_or_reason(lambda: time_ms(step, device, reps))
-            peak = run_or_reason(lambda: peak_extra_mb(step, device)) if not isinstance(ms, str) else ms
+            peak = (run_or_reason(lambda: peak_extra_mb(step, device))
+                    if not isinstance(ms, str) else ms)
             kept = run_or_reason(lambda: saved_mb(fn, x)) if not isinstance(ms, str) else ms
             result[label] = (ms, peak, kept)
             x.grad = None
@@ -270,7 +273,8 @@ def bench(args):
         nbytes, flops = floor_work(batch, c, h, x.element_size(), orientation, penalty)
         floor = 1e3 * max(nbytes / bandwidth, flops / rate)
         a, b = scores.get("fused"), scores.get("eager")
-        diff = f"{abs(a - b) / abs(b):.1e}" if isinstance(a, float) and isinstance(b, float) and b else "-"
+        diff = (f"{abs(a - b) / abs(b):.1e}"
+                if isinstance(a, float) and isinstance(b, float) and b else "-")
 
         def cell(label, i):
             v = result.get(label, ("-",) * 3)[i]

@@ -81,7 +81,8 @@ def main(argv=None) -> int:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 
     model, opt = build(device, args.model)
-    x = torch.randn(args.batch, 3, args.size, args.size, device=device).to(memory_format=torch.channels_last)
+    x = torch.randn(args.batch, 3, args.size, args.size,
+                    device=device).to(memory_format=torch.channels_last)
     y = torch.randint(0, 10 if args.model == "vgg16_cifar" else 1000, (args.batch,), device=device)
     regs = {b: pccfast.PCCRegularizer(model, weight=args.weight, backend=b, check_finite=False)
             for b in backends}
