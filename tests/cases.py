@@ -96,7 +96,8 @@ def pcc_cases(layouts: bool = True, contents: bool = True) -> Iterator[Case]:
         if not contents:
             variants = variants[:1]
         for name, build in variants:
-            layout_names = ("contiguous", "channels_last", "strided") if layouts else ("contiguous",)
+            layout_names = (("contiguous", "channels_last", "strided") if layouts
+                            else ("contiguous",))
             for layout in layout_names:
 
                 def make(dtype, build=build, layout=layout):
@@ -175,7 +176,8 @@ CI_SHAPES = [(1, 9), (9, 1), (3, 3), (5, 12), (12, 5), (16, 64), (64, 16), (33, 
 def cifar10_copy() -> str:
     """Path of the real CIFAR-10 JPEG copy (PCCFAST_CIFAR10_NPZ, else ../shared/data beside the
     checkout). Tests that use it skip with a message when it is absent."""
-    default = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cifar10_jpeg.npz")
+    default = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
+                           "cifar10_jpeg.npz")
     return os.path.abspath(os.environ.get("PCCFAST_CIFAR10_NPZ", default))
 
 

@@ -34,7 +34,8 @@ def as_maps(rows: torch.Tensor, width: int = 1) -> torch.Tensor:
 @pytest.mark.parametrize("shape", CI_SHAPES, ids=str)
 def test_accuracy_bar_against_bruteforce(backend, kind, shape):
     c, p = shape
-    rows = ci_maps(seed=100 * CI_KINDS.index(kind) + CI_SHAPES.index(shape), n=3, c=c, p=p, kind=kind)
+    rows = ci_maps(seed=100 * CI_KINDS.index(kind) + CI_SHAPES.index(shape), n=3, c=c, p=p,
+                   kind=kind)
     got = pccfast.channel_independence(as_maps(rows), backend=backend)
     want = ci_bruteforce(rows)
     assert got.dtype == torch.float64 and got.shape == (3, c)
@@ -93,7 +94,8 @@ def test_extreme_float64_magnitudes(backend, scale):
     factors = torch.tensor([1.0, scale, 1.0], dtype=torch.float64)
     scaled = pccfast.channel_independence(as_maps(rows * factors.view(3, 1, 1)), backend=backend)
     assert torch.isfinite(scaled).all()
-    assert_within(scaled, base * factors.view(3, 1), ci_tolerance(rows, results=2) * factors.view(3, 1))
+    assert_within(scaled, base * factors.view(3, 1),
+                  ci_tolerance(rows, results=2) * factors.view(3, 1))
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -115,10 +117,12 @@ def test_single_map_and_strided_input(backend):
     # Another batch size or layout may take another BLAS kernel for the Gram matrix.
     assert_within(single, batch[2], ci_tolerance(x[2:3], results=2)[0])
     cl = x.contiguous(memory_format=torch.channels_last)
-    assert_within(pccfast.channel_independence(cl, backend=backend), batch, ci_tolerance(x, results=2))
+    assert_within(pccfast.channel_independence(cl, backend=backend), batch,
+                  ci_tolerance(x, results=2))
     strided = torch.randn(4, 8, 6, 12).relu()[..., ::2]
     want = ci_bruteforce(strided.reshape(4, 8, 36).double())
-    assert_within(pccfast.channel_independence(strided, backend=backend), want, ci_tolerance(strided))
+    assert_within(pccfast.channel_independence(strided, backend=backend), want,
+                  ci_tolerance(strided))
 
 
 @needs_ext
@@ -133,9 +137,11 @@ def test_bruteforce_method_is_the_definition():
     rows = ci_maps(seed=5, n=1, c=4, p=7)
     a = rows[0]
     want = torch.stack(
-        [nuclear_norm(a) - nuclear_norm(torch.cat([a[:c], torch.zeros_like(a[c:c + 1]), a[c + 1:]])) for c in range(4)]
+        [nuclear_norm(a) - nuclear_norm(torch.cat([a[:c], torch.zeros_like(a[c:c + 1]), a[c + 1:]]))
+         for c in range(4)]
     )
-    torch.testing.assert_close(pccfast.channel_independence(as_maps(rows), method="bruteforce")[0], want)
+    torch.testing.assert_close(
+        pccfast.channel_independence(as_maps(rows), method="bruteforce")[0], want)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -195,7 +201,8 @@ def test_real_image_feature_maps_against_bruteforce(backend):
     images = _cifar_images(6)
     stem = torch.nn.Sequential(
         torch.nn.Conv2d(3, 24, 3, padding=1), torch.nn.BatchNorm2d(24), torch.nn.ReLU(),
-        torch.nn.MaxPool2d(2), torch.nn.Conv2d(24, 48, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(4),
+        torch.nn.MaxPool2d(2), torch.nn.Conv2d(24, 48, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.MaxPool2d(4),
     )
     with torch.no_grad():
         shallow = stem[:4](images)  # (6, 24, 16, 16): C < P

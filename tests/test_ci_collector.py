@@ -54,7 +54,8 @@ def test_scores_equal_direct_ci(vgg_and_images):
     assert col.update(images[:6]) == 6 and col.update(images[6:]) == 4
     scores = col.scores()
     expected = direct_site_ci(model, CHIP_VGG_SITES + ["features.relu16"], [images[:6], images[6:]])
-    assert set(scores) == {f"features.conv{i}" for i in (0, 1, 3, 4, 6, 7, 8, 10, 11, 12, 14, 15, 16)}
+    assert set(scores) == {f"features.conv{i}"
+                           for i in (0, 1, 3, 4, 6, 7, 8, 10, 11, 12, 14, 15, 16)}
     for layer, sites in col.groups.items():
         assert scores[layer].dtype == torch.float64 and scores[layer].device.type == "cpu"
         assert_within(scores[layer], *expected[sites[0]])
@@ -138,7 +139,8 @@ def test_layers_subset_and_bad_arguments(vgg_and_images):
 def test_run_over_a_loader_and_the_scores_file(vgg_and_images, tmp_path):
     model, images = vgg_and_images
     labels = torch.zeros(len(images), dtype=torch.long)
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=3)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels),
+                                         batch_size=3)
     col = pccfast.CICollector(model, max_images=8, progress=False).run(loader)
     assert col.images == 8
     scores = col.scores()

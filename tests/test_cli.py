@@ -23,7 +23,8 @@ def digits_npz(tmp_path_factory):
     data = load_data("digits", train_limit=512, test_limit=128, seed=0)
     path = tmp_path_factory.mktemp("npz") / "digits.npz"
     np.savez(path,
-             x_train=data.train.images.permute(0, 2, 3, 1).numpy(), y_train=data.train.labels.numpy(),
+             x_train=data.train.images.permute(0, 2, 3, 1).numpy(),
+             y_train=data.train.labels.numpy(),
              x_test=data.test.images.permute(0, 2, 3, 1).numpy(), y_test=data.test.labels.numpy())
     return path
 
@@ -54,7 +55,8 @@ def test_the_issue_command_writes_the_run_folder(digits_npz, tmp_path, capsys):
     records = RunFolder(out).read_metrics()
     assert [(r["stage"], r["epoch"]) for r in records] == \
         [("pretrain", 1), ("pretrain", 2), ("pretrain", 3), ("finetune", 1), ("finetune", 2)]
-    assert all({"train_loss", "train_acc", "test_acc", "lr", "images_per_s"} <= set(r) for r in records)
+    assert all({"train_loss", "train_acc", "test_acc", "lr", "images_per_s"} <= set(r)
+               for r in records)
     plan = json.loads((out / "plan.json").read_text())
     assert len(plan["layers"]) >= 12 and all(
         len(l["kept_indices"]) == l["width_after"] <= l["width_before"] for l in plan["layers"])
@@ -277,11 +279,14 @@ def needs_32x32(num_classes, width=1.0, in_channels=3):
     (["--rates", "[0.5]*99999999999999999999999"], "has about 10^23 entries, more than"),
     (["--target-params", "0.999"], "prune.target_params=0.999 cannot be met"),
     (["--config", "RATES_AND_TAU"], "config [prune] sets rates and tau"),
-    (["--set", "finetune.batch_size=1000"], "finetune.batch_size: batch_size (1000) exceeds the 64"),
+    (["--set", "finetune.batch_size=1000"],
+     "finetune.batch_size: batch_size (1000) exceeds the 64"),
     (["--set", "pcc.backend='cuda'"], "pcc.backend: backend \"cuda\" is not implemented for pcc"),
     (["--set", "pcc.orientation='rows'"], "pcc.orientation must be one of"),
-    (["--model", "test_cli:rgb_only"], "the data has 1-channel images, and rgb_only(..., in_channels=1) failed"),
-    (["--model", "test_cli:needs_32x32"], "model test_cli:needs_32x32 cannot take the data's 1x28x28 (C x H x W) images"),
+    (["--model", "test_cli:rgb_only"],
+     "the data has 1-channel images, and rgb_only(..., in_channels=1) failed"),
+    (["--model", "test_cli:needs_32x32"],
+     "model test_cli:needs_32x32 cannot take the data's 1x28x28 (C x H x W) images"),
 ])
 def test_bad_settings_fail_before_the_first_stage(grey_npz, tmp_path, capsys, monkeypatch, flags,
                                                    message):

@@ -148,7 +148,8 @@ def test_graph_cost_equals_count_after_surgery():
                                      verify=False)
         assert pccfast.count(pruned, size) == plan.after
         assert pccfast.count(model, size) == plan.before
-        assert math.isclose(plan.removed["params"], 1 - plan.after["params"] / plan.before["params"])
+        assert math.isclose(plan.removed["params"],
+                            1 - plan.after["params"] / plan.before["params"])
 
 
 def test_attention_counts_its_projections_and_token_products():
@@ -171,6 +172,7 @@ def test_attention_counts_its_projections_and_token_products():
     per_layer = n * (4 * length * e * e + 2 * length * length * e)
     assert counted["flops"] == 2 * per_layer
     assert counted["params"] == 2 * (4 * e * e + 4 * e)  # in_proj and out_proj, with biases
-    graph = build_graph(Two(), (n, length, e), engine="pccfast")  # the pruner's closed form: the same
+    # the pruner's closed form: the same
+    graph = build_graph(Two(), (n, length, e), engine="pccfast")
     assert graph.cost({})["flops"] == counted["flops"]
     assert graph.cost({})["params"] == counted["params"]

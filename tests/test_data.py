@@ -110,7 +110,8 @@ def test_npz_labels_must_number_the_classes_present(tmp_path, layout):
         y = np.arange(37) % 4
         y[5] = 100000
         _write_arrays_npz(tmp_path / "d.npz", y_train=y)
-        message = r"labels must number the classes 0\.\.4 \(5 classes are present\), but they use class index 100000"
+        message = (r"labels must number the classes 0\.\.4 \(5 classes are present\), but they use "
+                   r"class index 100000")
     else:
         _jpeg_npz(tmp_path / "j.npz")
         arrays = dict(np.load(tmp_path / "j.npz"))
@@ -175,7 +176,8 @@ def _jpeg_npz(path, n_train=13, n_test=6, size=(11, 13), quality=90, corrupt=Non
         if corrupt is not None and split == "train":
             blobs[corrupt] = np.frombuffer(b"\xff\xd8 not a jpeg at all", np.uint8)
         out[f"{split}_jpeg"] = np.concatenate(blobs)
-        out[f"{split}_offsets"] = np.concatenate([[0], np.cumsum([len(b) for b in blobs])]).astype(np.int64)
+        out[f"{split}_offsets"] = np.concatenate(
+            [[0], np.cumsum([len(b) for b in blobs])]).astype(np.int64)
         out[f"{split}_labels"] = np.arange(n) % 3
         out[f"{split}_blobs"] = blobs
     np.savez(path, **{k: v for k, v in out.items() if not k.endswith("_blobs")},

@@ -54,7 +54,8 @@ def test_two_gloo_processes_match_one_process(tmp_path, monkeypatch):
     assert main(["run", *FLAGS, "--out", str(one)]) == 0
 
     env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT), str(TESTS), os.environ.get("PYTHONPATH", "")]))
+               PYTHONPATH=os.pathsep.join([str(ROOT), str(TESTS),
+                                           os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
            "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
            "-m", "pccfast", "run", *FLAGS, "--out", str(two)]
@@ -62,7 +63,8 @@ def test_two_gloo_processes_match_one_process(tmp_path, monkeypatch):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert done.stdout.count("finetune  1 epochs") == 1  # only rank 0 prints
 
-    a, b = json.loads((one / "summary.json").read_text()), json.loads((two / "summary.json").read_text())
+    a, b = (json.loads((one / "summary.json").read_text()),
+            json.loads((two / "summary.json").read_text()))
     for key in ("pcc_acc", "pruned_acc", "finetuned_acc"):
         assert abs(a[key] - b[key]) <= 1 / 96 + 1e-9, key  # at most one test image apart
     assert 0 < a["flops_removed"] == pytest.approx(b["flops_removed"])
@@ -70,7 +72,8 @@ def test_two_gloo_processes_match_one_process(tmp_path, monkeypatch):
     # Pre-training: the same weights after 16 optimiser steps, to the fp32 rounding of the split
     # batch and the all-reduce, which training amplifies (no bound to derive: up to 8e-5 apart
     # measured over 1 and 2 threads and MKL's AVX-512, AVX2 and CBWR paths; 10x that allowed).
-    wa, wb = _weights(one / "checkpoints" / "pretrain.pt"), _weights(two / "checkpoints" / "pretrain.pt")
+    wa, wb = (_weights(one / "checkpoints" / "pretrain.pt"),
+              _weights(two / "checkpoints" / "pretrain.pt"))
     for name in wa:
         assert torch.allclose(wa[name], wb[name], rtol=1e-3, atol=1e-4), name
     ra = [json.loads(l) for l in (one / "metrics.jsonl").read_text().splitlines()]
@@ -89,7 +92,8 @@ def test_two_gloo_processes_match_one_process(tmp_path, monkeypatch):
     assert sa["images"] == sb["images"] == 64
     for name in sa["scores"]:  # from those weights: as far apart as they are (above)
         assert torch.allclose(sa["scores"][name], sb["scores"][name], rtol=1e-3, atol=1e-5), name
-    pa, pb = json.loads((one / "plan.json").read_text()), json.loads((two / "plan.json").read_text())
+    pa, pb = (json.loads((one / "plan.json").read_text()),
+              json.loads((two / "plan.json").read_text()))
     assert [l["name"] for l in pa["layers"]] == [l["name"] for l in pb["layers"]]
     for la, lb in zip(pa["layers"], pb["layers"]):
         # the same channels, unless the scores' agreement above cannot decide between them
@@ -115,7 +119,8 @@ def _assert_same_choice(score, kept_a, kept_b, *, tau, slack):
     assert k == 1 or float(cumulative[k - 2]) < cut + moved, (kept_a, kept_b)  # not by k - 1
     left_out = [c for c in range(n) if c not in set(kept_b)]
     if left_out:
-        assert float(score[left_out].max()) <= float(score[kept_b].min()) + 2 * slack, (kept_a, kept_b)
+        assert float(score[left_out].max()) <= float(score[kept_b].min()) + 2 * slack, \
+            (kept_a, kept_b)
 
 
 def test_the_plan_comparison_allows_near_ties_only():

@@ -18,7 +18,8 @@ def test_check_script_dry_run(tmp_path):
     out = subprocess.run(["bash", "benchmarks/gpu/check.sh", "--dry-run"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    for table in ("| case | M x K | fused ms", "| layer | C | H*W", "ratio to no PCC (target <= 1.15)",
+    for table in ("| case | M x K | fused ms", "| layer | C | H*W",
+                  "ratio to no PCC (target <= 1.15)",
                   "vgg16_cifar training step", "End to end: CICollector on ResNet-50",
                   "| model | round_to | FLOPs removed | params removed | eager b1 | eager b2 |"):
         assert table in out.stdout

@@ -58,7 +58,8 @@ def test_works_without_the_extension():
     )
     out = run_python(code, PCCFAST_DISABLE_EXT="1")
     assert out.returncode == 0, out.stderr
-    assert 'REFUSED backend "cpu" is unavailable for pcc: disabled by PCCFAST_DISABLE_EXT=1' in out.stdout
+    assert ('REFUSED backend "cpu" is unavailable for pcc: disabled by PCCFAST_DISABLE_EXT=1'
+            in out.stdout)
     assert "pccfast._C  unavailable: disabled by PCCFAST_DISABLE_EXT=1" in out.stdout
 
 
@@ -67,7 +68,8 @@ def test_extension_build_record():
     info = _C.build_info()
     assert info["torch_version"] == torch.__version__.split("+")[0]
     assert isinstance(info["with_cuda"], bool)
-    assert hasattr(torch.ops.pccfast, "pcc_forward") and hasattr(torch.ops.pccfast, "channel_independence")
+    assert (hasattr(torch.ops.pccfast, "pcc_forward")
+            and hasattr(torch.ops.pccfast, "channel_independence"))
 
 
 def test_public_names():

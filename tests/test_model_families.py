@@ -336,7 +336,8 @@ class ConvNeXtBlock(nn.Module):
         super().__init__()
         self.dwconv = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
         self.norm = nn.LayerNorm(dim)
-        self.pwconv1, self.act, self.pwconv2 = nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim)
+        self.pwconv1, self.act, self.pwconv2 = (nn.Linear(dim, 4 * dim), nn.GELU(),
+                                                nn.Linear(4 * dim, dim))
         self.gamma = nn.Parameter(torch.rand(dim) + 0.5)
 
     def forward(self, x):
@@ -434,9 +435,11 @@ def test_grouped_conv_keeps_the_same_count_in_every_group(rates):
         assert len(kept) == 4 * per_group
         for g in range(4):  # the highest-scoring channels of each group
             mine = sorted(i for i in kept.tolist() if 4 * g <= i < 4 * g + 4)
-            best = sorted((4 * g + torch.argsort(-scores[name][4 * g:4 * g + 4])[:per_group]).tolist())
+            best = sorted(
+                (4 * g + torch.argsort(-scores[name][4 * g:4 * g + 4])[:per_group]).tolist())
             assert mine == best
-    assert pruned.conv2.groups == 4 and pruned.conv2.weight.shape == (4 * per_group, per_group, 3, 3)
+    assert (pruned.conv2.groups == 4
+            and pruned.conv2.weight.shape == (4 * per_group, per_group, 3, 3))
     assert plan.after["flops"] == pccfast.count(pruned, (1, 3, 8, 8))["flops"]
 
 

@@ -24,7 +24,8 @@ def test_vgg16_cifar_is_chips_network():
     expected |= {f"classifier.norm1.{k}" for k in
                  ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")}
     assert set(model.state_dict()) == expected
-    assert model.classifier.linear1.in_features == 512 and model.classifier.linear1.out_features == 512
+    assert (model.classifier.linear1.in_features == 512
+            and model.classifier.linear1.out_features == 512)
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
@@ -121,10 +122,12 @@ def test_grey_28x28_models_prune_and_save(tmp_path):
     """The MNIST-shaped case end to end at the model level: CI, pruning (the pruned forward
     is checked against the masked original) and a saved file that rebuilds 1-channel."""
     torch.manual_seed(0)
-    for model in (vgg16_cifar(width=0.125, in_channels=1), resnet56_cifar(width=0.25, in_channels=1)):
+    for model in (vgg16_cifar(width=0.125, in_channels=1),
+                  resnet56_cifar(width=0.25, in_channels=1)):
         col = pccfast.CICollector(model, max_images=4, progress=False)
         col.update(torch.randn(4, 1, 28, 28))
-        pruned, plan = pccfast.prune(model, col.scores(), target_flops=0.4, input_size=(1, 1, 28, 28))
+        pruned, plan = pccfast.prune(model, col.scores(), target_flops=0.4,
+                                     input_size=(1, 1, 28, 28))
         assert abs(plan.removed["flops"] - 0.4) <= 0.005
         pccfast.save(pruned, tmp_path / "m.pt")
         again = pccfast.load(tmp_path / "m.pt")

@@ -1,4 +1,5 @@
-"""PCC: the reference against the spec's formula, and every CPU-side backend against the reference."""
+"""PCC: the reference against the spec's formula, and every CPU-side backend against the
+reference."""
 
 from __future__ import annotations
 
@@ -78,7 +79,8 @@ def test_mode_options_change_the_score():
     assert not torch.equal(pccfast.pcc(x, backend="torch", penalty="square"), a)
 
 
-@pytest.mark.parametrize("options", PCC_OPTION_GRID[:8], ids=lambda o: "-".join(map(str, o.values())))
+@pytest.mark.parametrize("options", PCC_OPTION_GRID[:8],
+                         ids=lambda o: "-".join(map(str, o.values())))
 def test_reference_gradcheck(options):
     x = torch.randn(2, 3, 2, 2, dtype=torch.float64).relu() + 0.1
     x[:, 0, 0, 0] += 1.0
@@ -214,7 +216,8 @@ def test_pcc_matrix():
     assert r.shape == (3, 4, 4)
     torch.testing.assert_close(r, r.transpose(1, 2))
     v = x.reshape(3, 4, -1)
-    vhat = (v - v.mean(-1, keepdim=True)) / torch.sqrt(v.var(-1, unbiased=False, keepdim=True) + 1e-5)
+    vhat = ((v - v.mean(-1, keepdim=True))
+            / torch.sqrt(v.var(-1, unbiased=False, keepdim=True) + 1e-5))
     torch.testing.assert_close(r, vhat @ vhat.transpose(1, 2) / 10)
     assert pccfast.pcc_matrix(x, orientation="pixel").shape == (3, 10, 10)
     assert pccfast.pcc_matrix(x, group="batch").shape == (1, 4, 4)
@@ -227,7 +230,8 @@ def test_pcc_loss_module():
     out = loss(x)
     out.backward()
     want = pccfast.pcc(x, penalty="square").item()  # the auto backend: another fp32 code path
-    assert out.item() == pytest.approx(want, rel=TOL[torch.float32]["rtol"], abs=TOL[torch.float32]["atol"])
+    assert out.item() == pytest.approx(want, rel=TOL[torch.float32]["rtol"],
+                                       abs=TOL[torch.float32]["atol"])
     assert "square" in repr(loss)
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
@@ -268,12 +272,14 @@ def test_autocast_does_not_lower_the_arithmetic(backend, dtype):
     assert xa.grad.dtype == dtype and torch.isfinite(xa.grad).all()
 
 
-SECOND_ORDER_OPTIONS = [dict(), dict(penalty="square"), dict(orientation="pixel", include_diagonal=True),
+SECOND_ORDER_OPTIONS = [dict(), dict(penalty="square"),
+                        dict(orientation="pixel", include_diagonal=True),
                         dict(group="batch"), dict(group="batch_mean", penalty="square")]
 
 
 @needs_ext
-@pytest.mark.parametrize("options", SECOND_ORDER_OPTIONS, ids=lambda o: "-".join(map(str, o.values())) or "default")
+@pytest.mark.parametrize("options", SECOND_ORDER_OPTIONS,
+                         ids=lambda o: "-".join(map(str, o.values())) or "default")
 def test_cpu_backend_double_backward(options):
     """create_graph=True through the cpu backend (gradient penalties, second-order methods): its
     backward is then differentiable through the reference, so second derivatives are exact,
@@ -284,7 +290,8 @@ def test_cpu_backend_double_backward(options):
 
     def second(backend):
         t = x.clone().requires_grad_(True)
-        (grad,) = torch.autograd.grad(pccfast.pcc(t, backend=backend, **options), t, create_graph=True)
+        (grad,) = torch.autograd.grad(pccfast.pcc(t, backend=backend, **options), t,
+                                      create_graph=True)
         (hv,) = torch.autograd.grad((grad * v).sum(), t)
         return grad.detach(), hv
 
@@ -294,7 +301,8 @@ def test_cpu_backend_double_backward(options):
     torch.testing.assert_close(grad_cpu, grad_ref, **TOL[torch.float64])
     torch.testing.assert_close(hv_cpu, hv_ref, **TOL[torch.float64])
     small = x[:, :, :2, :3].clone().requires_grad_(True)
-    assert torch.autograd.gradgradcheck(lambda t: pccfast.pcc(t, backend="cpu", **options), (small,))
+    assert torch.autograd.gradgradcheck(lambda t: pccfast.pcc(t, backend="cpu", **options),
+                                        (small,))
 
 
 def _fresh_python(code: str, env: dict | None = None) -> str:
@@ -304,7 +312,8 @@ def _fresh_python(code: str, env: dict | None = None) -> str:
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(pccfast.__file__)))
-    full_env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    full_env = {**os.environ,
+                "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     full_env.pop("TRITON_INTERPRET", None)
     full_env.update(env or {})
     out = subprocess.run([sys.executable, "-c", code], env=full_env, capture_output=True, text=True,
@@ -344,7 +353,8 @@ def test_first_call_of_the_process_inside_torch_compile_fullgraph():
     assert _fresh_python(code).strip().endswith("ok")
 
 
-@pytest.mark.skipif(__import__("importlib").util.find_spec("triton") is None, reason="triton is not installed")
+@pytest.mark.skipif(__import__("importlib").util.find_spec("triton") is None,
+                    reason="triton is not installed")
 def test_first_call_of_the_process_inside_torch_compile_fullgraph_triton_interpreted():
     from pccfast.ops.backends import interpreter_unavailable_reason
 

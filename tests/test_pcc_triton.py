@@ -46,7 +46,8 @@ def run_python(args, interpret: bool, extra_env=None, timeout=900):
     env.update(extra_env or {})
     out = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=timeout)
-    assert out.returncode == 0, f"{' '.join(args)} failed:\n{out.stdout[-8000:]}\n{out.stderr[-4000:]}"
+    assert out.returncode == 0, \
+        f"{' '.join(args)} failed:\n{out.stdout[-8000:]}\n{out.stderr[-4000:]}"
     return out.stdout
 
 
@@ -57,7 +58,8 @@ EXTENDED = "test_cases_ or test_option_grid_half or test_tile_edges_default_bloc
 
 
 def run_cases(interpret: bool, select: str | None = None, extra_env=None):
-    args = ["-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", os.path.join(HERE, "triton_cases.py")]
+    args = ["-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider",
+            os.path.join(HERE, "triton_cases.py")]
     if select:
         args += ["-k", select]
     # Compiled, the cases need ~500 kernel specialisations: compile them in parallel processes
@@ -90,9 +92,11 @@ def test_kernels_against_reference_interpreted_extended():
 def test_kernels_compile_for_sm90():
     """Every launch that forward + backward make at ResNet-50 shapes (bf16: the tensor-core dots
     the interpreter replaces) compiles for sm_90; needs no GPU."""
-    stdout = run_python([BENCH, "--compile-report", "--shapes", "64x56,2048x7,512x7,1024x32,64x112"],
+    stdout = run_python([BENCH, "--compile-report", "--shapes",
+                         "64x56,2048x7,512x7,1024x32,64x112"],
                         interpret=False)
-    kernels = {line.split("|")[2].strip() for line in stdout.splitlines()[2:] if line.startswith("|")}
+    kernels = {line.split("|")[2].strip() for line in stdout.splitlines()[2:]
+               if line.startswith("|")}
     assert kernels >= {"_pcc_stats_kernel", "_pcc_tile_kernel", "_pcc_bwd_rows_kernel",
                        "_pcc_bwd_small_m_kernel", "_pcc_bwd_square_features_kernel",
                        "_pcc_batch_gram_kernel", "_pcc_batch_apply_kernel"}, stdout

@@ -41,7 +41,8 @@ def test_table_and_rows_from_a_summary():
                "params_removed": 0.928, "flops_removed": 0.844,
                "seconds": {"pretrain": 10.0, "scores": 1.5, "prune": 0.5, "finetune": 3.0}}
     rows = dict(summary_rows(summary))
-    assert rows["baseline accuracy (no PCC)"] == "–" and rows["PCC-pretrained accuracy"] == "95.12%"
+    assert (rows["baseline accuracy (no PCC)"] == "–"
+            and rows["PCC-pretrained accuracy"] == "95.12%")
     assert rows["FLOPs removed"] == "84.40%" and rows["time: total"] == "15.0 s"
     table = format_table(summary)
     assert len({len(line) for line in table.splitlines()}) == 1  # aligned

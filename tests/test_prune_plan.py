@@ -287,7 +287,8 @@ def test_repeat_counts_are_bounded_before_anything_is_expanded(vgg, count):
     text = f"[0.5]*{count}+[0.1]"
     tracemalloc.start()
     try:
-        with pytest.raises(ValueError, match=r"rates has (\d+|about 10\^\d+) entries but VGGCifar expects 12"):
+        with pytest.raises(ValueError,
+                           match=r"rates has (\d+|about 10\^\d+) entries but VGGCifar expects 12"):
             pccfast.prune(model, scores, rates=text, verify=False)
         with pytest.raises(ValueError, match=r"more than the 100000 a rate list may have"):
             parse_rates(text)

@@ -30,7 +30,8 @@ def cifar_images(count: int) -> torch.Tensor:
     data = np.load(path)
     jpeg, offsets = data["test_jpeg"], data["test_offsets"]
     picks = np.linspace(0, len(offsets) - 2, count).astype(int)  # labels are sorted: every class
-    pixels = [np.asarray(Image.open(io.BytesIO(jpeg[offsets[i]:offsets[i + 1]].tobytes())).convert("RGB"))
+    pixels = [np.asarray(Image.open(io.BytesIO(jpeg[offsets[i]:offsets[i + 1]].tobytes()))
+                         .convert("RGB"))
               for i in picks]
     x = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float() / 255
     return (x - MEAN) / STD
@@ -41,7 +42,8 @@ def bruteforce_scores(model, groups, images, batch):
     collector's batches (the same activation bits); the SPEC bar averaged over the images:
     how far the collector's fast scores may be from it)."""
     sites = [site for (site,) in groups.values()]
-    parts = [site_activations(model, sites, images[i:i + batch]) for i in range(0, len(images), batch)]
+    parts = [site_activations(model, sites, images[i:i + batch])
+             for i in range(0, len(images), batch)]
     out = {}
     for layer, (site,) in groups.items():
         acts = torch.cat([p[site] for p in parts])

@@ -64,10 +64,12 @@ def test_vgg16_cifar(kwargs):
     k1, k3 = (torch.tensor(plan.kept[n]) for n in ("features.conv1", "features.conv3"))
     torch.testing.assert_close(pruned.features.conv3.weight,
                                model.features.conv3.weight[k3][:, k1])
-    torch.testing.assert_close(pruned.features.norm3.running_mean, model.features.norm3.running_mean[k3])
+    torch.testing.assert_close(pruned.features.norm3.running_mean,
+                               model.features.norm3.running_mean[k3])
     if kwargs.get("prune_classifier_input"):
         k = torch.tensor(plan.kept["features.conv16"])
-        torch.testing.assert_close(pruned.classifier.linear1.weight, model.classifier.linear1.weight[:, k])
+        torch.testing.assert_close(pruned.classifier.linear1.weight,
+                                   model.classifier.linear1.weight[:, k])
 
 
 @pytest.mark.parametrize("residual", ["stream", "inner"])
@@ -141,8 +143,10 @@ class FlipNet(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.conv1, self.bn1, self.relu1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()
-        self.conv2, self.bn2, self.relu2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()
+        self.conv1, self.bn1, self.relu1 = (nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8),
+                                            nn.ReLU())
+        self.conv2, self.bn2, self.relu2 = (nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8),
+                                            nn.ReLU())
         self.fc = nn.Linear(8, 10)
 
     def forward(self, x):

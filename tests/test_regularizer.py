@@ -72,7 +72,8 @@ def test_loss_is_signed_weighted_mean_of_layer_scores():
         loss = reg.loss()
         scores = reg.scores
     acts = {}
-    hooks = [model[i].register_forward_hook(lambda m, a, o, i=i: acts.__setitem__(i, o)) for i in (2, 4, 8)]
+    hooks = [model[i].register_forward_hook(lambda m, a, o, i=i: acts.__setitem__(i, o))
+             for i in (2, 4, 8)]
     model(x)
     for h in hooks:
         h.remove()

@@ -106,7 +106,8 @@ def test_from_the_record_alone_only_incomplete_pairs_are_redone(finished, tmp_pa
     out = tmp_path / "fresh"
     out.mkdir()
     rows = read_rows(finished / "study.csv")
-    cut = [r for r in rows if not (r["arm"] == "pcc" and r["seed"] == "1" and r["stage"] == "finetuned")]
+    cut = [r for r in rows
+           if not (r["arm"] == "pcc" and r["seed"] == "1" and r["stage"] == "finetuned")]
     with open(out / "study.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -135,7 +136,8 @@ def test_tables_are_mean_and_spread_over_seeds(finished):
     rows = read_rows(finished / "study.csv")
     stats = study_report.aggregate(rows)
     accs = [float(r["acc"]) for r in rows
-            if (r["arm"], r["criterion"], r["target"], r["stage"]) == ("pcc", "ci", "0.500000", "finetuned")]
+            if (r["arm"], r["criterion"], r["target"], r["stage"])
+            == ("pcc", "ci", "0.500000", "finetuned")]
     assert len(accs) == 2
     mean, std = stats[("finetuned", "pcc", "adaptive", "ci", 0.5)]["acc"]
     assert mean == pytest.approx(statistics.mean(accs), rel=1e-12)
@@ -221,7 +223,8 @@ def test_cli_report_rewrites_the_tables_from_the_record(finished, tmp_path, caps
     config.write_text(_toml(TINY))
     assert main(["study", "--config", str(config), "--out", str(out), "--report"]) == 0
     assert (out / "study.md").read_text() == (finished / "study.md").read_text()
-    assert main(["study", "--config", str(config), "--out", str(tmp_path / "none"), "--report"]) == 2
+    assert main(["study", "--config", str(config), "--out", str(tmp_path / "none"),
+                 "--report"]) == 2
     assert "nothing to report" in capsys.readouterr().err
 
 
@@ -261,9 +264,11 @@ def test_an_interrupted_fine_tuning_leaves_one_row_per_key(tmp_path, monkeypatch
     monkeypatch.setattr(cells.Cell, "finetune", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run(config, tmp_path)
-    assert {r["stage"] for r in read_rows(tmp_path / "study.csv")} == {"pretrained", "pruned", "pruned_bn"}
+    assert ({r["stage"] for r in read_rows(tmp_path / "study.csv")}
+            == {"pretrained", "pruned", "pruned_bn"})
     monkeypatch.setattr(cells.Cell, "finetune", real)
     run(config, tmp_path)
     with open(tmp_path / "study.csv", newline="") as f:
-        keys = [(r["arm"], r["seed"], r["criterion"], r["target"], r["stage"]) for r in csv.DictReader(f)]
+        keys = [(r["arm"], r["seed"], r["criterion"], r["target"], r["stage"])
+                for r in csv.DictReader(f)]
     assert len(keys) == len(set(keys)) == 4

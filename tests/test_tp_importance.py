@@ -25,7 +25,8 @@ def _model():
 
 def _loader(n=12, batch=4):
     g = torch.Generator().manual_seed(1)
-    return [(torch.randn(batch, *SIZE[1:], generator=g), torch.randint(0, 10, (batch,), generator=g))
+    return [(torch.randn(batch, *SIZE[1:], generator=g),
+             torch.randint(0, 10, (batch,), generator=g))
             for _ in range(n // batch)]
 
 

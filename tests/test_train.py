@@ -60,7 +60,8 @@ def test_train_config_errors_name_the_field(kwargs, error, message):
 
 
 def test_lr_scaling_rule():
-    assert TrainConfig(lr=0.1, batch_size=1024, lr_reference_batch=256).scaled_lr == pytest.approx(0.4)
+    assert (TrainConfig(lr=0.1, batch_size=1024, lr_reference_batch=256).scaled_lr
+            == pytest.approx(0.4))
     with pytest.raises(ValueError, match="pcc.mode"):
         PCCConfig(mode="boost")
 

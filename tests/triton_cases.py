@@ -66,7 +66,8 @@ def compare(x: torch.Tensor, options: dict, grad_scale: float = 1.0):
     got = pccfast.pcc(xt, backend="triton", **options)
     assert got.dtype == torch.float32 and got.shape == () and got.device == x.device
     rtol = FORWARD_RTOL[x.dtype]
-    torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * 0.1, msg=lambda m: f"{options}: {m}")
+    torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * 0.1,
+                               msg=lambda m: f"{options}: {m}")
     upstream = torch.tensor(grad_scale, device=x.device)
     (gw,) = torch.autograd.grad(want, xr, upstream)
     (gt,) = torch.autograd.grad(got, xt, upstream)
@@ -322,7 +323,8 @@ def test_double_backward_is_the_references(options):
     assert h_want.abs().max() > 0
     scale = float(h_want.abs().max())
     torch.testing.assert_close(h.cpu().double(), h_want, rtol=1e-4, atol=1e-5 * scale)
-    torch.testing.assert_close(g.cpu().double(), g_want, rtol=1e-4, atol=1e-5 * float(g_want.abs().max()))
+    torch.testing.assert_close(g.cpu().double(), g_want, rtol=1e-4,
+                               atol=1e-5 * float(g_want.abs().max()))
 
 
 # ---- autograd plumbing ----

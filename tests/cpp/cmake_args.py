@@ -7,8 +7,10 @@ import sys
 
 import torch
 
-CUDA_HOME = os.environ.get("CUDA_HOME") or ("/usr/local/cuda" if os.path.isdir("/usr/local/cuda") else None)
-args = [f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}", f"-DPython_EXECUTABLE={sys.executable}"]
+CUDA_HOME = os.environ.get("CUDA_HOME") or ("/usr/local/cuda" if os.path.isdir("/usr/local/cuda")
+                                            else None)
+args = [f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
+        f"-DPython_EXECUTABLE={sys.executable}"]
 if torch.version.cuda and CUDA_HOME:
     args += [f"-DCUDA_TOOLKIT_ROOT_DIR={CUDA_HOME}", f"-DCUDAToolkit_ROOT={CUDA_HOME}"]
     site = os.path.dirname(os.path.dirname(torch.__file__))
