@@ -5,7 +5,6 @@ split pccfast cannot resize keeps its channels with the reason."""
 
 import warnings
 
-import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn

@@ -6,9 +6,13 @@ the errors that say why a model cannot be pruned."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:  # named in annotations only (postponed: from __future__ import annotations)
+    from ..sites import Site
 
 ENGINES = ("auto", "pccfast", "torch_pruning")
 RESIDUAL_MODES = ("stream", "inner")

@@ -6,7 +6,8 @@ See :mod:`pccfast.study.config` for the file, :mod:`pccfast.study.runner` for th
 how it resumes, :mod:`pccfast.study.report` for the tables and plots.
 """
 
-from .config import CRITERIA, Arm, StudyConfig
+from ..prune.criteria import CRITERIA
+from .config import Arm, StudyConfig
 from .runner import Study, StudyError
 
 __all__ = ["CRITERIA", "Arm", "Study", "StudyConfig", "StudyError"]

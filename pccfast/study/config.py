@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 from ..pipeline.config import RunConfig
 from ..pipeline.records import fingerprint
-from ..prune.criteria import CRITERIA, get_criterion
+from ..prune.criteria import get_criterion
 
 ALLOCATIONS = ("fixed", "adaptive")
 MAX_SEED = 2**63 - 1  # torch's generators take int64 seeds
