@@ -22,7 +22,7 @@ ifeq ($(CUDA_HOME),)
   endif
 endif
 
-.PHONY: install test test-fast test-1thread test-oldest demo bench cpp-test info clean
+.PHONY: install lint test test-fast test-1thread test-oldest demo bench cpp-test info clean
 
 install: $(VENV)/.installed
 
@@ -34,7 +34,11 @@ $(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*) $(wildcard kernel
 	$(PY) -m pccfast info
 	touch $@
 
-test: install
+# Lines within 100 characters and pyflakes' checks (pyproject.toml, [tool.ruff]): seconds.
+lint: install
+	$(VENV)/bin/ruff check --no-cache .
+
+test: lint
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 	@if command -v cmake >/dev/null; then $(MAKE) --no-print-directory cpp-test; else echo "cmake not found: C++ unit tests skipped"; fi
 
