@@ -38,6 +38,30 @@ def check_float_tensor(name: str, x, ndims: tuple[int, ...]) -> torch.Tensor:
     return x
 
 
+def check_int(name: str, value, minimum: int, *, optional: bool = False,
+              type_error: bool = False) -> None:
+    """An int (a bool is not one) of at least ``minimum``; None too when ``optional``.
+
+    The message names the bound in words where it has them ("a positive integer" for 1, "a
+    non-negative integer" for 0), as config keys are reported. ``type_error``: the two-message
+    form TrainConfig's fields have always had instead, a TypeError for a value that is not an
+    int ("must be an integer, got float 2.5") and a ValueError for one below the bound.
+    """
+    if value is None and optional:
+        return
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    if type_error:
+        if not is_int:
+            raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+        if value < minimum:
+            raise ValueError(f"{name} must be >= {minimum}, got {value}")
+        return
+    if not is_int or value < minimum:
+        kind = {0: "a non-negative integer", 1: "a positive integer"}.get(
+            minimum, f"an integer >= {minimum}")
+        raise ValueError(f"{name} must be {kind}{' or unset' if optional else ''}, got {value!r}")
+
+
 def check_positive_float(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")

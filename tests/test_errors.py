@@ -9,6 +9,9 @@ import torch
 
 import pccfast
 from pccfast.ops import _C
+from pccfast.pipeline.config import CISection, DataSection, PruneSection, RunSection
+from pccfast.study import StudyConfig
+from pccfast.train.config import TrainConfig
 
 BACKENDS = ["torch"] + (["cpu"] if _C.extension() is not None else [])
 GOOD = torch.randn(2, 3, 4, 4)
@@ -180,3 +183,40 @@ def test_cuda_build_arch_against_the_gpu(arch, capability, runs):
     from pccfast.ops.backends import arch_runs_on
 
     assert arch_runs_on(arch, capability) is runs
+
+
+def _study_with_feature_images(value):
+    StudyConfig.from_dict({"study": {"seeds": [0], "criteria": ["ci"], "targets": [0.5],
+                                     "feature_images": value},
+                           "prune": {"bn_images": 8}, "arms": {"a": {}}})
+
+
+CONFIG_INTEGERS = [  # (build with the value, value, error, the whole message)
+    (lambda v: DataSection(train_limit=v), 0, ValueError,
+     "data.train_limit must be a positive integer or unset, got 0"),
+    (lambda v: DataSection(workers=v), 1.5, ValueError,
+     "data.workers must be a non-negative integer, got 1.5"),
+    (lambda v: RunSection(seed=v), True, ValueError,
+     "run.seed must be a non-negative integer, got True"),
+    (lambda v: CISection(images=v), 0, ValueError, "ci.images must be a positive integer, got 0"),
+    (lambda v: CISection(batch_size=v), "8", ValueError,
+     "ci.batch_size must be a positive integer, got '8'"),
+    (lambda v: PruneSection(bn_images=v), -1, ValueError,
+     "prune.bn_images must be a non-negative integer, got -1"),
+    (_study_with_feature_images, None, ValueError,
+     "study.feature_images must be a non-negative integer, got None"),
+    (lambda v: TrainConfig(epochs=v), -3, ValueError, "epochs must be >= 0, got -3"),
+    (lambda v: TrainConfig(eval_every=v), 2.0, TypeError,
+     "eval_every must be an integer, got float 2.0"),
+    (lambda v: TrainConfig(seed=v), False, TypeError, "seed must be an integer, got bool False"),
+]
+
+
+@pytest.mark.parametrize("build, value, error, message", CONFIG_INTEGERS,
+                         ids=[case[-1].split(" must")[0] for case in CONFIG_INTEGERS])
+def test_config_integer_messages(build, value, error, message):
+    """Every config module's integer fields go through one check (pccfast._checks.check_int);
+    each keeps the exact message its users and tests know."""
+    with pytest.raises(error) as info:
+        build(value)
+    assert str(info.value) == message

@@ -21,6 +21,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .._checks import check_int
 from ..atomic import atomic_write_json
 from ..prune.criteria import get_criterion
 from ..train.config import PCCConfig, TrainConfig
@@ -44,15 +45,15 @@ class DataSection:
         from ..data import AUGMENTS, parse_spec
 
         parse_spec(self.spec)
-        _check_int("data.train_limit", self.train_limit, 1, optional=True)
-        _check_int("data.test_limit", self.test_limit, 1, optional=True)
-        _check_int("data.val_images", self.val_images, 0)
+        check_int("data.train_limit", self.train_limit, 1, optional=True)
+        check_int("data.test_limit", self.test_limit, 1, optional=True)
+        check_int("data.val_images", self.val_images, 0)
         _check_bool("data.download", self.download)
         if self.augment not in AUGMENTS:
             raise ValueError(f"data.augment must be one of {AUGMENTS}, got {self.augment!r}")
-        _check_int("data.pad", self.pad, 0, optional=True)
-        _check_int("data.crop", self.crop, 1)
-        _check_int("data.workers", self.workers, 0)
+        check_int("data.pad", self.pad, 0, optional=True)
+        check_int("data.crop", self.crop, 1)
+        check_int("data.workers", self.workers, 0)
 
 
 @dataclass
@@ -83,9 +84,7 @@ class CISection:
 
     def __post_init__(self):
         for name in ("images", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"ci.{name} must be a positive integer, got {value!r}")
+            check_int(f"ci.{name}", getattr(self, name), 1)
         if not isinstance(self.criterion, str):
             raise ValueError(f"ci.criterion must be a criterion's name, got {self.criterion!r}")
         get_criterion(self.criterion, "ci.criterion")
@@ -112,10 +111,7 @@ class PruneSection:
         except (TypeError, ValueError) as exc:
             raise ValueError(f"prune.{exc}") from None
         _check_bool("prune.speed", self.speed)
-        if isinstance(self.bn_images, bool) or not isinstance(self.bn_images, int) \
-                or self.bn_images < 0:
-            raise ValueError(f"prune.bn_images must be a non-negative integer, "
-                             f"got {self.bn_images!r}")
+        check_int("prune.bn_images", self.bn_images, 0)
         given = [k for k in PRUNE_KEYS if getattr(self, k) is not None]
         if len(given) > 1:
             raise ValueError(f"prune takes one of {PRUNE_KEYS}, got {', '.join(given)}")
@@ -143,7 +139,7 @@ class RunSection:
     def __post_init__(self):
         _check_bool("run.baseline", self.baseline)
         _check_device(self.device)
-        _check_int("run.seed", self.seed, 0)
+        check_int("run.seed", self.seed, 0)
 
 
 @dataclass
@@ -223,15 +219,6 @@ def load_toml(path: str | Path) -> dict:
                          f"{exc.object[exc.start]:#04x} at offset {exc.start})") from exc
     except OSError as exc:
         raise ValueError(f"config file {path} cannot be read ({exc.strerror or exc})") from exc
-
-
-def _check_int(name: str, value, minimum: int, optional: bool = False) -> None:
-    if value is None and optional:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        kind = {0: "a non-negative integer", 1: "a positive integer"}.get(
-            minimum, f"an integer >= {minimum}")
-        raise ValueError(f"{name} must be {kind}{' or unset' if optional else ''}, got {value!r}")
 
 
 def _check_bool(name: str, value) -> None:

@@ -36,6 +36,7 @@ import re
 import warnings
 from dataclasses import dataclass, field
 
+from .._checks import check_int
 from ..pipeline.config import RunConfig
 from ..pipeline.records import fingerprint
 from ..prune.criteria import get_criterion
@@ -106,10 +107,7 @@ class StudyConfig:
         if primary not in targets:
             raise ValueError(f"study.primary_target {primary!r} is not in study.targets {targets}")
         feature_images = study.get("feature_images", 0)
-        if isinstance(feature_images, bool) or not isinstance(feature_images, int) \
-                or feature_images < 0:
-            raise ValueError(f"study.feature_images must be a non-negative integer, got "
-                             f"{feature_images!r}")
+        check_int("study.feature_images", feature_images, 0)
         base = RunConfig.from_dict(tree)  # checks the base sections and keys
         built = []
         for name, overrides in arms.items():

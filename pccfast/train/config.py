@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .._checks import check_int
+
 AMP_MODES = ("none", "bf16", "fp16")
 
 
@@ -77,11 +79,11 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self):
-        _check_int("epochs", self.epochs, minimum=0)
-        _check_int("batch_size", self.batch_size, minimum=1)
+        check_int("epochs", self.epochs, 0, type_error=True)
+        check_int("batch_size", self.batch_size, 1, type_error=True)
         _check_number("lr", self.lr, minimum=0.0)
         if self.lr_reference_batch is not None:
-            _check_int("lr_reference_batch", self.lr_reference_batch, minimum=1)
+            check_int("lr_reference_batch", self.lr_reference_batch, 1, type_error=True)
         _check_number("momentum", self.momentum, minimum=0.0)
         _check_number("weight_decay", self.weight_decay, minimum=0.0)
         _check_number("warmup_epochs", self.warmup_epochs, minimum=0.0)
@@ -93,21 +95,14 @@ class TrainConfig:
             raise ValueError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
         if self.grad_clip is not None:
             _check_number("grad_clip", self.grad_clip, minimum=0.0)
-        _check_int("eval_every", self.eval_every, minimum=1)
-        _check_int("seed", self.seed, minimum=0)
+        check_int("eval_every", self.eval_every, 1, type_error=True)
+        check_int("seed", self.seed, 0, type_error=True)
 
     @property
     def scaled_lr(self) -> float:
         if self.lr_reference_batch is None:
             return self.lr
         return self.lr * self.batch_size / self.lr_reference_batch
-
-
-def _check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
 def _check_number(name: str, value, minimum: float) -> None:
