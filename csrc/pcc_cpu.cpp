@@ -164,7 +164,7 @@ bool groups_per_thread(int64_t groups) {
 }
 
 // One thread's buffers: a group's normalised rows (M, K), their gradient (backward), a block
-// of R's rows or the (K, K) feature Gram matrix, and for short rows two (K, M) transposes.
+// of R's rows or the (K, K) feature Gram matrix, and for short rows their (K, M) transpose.
 struct GroupBuffers {
   at::Tensor vhat, dvhat, tile, transposed;
   GroupBuffers(const Sizes& s, const PCCConfig& cfg, at::TensorOptions options, bool backward) {
@@ -173,7 +173,7 @@ struct GroupBuffers {
     const int64_t gram = cfg.square && s.features < s.rows ? s.features * s.features : 0;
     tile = at::empty({std::max(gram, tile_rows(s.rows) * s.rows)}, options);
     if (short_rows(s.rows, s.features, cfg)) {
-      transposed = at::empty({2, s.features * s.rows}, options);
+      transposed = at::empty({short_rows_scratch(s.rows, s.features)}, options);
     }
   }
 };
@@ -232,9 +232,8 @@ void group_row_gradient(const at::Tensor& vhat, at::Tensor& dvhat, const GroupBu
                         const PCCConfig& cfg, double factor) {
   const int64_t m = vhat.size(0), k = vhat.size(1);
   if (short_rows(m, k, cfg)) {
-    acc_t* scratch = buf.transposed.data_ptr<acc_t>();
-    short_rows_gradient(vhat.const_data_ptr<acc_t>(), dvhat.data_ptr<acc_t>(), scratch,
-                        scratch + k * m, buf.tile.data_ptr<acc_t>(), m, k, factor, cfg.square,
+    short_rows_gradient(vhat.const_data_ptr<acc_t>(), dvhat.data_ptr<acc_t>(),
+                        buf.transposed.data_ptr<acc_t>(), m, k, factor, cfg.square,
                         cfg.include_diagonal);
     return;
   }

@@ -221,6 +221,10 @@ inline void phi_derivative_of_products(at::Tensor& products, double inv_k, doubl
 
 // ---- loops over rows ----
 
+// Rows of at most this many features (2x2 maps and the like) use the row loops inlined: a call
+// through the SIMD clones' dispatch per row cost more than the row's arithmetic.
+constexpr int64_t kInlineRowFeatures = 8;
+
 // Rows [begin, end) of the groups that start at `base` (row r is row r % rows of group
 // r / rows): vhat = (v - mean) * rstd, written to out_all + r * features. With `compute_stats`,
 // mean and rstd are computed first (biased variance, rstd = 1/sqrt(var + eps)); otherwise read.
@@ -236,6 +240,15 @@ void normalize_row_range(const scalar_t* base, const RowLayout& layout, int64_t 
       for (int64_t k = 0; k < features; ++k) out[k] = static_cast<acc_t>(row[k]);
     } else {
       for (int64_t k = 0; k < features; ++k) out[k] = static_cast<acc_t>(row[k * stride]);
+    }
+    if (features <= kInlineRowFeatures) {  // short rows: inlined, no call per row
+      if (compute_stats) {
+        const RowSums stats = row_statistics_impl(out, features, eps);
+        mean_all[r] = static_cast<acc_t>(stats.mean);
+        rstd_all[r] = static_cast<acc_t>(stats.rstd);
+      }
+      normalize_impl(out, features, mean_all[r], rstd_all[r]);
+      continue;
     }
     if (compute_stats) {
       const RowSums stats = row_statistics(out, features, eps);
@@ -259,7 +272,8 @@ void row_backward_range(const acc_t* d_all, const acc_t* v_all, const acc_t* rst
   for (int64_t r = begin; r < end; ++r) {
     const acc_t* d = d_all + r * features;
     const acc_t* v = v_all + r * features;
-    const BackwardSums sums = backward_sums(d, v, features);
+    const BackwardSums sums = features <= kInlineRowFeatures ? backward_sums_impl(d, v, features)
+                                                             : backward_sums(d, v, features);
     const double n = double(features);
     const double diagonal = subtract_diagonal ? sums.vv : 0.0;
     // d' = scale (d - diagonal v): its mean and its mean product with v
@@ -268,9 +282,14 @@ void row_backward_range(const acc_t* d_all, const acc_t* v_all, const acc_t* rst
     const double rs = rstd_all[r];
     scalar_t* out = base + (r / rows) * layout.group + (r % rows) * layout.row;
     acc_t* target = staging ? staging : reinterpret_cast<acc_t*>(out);
-    backward_apply(d, v, target, features, static_cast<acc_t>(rs * scale),
-                   static_cast<acc_t>(-rs * (scale * diagonal + mean_dv)),
-                   static_cast<acc_t>(-rs * mean_d));
+    const acc_t a = static_cast<acc_t>(rs * scale);
+    const acc_t b = static_cast<acc_t>(-rs * (scale * diagonal + mean_dv));
+    const acc_t c = static_cast<acc_t>(-rs * mean_d);
+    if (features <= kInlineRowFeatures) {
+      backward_apply_impl(d, v, target, features, a, b, c);
+    } else {
+      backward_apply(d, v, target, features, a, b, c);
+    }
     if (staging) {
       for (int64_t k = 0; k < features; ++k) out[k * stride] = static_cast<scalar_t>(staging[k]);
     }

@@ -1,88 +1,182 @@
 // PCC of one group whose rows are short (K features, K small: the last layers of a CNN, whose
-// maps are 2x2). There a matrix product R = Vhat Vhat^T does K multiply-adds per entry of
-// R but moves each entry through memory several times (written, reduced, turned into phi'(R),
-// read again by D Vhat), and that traffic dominates. These loops visit each pair i < j once
-// (R is symmetric), keep a row of R in L1, and fuse phi / phi' and D Vhat into the same pass.
+// maps are 2x2). There a matrix product R = Vhat Vhat^T does K multiply-adds per entry of R
+// but moves each entry through memory several times (written, reduced, turned into phi'(R),
+// read again by D Vhat), and that traffic dominates. These loops keep R in registers: a block
+// of RB rows against a vector of columns, its K features broadcast from the rows and loaded
+// from the transposed rows (K, M), gives RB vectors of K R that are reduced to phi (forward)
+// or turned into phi' and multiplied into D Vhat (backward) before the next columns; nothing
+// of size M x M is ever stored.
 #pragma once
 
 #include "pcc_rows.h"
 
+#include <cstdint>
+#include <cstring>
+#include <limits>
 #include <type_traits>
 
 namespace pccfast {
 
 // Rows of at most this many features (2x2 maps) take the loops below; longer rows a BLAS
 // product. Measured at M = 512, 128 groups, 1 thread: 2x faster than the products at K = 4,
-// 3-5x slower at K = 16 (its three sweeps per pair then cost more than the products' traffic).
+// 3-5x slower at K = 16 (before the loops were register-blocked).
 constexpr int64_t kShortRowFeatures = 4;
 
-// vt (K, M) = v (M, K) transposed.
+// One 32-byte vector of the compute dtype (an AVX2 register; two SSE registers in the default
+// clone) and the integer vector its comparisons give.
+template <typename acc_t>
+struct ShortVec;
+template <>
+struct ShortVec<float> {
+  typedef float vec __attribute__((vector_size(32)));
+  typedef int32_t bits __attribute__((vector_size(32)));
+  static constexpr int64_t lanes = 8;
+};
+template <>
+struct ShortVec<double> {
+  typedef double vec __attribute__((vector_size(32)));
+  typedef int64_t bits __attribute__((vector_size(32)));
+  static constexpr int64_t lanes = 4;
+};
+
+// Columns of the transposed rows are padded with zeros to this multiple (a whole vector for
+// either dtype): a zero column gives R = 0, phi = phi' = 0, so the last vector needs no mask.
+constexpr int64_t kShortRowPad = 8;
+
+inline int64_t short_row_stride(int64_t m) {
+  return (m + kShortRowPad - 1) / kShortRowPad * kShortRowPad;
+}
+
+// vt (K, stride) = v (M, K) transposed, the columns past M zero.
 template <typename acc_t>
 void transpose_rows(const acc_t* v, acc_t* vt, int64_t m, int64_t k) {
-  for (int64_t i = 0; i < m; ++i) {
-    for (int64_t f = 0; f < k; ++f) vt[f * m + i] = v[i * k + f];
+  const int64_t stride = short_row_stride(m);
+  for (int64_t f = 0; f < k; ++f) {
+    acc_t* col = vt + f * stride;
+    for (int64_t i = 0; i < m; ++i) col[i] = v[i * k + f];
+    for (int64_t i = m; i < stride; ++i) col[i] = 0;
   }
 }
 
-// One row i of R against the columns [j0, j0 + n): vectorised over the columns, the K products
-// of each entry summed in a register. K is a compile-time constant (with_features below picks
-// it), so that the compiler unrolls the K loop and vectorises the column loop around it.
+// The entry points below are compiled for x86-64-v3 (AVX2 with FMA: a multiply-add per
+// feature) and for the default target, picked at load time.
+#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__) && !defined(__CUDACC__)
+#define PCCFAST_FMA_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define PCCFAST_FMA_CLONES
+#endif
 
-// sum_j phi(R[i, j0 + j]), in double.
-template <int64_t k, typename acc_t>
-PCCFAST_INLINE double short_row_phi_impl(const acc_t* vi, const acc_t* vt, int64_t m,
-                                         int64_t j0, int64_t n, acc_t inv_k, bool square) {
+// Lambdas inside the AVX2 clones must be inlined too, or they are compiled for the default
+// target alone and the clone calls them.
+#define PCCFAST_LAMBDA_INLINE __attribute__((always_inline))
+
+template <typename vec, typename acc_t>
+PCCFAST_INLINE void load_vec(vec& out, const acc_t* p) {
+  std::memcpy(&out, p, sizeof(vec));
+}
+
+template <typename vec>
+PCCFAST_INLINE double lane_sum(const vec& x) {
   double total = 0.0;
-  if (square) {
-#pragma omp simd reduction(+ : total)
-    for (int64_t j = 0; j < n; ++j) {
-      acc_t acc = 0;
-      for (int64_t f = 0; f < k; ++f) acc += vi[f] * vt[f * m + j0 + j];
-      acc *= inv_k;
-      total += double(acc) * acc;
-    }
-  } else {
-#pragma omp simd reduction(+ : total)
-    for (int64_t j = 0; j < n; ++j) {
-      acc_t acc = 0;
-      for (int64_t f = 0; f < k; ++f) acc += vi[f] * vt[f * m + j0 + j];
-      total += std::abs(acc * inv_k);
-    }
-  }
+  for (size_t l = 0; l < sizeof(vec) / sizeof(x[0]); ++l) total += x[l];
   return total;
 }
 
-// d[j] = factor * phi'(R[i, j0 + j]).
-template <int64_t k, typename acc_t>
-PCCFAST_INLINE void short_row_derivative_impl(const acc_t* vi, const acc_t* vt, int64_t m,
-                                              int64_t j0, int64_t n, acc_t inv_k, acc_t factor,
-                                              bool square, acc_t* d) {
-  const acc_t a = 2 * factor * inv_k;
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) {
-    acc_t acc = 0;
-    for (int64_t f = 0; f < k; ++f) acc += vi[f] * vt[f * m + j0 + j];
-    d[j] = square ? a * acc : factor * acc_t((acc > 0) - (acc < 0));
-  }
+// sum over rows i in [i0, i0 + RB) and columns j > i of phi(K R[i, j]) (R unscaled).
+template <int64_t K, int64_t RB, bool kSquare, typename acc_t>
+PCCFAST_INLINE double short_block_phi(const acc_t* v, const acc_t* vt, int64_t m, int64_t i0) {
+  using V = ShortVec<acc_t>;
+  using vec = typename V::vec;
+  using bits = typename V::bits;
+  using lane_int = std::remove_reference_t<decltype(bits{}[0])>;
+  constexpr int64_t W = V::lanes;
+  const int64_t stride = short_row_stride(m);
+  const bits magnitude = bits{} + std::numeric_limits<lane_int>::max();  // all but the sign
+  bits lane{};
+  for (int64_t l = 0; l < W; ++l) lane[l] = lane_int(l);
+  acc_t row[RB][K];
+  for (int64_t r = 0; r < RB; ++r)
+    for (int64_t f = 0; f < K; ++f) row[r][f] = v[(i0 + r) * K + f];
+  vec sum[RB];
+  for (int64_t r = 0; r < RB; ++r) sum[r] = vec{};
+  auto columns = [&](int64_t c, auto masked) PCCFAST_LAMBDA_INLINE {
+    vec col[K];
+#pragma GCC unroll 4
+    for (int64_t f = 0; f < K; ++f) load_vec(col[f], vt + f * stride + c);
+#pragma GCC unroll 8
+    for (int64_t r = 0; r < RB; ++r) {
+      vec a = col[0] * row[r][0];
+#pragma GCC unroll 4
+      for (int64_t f = 1; f < K; ++f) a += col[f] * row[r][f];
+      if constexpr (decltype(masked)::value) {  // only the columns j > i
+        a = (vec)((bits)a & (lane + lane_int(c) > lane_int(i0 + r)));
+      }
+      if constexpr (kSquare) {
+        sum[r] += a * a;
+      } else {
+        sum[r] += (vec)((bits)a & magnitude);
+      }
+    }
+  };
+  int64_t c = (i0 + 1) / W * W;
+  for (; c < m && c < i0 + RB; c += W) columns(c, std::true_type{});
+  for (; c < m; c += W) columns(c, std::false_type{});
+  double total = 0.0;
+  for (int64_t r = 0; r < RB; ++r) total += lane_sum(sum[r]);
+  return total;
 }
 
-// g_i[f] = sum_j d[j] vt[f][j0 + j] (returned through gi) and gt[f][j0 + j] += d[j] vi[f].
-template <int64_t k, typename acc_t>
-PCCFAST_INLINE void short_row_scatter_impl(const acc_t* vi, const acc_t* vt, const acc_t* d,
-                                           int64_t m, int64_t j0, int64_t n, acc_t* gt,
-                                           acc_t* gi) {
-  for (int64_t f = 0; f < k; ++f) {
-    const acc_t* c = vt + f * m + j0;
-    acc_t* g = gt + f * m + j0;
-    const acc_t a = vi[f];
-    acc_t dot = 0;
-#pragma omp simd reduction(+ : dot)
-    for (int64_t j = 0; j < n; ++j) {
-      dot += d[j] * c[j];
-      g[j] += a * d[j];
+// dv[i, :] = sum_j coef * phi'(K R[i, j]) vhat_j for rows i in [i0, i0 + RB) (j != i unless
+// `diagonal`): whole rows of D, both orders of each pair, so that nothing is scattered.
+template <int64_t K, int64_t RB, bool kSquare, typename acc_t>
+PCCFAST_INLINE void short_block_gradient(const acc_t* v, const acc_t* vt, int64_t m, int64_t i0,
+                                         acc_t coef, bool diagonal, acc_t* dv) {
+  using V = ShortVec<acc_t>;
+  using vec = typename V::vec;
+  using bits = typename V::bits;
+  using lane_int = std::remove_reference_t<decltype(bits{}[0])>;
+  constexpr int64_t W = V::lanes;
+  const int64_t stride = short_row_stride(m);
+  const bits sign_bit = bits{} + std::numeric_limits<lane_int>::min();
+  const bits one = (bits)(vec{} + acc_t(1));
+  bits lane{};
+  for (int64_t l = 0; l < W; ++l) lane[l] = lane_int(l);
+  acc_t row[RB][K];
+  for (int64_t r = 0; r < RB; ++r)
+    for (int64_t f = 0; f < K; ++f) row[r][f] = v[(i0 + r) * K + f];
+  vec dot[RB][K];
+  for (int64_t r = 0; r < RB; ++r)
+    for (int64_t f = 0; f < K; ++f) dot[r][f] = vec{};
+  auto columns = [&](int64_t c, auto masked) PCCFAST_LAMBDA_INLINE {
+    vec col[K];
+#pragma GCC unroll 4
+    for (int64_t f = 0; f < K; ++f) load_vec(col[f], vt + f * stride + c);
+#pragma GCC unroll 8
+    for (int64_t r = 0; r < RB; ++r) {
+      vec a = col[0] * row[r][0];
+#pragma GCC unroll 4
+      for (int64_t f = 1; f < K; ++f) a += col[f] * row[r][f];
+      vec d;
+      if constexpr (kSquare) {
+        d = a * coef;
+      } else {  // coef * sign(a), 0 at 0
+        d = (vec)((((bits)a & sign_bit) | one) & (a != 0)) * coef;
+      }
+      if constexpr (decltype(masked)::value) {  // not the diagonal j == i
+        d = (vec)((bits)d & (lane + lane_int(c) != lane_int(i0 + r)));
+      }
+#pragma GCC unroll 4
+      for (int64_t f = 0; f < K; ++f) dot[r][f] += d * col[f];
     }
-    gi[f] = dot;
-  }
+  };
+  // The vectors holding the block's diagonal entries are masked (when the diagonal is out).
+  const int64_t lo = diagonal ? m : i0 / W * W, hi = diagonal ? m : i0 + RB;
+  int64_t c = 0;
+  for (; c < lo; c += W) columns(c, std::false_type{});
+  for (; c < hi; c += W) columns(c, std::true_type{});
+  for (; c < m; c += W) columns(c, std::false_type{});
+  for (int64_t r = 0; r < RB; ++r)
+    for (int64_t f = 0; f < K; ++f) dv[(i0 + r) * K + f] = static_cast<acc_t>(lane_sum(dot[r][f]));
 }
 
 // Calls body(std::integral_constant<int64_t, k>{}) for a runtime k in [1, kShortRowFeatures].
@@ -100,67 +194,85 @@ PCCFAST_INLINE decltype(auto) with_features(int64_t k, Body&& body) {
   }
 }
 
-// The sweeps over all rows i < M - 1 of one group (each row against the columns after it),
-// compiled per K and, for fp32, also for AVX2.
+// Rows per register block: RB vectors of R plus, in backward, RB * K accumulators of D Vhat
+// and K column vectors within the 16 AVX2 registers.
+template <int64_t K>
+constexpr int64_t short_block_rows() {
+  return K <= 2 ? 4 : 2;
+}
+
+// The sweeps over all row blocks of one group, compiled per K and penalty and, for fp32,
+// also for AVX2. Returns sum over i < j of phi(K R[i, j]).
 template <typename acc_t>
 PCCFAST_INLINE double short_pairs_phi_impl(const acc_t* v, const acc_t* vt, int64_t m, int64_t k,
-                                           acc_t inv_k, bool square) {
-  return with_features(k, [&](auto features) {
-    constexpr int64_t K = decltype(features)::value;
+                                           bool square) {
+  return with_features(k, [&](auto features) PCCFAST_LAMBDA_INLINE {
+    constexpr int64_t K = decltype(features)::value, RB = short_block_rows<K>();
     double total = 0.0;
-    for (int64_t i = 0; i + 1 < m; ++i) {
-      total += short_row_phi_impl<K>(v + i * K, vt, m, i + 1, m - i - 1, inv_k, square);
+    int64_t i0 = 0;
+    if (square) {
+      for (; i0 + RB <= m; i0 += RB) total += short_block_phi<K, RB, true>(v, vt, m, i0);
+      for (; i0 < m; ++i0) total += short_block_phi<K, 1, true>(v, vt, m, i0);
+    } else {
+      for (; i0 + RB <= m; i0 += RB) total += short_block_phi<K, RB, false>(v, vt, m, i0);
+      for (; i0 < m; ++i0) total += short_block_phi<K, 1, false>(v, vt, m, i0);
     }
     return total;
   });
 }
 
-// gt (K, M) += the off-diagonal part of (D Vhat)^T, D = factor * phi'(R); r: M scratch values.
+// dv (M, K) = D Vhat with D = coef * phi'(K R) (its diagonal zero unless `diagonal`).
 template <typename acc_t>
 PCCFAST_INLINE void short_pairs_gradient_impl(const acc_t* v, const acc_t* vt, int64_t m,
-                                              int64_t k, acc_t inv_k, acc_t factor, bool square,
-                                              acc_t* r, acc_t* gt) {
-  with_features(k, [&](auto features) {
-    constexpr int64_t K = decltype(features)::value;
-    acc_t gi[K];
-    for (int64_t i = 0; i + 1 < m; ++i) {
-      const int64_t n = m - i - 1;
-      const acc_t* vi = v + i * K;
-      short_row_derivative_impl<K>(vi, vt, m, i + 1, n, inv_k, factor, square, r);  // D[i, i+1:]
-      short_row_scatter_impl<K>(vi, vt, r, m, i + 1, n, gt, gi);  // rows j > i: D_ji vhat_i
-      for (int64_t f = 0; f < K; ++f) gt[f * m + i] += gi[f];     // row i: sum_j D_ij vhat_j
+                                              int64_t k, acc_t coef, bool square, bool diagonal,
+                                              acc_t* dv) {
+  with_features(k, [&](auto features) PCCFAST_LAMBDA_INLINE {
+    constexpr int64_t K = decltype(features)::value, RB = short_block_rows<K>();
+    int64_t i0 = 0;
+    if (square) {
+      for (; i0 + RB <= m; i0 += RB)
+        short_block_gradient<K, RB, true>(v, vt, m, i0, coef, diagonal, dv);
+      for (; i0 < m; ++i0) short_block_gradient<K, 1, true>(v, vt, m, i0, coef, diagonal, dv);
+    } else {
+      for (; i0 + RB <= m; i0 += RB)
+        short_block_gradient<K, RB, false>(v, vt, m, i0, coef, diagonal, dv);
+      for (; i0 < m; ++i0) short_block_gradient<K, 1, false>(v, vt, m, i0, coef, diagonal, dv);
     }
   });
 }
 
-PCCFAST_SIMD_CLONES inline double short_pairs_phi(const float* v, const float* vt, int64_t m,
-                                                  int64_t k, float inv_k, bool square) {
-  return short_pairs_phi_impl(v, vt, m, k, inv_k, square);
+PCCFAST_FMA_CLONES inline double short_pairs_phi(const float* v, const float* vt, int64_t m,
+                                                 int64_t k, bool square) {
+  return short_pairs_phi_impl(v, vt, m, k, square);
 }
-inline double short_pairs_phi(const double* v, const double* vt, int64_t m, int64_t k,
-                              double inv_k, bool square) {
-  return short_pairs_phi_impl(v, vt, m, k, inv_k, square);
+PCCFAST_FMA_CLONES inline double short_pairs_phi(const double* v, const double* vt, int64_t m,
+                                                 int64_t k, bool square) {
+  return short_pairs_phi_impl(v, vt, m, k, square);
 }
-PCCFAST_SIMD_CLONES inline void short_pairs_gradient(const float* v, const float* vt, int64_t m,
-                                                     int64_t k, float inv_k, float factor,
-                                                     bool square, float* r, float* gt) {
-  short_pairs_gradient_impl(v, vt, m, k, inv_k, factor, square, r, gt);
+PCCFAST_FMA_CLONES inline void short_pairs_gradient(const float* v, const float* vt, int64_t m,
+                                                    int64_t k, float coef, bool square,
+                                                    bool diagonal, float* dv) {
+  short_pairs_gradient_impl(v, vt, m, k, coef, square, diagonal, dv);
 }
-inline void short_pairs_gradient(const double* v, const double* vt, int64_t m, int64_t k,
-                                 double inv_k, double factor, bool square, double* r,
-                                 double* gt) {
-  short_pairs_gradient_impl(v, vt, m, k, inv_k, factor, square, r, gt);
+PCCFAST_FMA_CLONES inline void short_pairs_gradient(const double* v, const double* vt,
+                                                    int64_t m, int64_t k, double coef,
+                                                    bool square, bool diagonal, double* dv) {
+  short_pairs_gradient_impl(v, vt, m, k, coef, square, diagonal, dv);
 }
 
-// sum over the pairs of phi(R) for one group: v (M, K) normalised rows, vt scratch of K*M
-// values.
+// Values of scratch the loops below need for one group: the transposed rows, padded.
+inline int64_t short_rows_scratch(int64_t m, int64_t k) { return k * short_row_stride(m); }
+
+// sum over the pairs of phi(R) for one group: v (M, K) normalised rows, vt scratch of
+// short_rows_scratch(M, K) values.
 template <typename acc_t>
 double short_rows_phi_sum(const acc_t* v, acc_t* vt, int64_t m, int64_t k,
                           bool square, bool include_diagonal) {
   transpose_rows(v, vt, m, k);
-  const acc_t inv_k = static_cast<acc_t>(1.0 / double(k));
-  double off_diagonal = 0.0, diagonal = 0.0;
-  off_diagonal = short_pairs_phi(v, vt, m, k, inv_k, square);
+  const double inv_k = 1.0 / double(k);
+  const double off_diagonal =
+      short_pairs_phi(v, vt, m, k, square) * (square ? inv_k * inv_k : inv_k);
+  double diagonal = 0.0;
   if (include_diagonal) {
     for (int64_t i = 0; i < m; ++i) {
       const double t = double(backward_sums(v + i * k, v + i * k, k).vv) / double(k);
@@ -171,24 +283,14 @@ double short_rows_phi_sum(const acc_t* v, acc_t* vt, int64_t m, int64_t k,
 }
 
 // dvhat (M, K) = D Vhat for one group, D = factor * phi'(R), its diagonal masked unless
-// `include_diagonal`. Scratch: vt and gt of K*M values, r of M.
+// `include_diagonal`. Scratch: vt of short_rows_scratch(M, K) values.
 template <typename acc_t>
-void short_rows_gradient(const acc_t* v, acc_t* dvhat, acc_t* vt, acc_t* gt, acc_t* r, int64_t m,
-                         int64_t k, double factor, bool square, bool include_diagonal) {
+void short_rows_gradient(const acc_t* v, acc_t* dvhat, acc_t* vt, int64_t m, int64_t k,
+                         double factor, bool square, bool include_diagonal) {
   transpose_rows(v, vt, m, k);
-  std::fill(gt, gt + k * m, acc_t(0));
-  const acc_t inv_k = static_cast<acc_t>(1.0 / double(k));
-  const acc_t fac = static_cast<acc_t>(factor);
-  short_pairs_gradient(v, vt, m, k, inv_k, fac, square, r, gt);
-  for (int64_t i = 0; i < m; ++i) {
-    const acc_t* vi = v + i * k;
-    acc_t d_ii = 0;
-    if (include_diagonal) {
-      const acc_t r_ii = static_cast<acc_t>(backward_sums(vi, vi, k).vv * double(inv_k));
-      d_ii = square ? 2 * fac * r_ii : fac * acc_t(r_ii > 0);
-    }
-    for (int64_t f = 0; f < k; ++f) dvhat[i * k + f] = gt[f * m + i] + d_ii * vi[f];
-  }
+  // phi'(R) from K R: 2 R = (2 / K) (K R) for "square", sign(K R) for "abs".
+  const acc_t coef = static_cast<acc_t>(square ? 2.0 * factor / double(k) : factor);
+  short_pairs_gradient(v, vt, m, k, coef, square, include_diagonal, dvhat);
 }
 
 }  // namespace pccfast

@@ -168,6 +168,39 @@ def test_cpu_backend_both_schedules(threads):
         torch.set_num_threads(saved)
 
 
+# Row counts around the pair loops' blocks: 4 or 2 rows per register block, vectors of 8 (fp32)
+# or 4 (fp64) columns, the transposed rows padded to 8 columns.
+SHORT_ROW_COUNTS = [1, 2, 3, 4, 5, 7, 8, 9, 11, 15, 16, 17, 33]
+
+
+@needs_ext
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("features", [1, 2, 3, 4, 5])
+def test_cpu_backend_short_rows_at_block_boundaries(features, dtype, threads):
+    """Rows of 1-4 features take the register-blocked pair loops (5: the products), whose row
+    blocks, column vectors and padding end at the row counts above: every count against the
+    reference, both penalties, with and without the diagonal, channel and pixel rows, a
+    constant row and a duplicated one among random ones, whole groups per thread."""
+    g = torch.Generator().manual_seed(features * 100 + threads)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    groups = 3 if threads == 1 else 4  # whole groups per thread on either count
+    try:
+        for rows in SHORT_ROW_COUNTS:
+            channel = torch.randn(groups, rows, 1, features, generator=g, dtype=dtype)
+            pixel = torch.randn(groups, features, rows, 1, generator=g, dtype=dtype)
+            if rows >= 3:
+                channel[:, 1] = 0.25  # a constant row
+                channel[:, 2] = channel[:, 0]  # R = 1 exactly, phi' at the top of its range
+            for penalty, diagonal in itertools.product(("abs", "square"), (False, True)):
+                options = dict(penalty=penalty, include_diagonal=diagonal)
+                _compare_backend("cpu", channel, options)
+                _compare_backend("cpu", pixel, dict(options, orientation="pixel"))
+    finally:
+        torch.set_num_threads(saved)
+
+
 @needs_ext
 def test_cpu_backend_without_the_exported_blas():
     """A torch built with another BLAS exports no sgemm_/dgemm_: the kernels then multiply
