@@ -7,6 +7,13 @@ The floor is the ratio the multiply-adds alone would give: the step's conv and l
 (R by symmetry, M^2 K / 2, in forward and again in backward, and D Vhat, M^2 K) and
 2 G M K min(M, K) for "square" (the K x K side when K < M). It assumes PCC's products run
 as fast as the convolutions'; row passes (normalisation, its backward) are not counted.
+`blas_floor` measures instead, on the layers whose rows the kernels multiply with BLAS (more
+than SHORT_ROW_FEATURES features): the same products (R = Vhat Vhat^T and D Vhat, or their
+K x K forms for "square") as batched BLAS calls on each layer's shape, plus the least memory
+traffic (forward reads the activation once; backward reads it and adds to its gradient), timed
+in the same alternating rounds and added to the step without PCC; the short-row layers (2x2
+maps, pair loops that beat batched BLAS there) count at the `floor`'s multiply-add rate. What a
+kernel that only multiplied, at the BLAS's speed on these thin shapes, would cost.
 
     python -m pytest benchmarks/bench_regularizer.py --benchmark-only
     PCCFAST_BENCH_MODELS=vgg16_cifar-0.25 python -m pytest benchmarks/bench_regularizer.py ...
@@ -27,8 +34,9 @@ import torch.nn.functional as F
 import pccfast
 from pccfast.ops.pcc_options import PCCOptions, pcc_shape
 
-ROUNDS = 5  # alternating rounds; each variant's best step is kept
+ROUNDS = int(os.environ.get("PCCFAST_BENCH_ROUNDS", "5"))  # alternating; each variant's best
 WEIGHT = 0.05
+SHORT_ROW_FEATURES = 4  # csrc/pcc_short_rows.h, kShortRowFeatures
 # name -> (builder, batch, image size). VGG at 32x32 (CIFAR), the ResNets at 64x64.
 MODELS = {
     "vgg16_cifar-0.25": (lambda: pccfast.models.create("vgg16_cifar", width=0.25), 128, 32),
@@ -81,6 +89,52 @@ def step_macs_and_pcc_floor(model, x, options: PCCOptions) -> tuple[int, int]:
     return 3 * forward, pcc_macs
 
 
+def pcc_shapes(model, x, options: PCCOptions) -> list[tuple[int, int, int]]:
+    """(groups, rows, features) of every regularised layer, from one forward pass."""
+    reg = pccfast.PCCRegularizer(model, always=True)
+    convs = {s.conv for s in reg.sites}
+    reg.remove()
+    shapes = []
+    handles = [m.register_forward_hook(
+        lambda module, inputs, output: shapes.append(pcc_shape(output.shape, options)))
+        for m in map(model.get_submodule, convs)]
+    model.eval()
+    with torch.no_grad():
+        model(x)
+    model.train()
+    for h in handles:
+        h.remove()
+    return [(s.groups, s.rows, s.features) for s in shapes]
+
+
+def blas_products(shapes, square: bool):
+    """A callable doing PCC's least work on each shape: as batched BLAS calls, R (by symmetry
+    half a product, in forward and again in backward: one product) and D Vhat, or for
+    "square" with K < M the K x K Gram matrix and Vhat times it; and one read of the
+    activation (forward) and one read plus a read-modify-write of its gradient (backward)."""
+    g = torch.Generator().manual_seed(0)
+    operands = []
+    for groups, m, k in shapes:
+        if k <= SHORT_ROW_FEATURES and not (square and k < m):
+            continue  # the pair loops: counted by multiply-adds (blas_floor's docstring)
+        v = torch.randn(groups, m, k, generator=g)
+        side = k if square and k < m else m
+        operands.append((v, v.transpose(1, 2).contiguous(), torch.randn(groups, side, side),
+                         torch.randn(groups, m, k, generator=g)))
+
+    def run():
+        for v, vt, d, grad in operands:
+            v.sum()
+            grad.add_(v)
+            if d.shape[-1] == v.shape[-1]:  # K x K: vt v, then v (K x K)
+                torch.bmm(vt, v)
+                torch.bmm(v, d)
+            else:
+                torch.bmm(v, vt)
+                torch.bmm(d, v)
+    return run
+
+
 def timed_steps(name):
     build, batch, size = MODELS[name]
     torch.manual_seed(0)
@@ -101,19 +155,28 @@ def timed_steps(name):
         loss.backward()
         opt.step()
 
-    variants = ("none",) + BACKENDS
-    for v in variants:
-        step(v)  # warm-up
-    best = dict.fromkeys(variants, float("inf"))
+    options = regs["cpu"].options
+    square = options.penalty == "square"
+    shapes = pcc_shapes(model, x, options)
+    products = blas_products(shapes, square)
+    runs = {v: (lambda v=v: step(v)) for v in ("none",) + BACKENDS}
+    runs["products"] = products
+    for run in runs.values():
+        run()  # warm-up
+    best = dict.fromkeys(runs, float("inf"))
     for _ in range(ROUNDS):
-        for v in variants:
+        for v, run in runs.items():
             start = time.perf_counter()
-            step(v)
+            run()
             best[v] = min(best[v], time.perf_counter() - start)
     for reg in regs.values():
         reg.remove()
-    step_macs, pcc_macs = step_macs_and_pcc_floor(model, x[:2], regs["cpu"].options)
-    return best, 1.0 + pcc_macs / step_macs
+    step_macs, pcc_macs = step_macs_and_pcc_floor(model, x, options)
+    short_macs = sum(2 * g * m * k * m for g, m, k in shapes
+                     if k <= SHORT_ROW_FEATURES and not (square and k < m))
+    floors = dict(floor=1.0 + pcc_macs / step_macs,
+                  blas_floor=1.0 + best["products"] / best["none"] + short_macs / step_macs)
+    return best, floors
 
 
 @pytest.mark.parametrize("name", SELECTED)
@@ -121,11 +184,11 @@ def test_training_step(benchmark, record, name):
     if name not in MODELS:
         pytest.fail(f"PCCFAST_BENCH_MODELS names {name!r}; known: {', '.join(MODELS)}")
     load_before = os.getloadavg()[0]
-    best, floor = benchmark.pedantic(timed_steps, args=(name,), rounds=1, iterations=1)
+    best, floors = benchmark.pedantic(timed_steps, args=(name,), rounds=1, iterations=1)
     _, batch, size = MODELS[name]
     record(SUITE, f"{name} batch {batch} {size}px",
            no_pcc_ms=best["none"] * 1e3,
            cpu_ratio=best["cpu"] / best["none"],
            torch_ratio=best["torch"] / best["none"],
-           floor=floor,
+           **floors,
            load=f"{load_before:.1f}-{os.getloadavg()[0]:.1f}")
