@@ -3,9 +3,12 @@
 // The groups are processed in chunks of a bounded number of floats of temporaries: each chunk's
 // rows are normalised, their correlation matrix R (or, for "square" with K < M, the K x K Gram
 // matrix of the features) is formed with one batched matrix product, and phi(R) is reduced.
-// Only the per-row mean and rstd leave the forward pass; the backward pass recomputes vhat and R
-// chunk by chunk. The one-group "batch" mode streams its N*P-long rows over sample chunks and
-// keeps only C x C matrices.
+// The per-row mean and rstd leave the forward pass, and for "abs" on rows that are neither short
+// nor many against their length, the signs of R (2 bits a pair, at most 1/8 of the activation's
+// fp32 bytes, see keeps_signs): the backward then needs only D = factor * sign(R), which it
+// decodes instead of forming R again. Otherwise the backward recomputes vhat and R chunk by
+// chunk. The one-group "batch" mode streams its N*P-long rows over sample chunks and keeps only
+// C x C matrices.
 #include "pcc_cpu.h"
 #include "pcc_gemm.h"
 #include "pcc_rows.h"
@@ -155,6 +158,77 @@ bool short_rows(int64_t m, int64_t k, const PCCConfig& cfg) {
   return k <= kShortRowFeatures && !(cfg.square && k < m);
 }
 
+// ---- the signs of R, kept by the forward for the backward ("abs") ----
+// For "abs" the backward needs only D = factor * sign(R), one of {-1, 0, +1} a pair (0 occurs:
+// a constant row has vhat = 0). The forward forms R's upper staircase anyway, so it keeps each
+// product's sign in 2 bits, block by block in the order and shape the backward would form them
+// again, and the backward decodes a block into its tile instead of a product. Layout of one
+// group: a header byte (1: the codes below are valid; 0: the forward took the chunked path and
+// kept none, so the backward recomputes), then for every staircase row of width w (rows
+// [i0, i0 + b) of a block have width M - i0) ceil(w / 4) bytes, "planar": byte q holds
+// columns q, q + L, q + 2L, q + 3L (L = ceil(w / 4)) in bits 0-1, 2-3, 4-5, 6-7, each as
+// 0 (zero), 1 (positive) or 2 (negative), so that both loops below run over contiguous columns.
+
+// Bytes of one group's codes, header included.
+int64_t sign_code_bytes(int64_t m) {
+  const int64_t block_rows = staircase_rows(m);
+  int64_t bytes = 1;
+  for (int64_t i0 = 0; i0 < m; i0 += block_rows) {
+    bytes += std::min(block_rows, m - i0) * ((m - i0 + 3) / 4);
+  }
+  return bytes;
+}
+
+// Whether the forward keeps the signs: "abs" on per-sample (or batch-mean) groups whose rows
+// take the staircase products (not the short-row loops), and only where the codes are at most
+// an eighth of the group's fp32 activation (bytes <= M K 4 / 8; about M <= 3.5 K, as the
+// staircase holds ~(1 + 1/8) / 2 of R's pairs). A rule of shapes and options alone, never of
+// the thread count, so the operator's output shapes follow from its input's.
+bool keeps_signs(int64_t m, int64_t k, const PCCConfig& cfg) {
+  return !cfg.square && cfg.group != Group::Batch && !short_rows(m, k, cfg) &&
+         2 * sign_code_bytes(m) <= m * k;
+}
+
+// The kept codes' tensor: (G, sign_code_bytes(M)) uint8, or (0,) when none are kept.
+at::Tensor sign_codes_for(const Sizes& s, const PCCConfig& cfg, const at::Tensor& x) {
+  const at::TensorOptions options = x.options().dtype(at::kByte);
+  if (!keeps_signs(s.rows, s.features, cfg)) return at::empty({0}, options);
+  return at::empty({s.groups, sign_code_bytes(s.rows)}, options);
+}
+
+// Writes the sign codes of one staircase row r[0, w) (raw products K R, the sign of R).
+template <typename acc_t>
+void encode_signs(const acc_t* r, int64_t w, uint8_t* out) {
+  const int64_t l = (w + 3) / 4;
+  std::fill(out, out + l, uint8_t(0));
+  for (int64_t plane = 0; plane < 4; ++plane) {
+    const acc_t* col = r + plane * l;
+    const int64_t n = std::min(l, w - plane * l);
+    const int shift = int(2 * plane);
+#pragma omp simd
+    for (int64_t q = 0; q < n; ++q) {
+      out[q] |= uint8_t((int(col[q] > 0) | (int(col[q] < 0) << 1)) << shift);
+    }
+  }
+}
+
+// r[0, w) <- factor * sign, decoded from encode_signs's bytes: the same values, bit for bit,
+// as phi_derivative_row gives for "abs" on the products they were taken from.
+template <typename acc_t>
+void decode_signs(const uint8_t* in, int64_t w, acc_t factor, acc_t* r) {
+  const int64_t l = (w + 3) / 4;
+  for (int64_t plane = 0; plane < 4; ++plane) {
+    acc_t* col = r + plane * l;
+    const int64_t n = std::min(l, w - plane * l);
+    const int shift = int(2 * plane);
+#pragma omp simd
+    for (int64_t q = 0; q < n; ++q) {
+      const int c = in[q] >> shift;
+      col[q] = factor * acc_t((c & 1) - ((c >> 1) & 1));
+    }
+  }
+}
+
 // Whole groups per thread when they split evenly enough over the threads (otherwise, for one
 // group or a few on many threads, the chunked path parallelises inside each product). BLAS
 // products called inside the region run on their thread alone (nested regions are serial).
@@ -178,9 +252,11 @@ struct GroupBuffers {
   }
 };
 
-// sum over pairs of phi(R) for one group's normalised rows vhat: (M, K).
+// sum over pairs of phi(R) for one group's normalised rows vhat: (M, K). With `codes` (only
+// where keeps_signs), also writes the signs of R's staircase there (after the header byte).
 template <typename acc_t>
-double group_phi_sum(const at::Tensor& vhat, const GroupBuffers& buf, const PCCConfig& cfg) {
+double group_phi_sum(const at::Tensor& vhat, const GroupBuffers& buf, const PCCConfig& cfg,
+                     uint8_t* codes) {
   const int64_t m = vhat.size(0), k = vhat.size(1);
   if (short_rows(m, k, cfg)) {
     return short_rows_phi_sum(vhat.const_data_ptr<acc_t>(), buf.transposed.data_ptr<acc_t>(),
@@ -213,6 +289,10 @@ double group_phi_sum(const at::Tensor& vhat, const GroupBuffers& buf, const PCCC
     gemm<acc_t>(b, width, k, 1, {vi, k, false}, {vi, k, true}, 0, r, width);  // K R[I, i0:]
     const acc_t* row = r;
     for (int64_t i = 0; i < b; ++i, row += width) {
+      if (codes) {
+        encode_signs(row, width, codes);
+        codes += (width + 3) / 4;
+      }
       total += phi_row_sum(row, b, inv_k, cfg.square) +
                2.0 * phi_row_sum(row + b, width - b, inv_k, cfg.square);
       if (!cfg.include_diagonal) {
@@ -226,10 +306,11 @@ double group_phi_sum(const at::Tensor& vhat, const GroupBuffers& buf, const PCCC
 
 // dvhat = D vhat for one group, D = factor * phi'(R) with the diagonal masked; for "square"
 // with K < M, Vhat (Vhat^T Vhat) instead (the caller's row loop scales it and removes the
-// diagonal).
+// diagonal). With `codes` (the forward's signs of R, after the header byte) D's blocks are
+// decoded from them instead of formed again.
 template <typename acc_t>
 void group_row_gradient(const at::Tensor& vhat, at::Tensor& dvhat, const GroupBuffers& buf,
-                        const PCCConfig& cfg, double factor) {
+                        const PCCConfig& cfg, double factor, const uint8_t* codes) {
   const int64_t m = vhat.size(0), k = vhat.size(1);
   if (short_rows(m, k, cfg)) {
     short_rows_gradient(vhat.const_data_ptr<acc_t>(), dvhat.data_ptr<acc_t>(),
@@ -253,10 +334,15 @@ void group_row_gradient(const at::Tensor& vhat, at::Tensor& dvhat, const GroupBu
   for (int64_t i0 = 0; i0 < m; i0 += block_rows) {
     const int64_t b = std::min(block_rows, m - i0), width = m - i0;
     const acc_t* vi = v + i0 * k;
-    gemm<acc_t>(b, width, k, 1, {vi, k, false}, {vi, k, true}, 0, r, width);
+    if (!codes) gemm<acc_t>(b, width, k, 1, {vi, k, false}, {vi, k, true}, 0, r, width);
     acc_t* row = r;
     for (int64_t i = 0; i < b; ++i, row += width) {
-      phi_derivative_row(row, width, inv_k, static_cast<acc_t>(factor), cfg.square);
+      if (codes) {
+        decode_signs(codes, width, static_cast<acc_t>(factor), row);
+        codes += (width + 3) / 4;
+      } else {
+        phi_derivative_row(row, width, inv_k, static_cast<acc_t>(factor), cfg.square);
+      }
       if (!cfg.include_diagonal) row[i] = 0;
     }
     gemm<acc_t>(b, k, width, 1, {r, width, false}, {vi, k, false}, 1, dv + i0 * k, k);
@@ -266,7 +352,10 @@ void group_row_gradient(const at::Tensor& vhat, at::Tensor& dvhat, const GroupBu
 }
 
 double forward_groups_per_thread(const at::Tensor& src, const RowLayout& layout, const Sizes& s,
-                                 const PCCConfig& cfg, at::Tensor& mean, at::Tensor& rstd) {
+                                 const PCCConfig& cfg, at::Tensor& mean, at::Tensor& rstd,
+                                 at::Tensor& codes) {
+  uint8_t* codes_all = codes.numel() ? codes.data_ptr<uint8_t>() : nullptr;
+  const int64_t code_bytes = codes_all ? codes.size(1) : 0;
   return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(),
                                          "pcc_forward_groups", [&] {
     using acc_t = acc_type_t<scalar_t>;
@@ -281,7 +370,9 @@ double forward_groups_per_thread(const at::Tensor& src, const RowLayout& layout,
             normalize_row_range(x + g * layout.group, layout, s.rows, s.features, 0, s.rows,
                                 cfg.eps, /*compute_stats=*/true, buf.vhat.data_ptr<acc_t>(),
                                 mean_all + g * s.rows, rstd_all + g * s.rows);
-            partial += group_phi_sum<acc_t>(buf.vhat, buf, cfg);
+            uint8_t* group_codes = codes_all ? codes_all + g * code_bytes : nullptr;
+            if (group_codes) *group_codes++ = 1;  // the header: valid
+            partial += group_phi_sum<acc_t>(buf.vhat, buf, cfg, group_codes);
           }
           return partial;
         },
@@ -291,8 +382,10 @@ double forward_groups_per_thread(const at::Tensor& src, const RowLayout& layout,
 
 void backward_groups_per_thread(const at::Tensor& src, const RowLayout& layout, const Sizes& s,
                                 const PCCConfig& cfg, double scale, const at::Tensor& mean,
-                                const at::Tensor& rstd, at::Tensor& dst,
+                                const at::Tensor& rstd, const at::Tensor& codes, at::Tensor& dst,
                                 const RowLayout& dst_layout) {
+  const uint8_t* codes_all = codes.numel() ? codes.const_data_ptr<uint8_t>() : nullptr;
+  const int64_t code_bytes = codes_all ? codes.size(1) : 0;
   TORCH_INTERNAL_ASSERT(dst.scalar_type() == src.scalar_type());
   const double k = double(s.features);
   const double factor = 2.0 * scale / k;  // d R_ij / d vhat_i = vhat_j / K, R symmetric: twice
@@ -314,7 +407,11 @@ void backward_groups_per_thread(const at::Tensor& src, const RowLayout& layout, 
         normalize_row_range(x + g * layout.group, layout, s.rows, s.features, 0, s.rows, cfg.eps,
                             /*compute_stats=*/false, buf.vhat.data_ptr<acc_t>(),
                             mean_all + g * s.rows, rstd_all + g * s.rows);
-        group_row_gradient<acc_t>(buf.vhat, buf.dvhat, buf, cfg, factor);
+        // the forward's signs where it kept them (header byte 1), else R formed again
+        const uint8_t* group_codes = codes_all ? codes_all + g * code_bytes : nullptr;
+        const bool kept = group_codes && group_codes[0] == 1;
+        group_row_gradient<acc_t>(buf.vhat, buf.dvhat, buf, cfg, factor,
+                                  kept ? group_codes + 1 : nullptr);
         row_backward_range(buf.dvhat.const_data_ptr<acc_t>(), buf.vhat.const_data_ptr<acc_t>(),
                            rstd_all + g * s.rows, row_scale,
                            /*subtract_diagonal=*/small_side && !cfg.include_diagonal,
@@ -325,18 +422,20 @@ void backward_groups_per_thread(const at::Tensor& src, const RowLayout& layout, 
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_grouped(const at::Tensor& x,
-                                                               const PCCConfig& cfg) {
+PCCOutputs forward_grouped(const at::Tensor& x, const PCCConfig& cfg) {
   const at::ScalarType type = compute_type(x);
   const auto [src, layout] = addressable(group_source(x, cfg), cfg.pixel);
   const Sizes s = sizes_of(src, cfg);
   at::Tensor mean = at::empty({s.groups, s.rows}, x.options().dtype(type));
   at::Tensor rstd = at::empty_like(mean);
+  at::Tensor codes = sign_codes_for(s, cfg, x);
   const double pairs = double(s.groups) * double(pair_count(s.rows, cfg.include_diagonal));
   if (groups_per_thread(s.groups)) {
-    const double total = forward_groups_per_thread(src, layout, s, cfg, mean, rstd);
-    return {at::scalar_tensor(total / pairs, x.options().dtype(type)), mean, rstd};
+    const double total = forward_groups_per_thread(src, layout, s, cfg, mean, rstd, codes);
+    return {at::scalar_tensor(total / pairs, x.options().dtype(type)), mean, rstd, codes};
   }
+  // The chunked products keep no signs: every header (and byte) 0, so the backward recomputes.
+  codes.zero_();
   const int64_t side = cfg.square ? std::min(s.rows, s.features) : s.rows;
   const int64_t chunk = chunk_of(x, s.groups, 2 * s.rows * s.features + 2 * side * side);
   at::Tensor buffer = at::empty({chunk, s.rows, s.features}, x.options().dtype(type));
@@ -349,11 +448,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_grouped(const at::Tensor&
                    vhat, mean_chunk, rstd_chunk);
     total += phi_sum(vhat, cfg);
   }
-  return {at::scalar_tensor(total / pairs, x.options().dtype(type)), mean, rstd};
+  return {at::scalar_tensor(total / pairs, x.options().dtype(type)), mean, rstd, codes};
 }
 
 at::Tensor backward_grouped(double scale, const at::Tensor& x, const at::Tensor& mean,
-                            const at::Tensor& rstd, const PCCConfig& cfg) {
+                            const at::Tensor& rstd, const at::Tensor& codes,
+                            const PCCConfig& cfg) {
   const at::ScalarType type = compute_type(x);
   const auto [src, layout] = addressable(group_source(x, cfg), cfg.pixel);
   const Sizes s = sizes_of(src, cfg);
@@ -364,7 +464,7 @@ at::Tensor backward_grouped(double scale, const at::Tensor& x, const at::Tensor&
   const auto [dst, dst_layout] = addressable(dsrc, cfg.pixel);
   TORCH_INTERNAL_ASSERT(dst.is_same(dsrc), "gradient buffers are always addressable");
   if (groups_per_thread(s.groups)) {
-    backward_groups_per_thread(src, layout, s, cfg, scale, mean, rstd, dsrc, dst_layout);
+    backward_groups_per_thread(src, layout, s, cfg, scale, mean, rstd, codes, dsrc, dst_layout);
     if (mean_map) dx.copy_((dsrc / double(x.size(0))).expand_as(x));
     return dx;
   }
@@ -424,8 +524,7 @@ std::pair<at::Tensor, at::Tensor> batch_gram(const at::Tensor& x, const at::Tens
   return {gram, sums};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_batch(const at::Tensor& x,
-                                                             const PCCConfig& cfg) {
+PCCOutputs forward_batch(const at::Tensor& x, const PCCConfig& cfg) {
   const at::ScalarType type = compute_type(x);
   const int64_t n = x.size(0), c = x.size(1), chunk = batch_chunk(x);
   const double k = double(n) * double(x.size(2) * x.size(3));
@@ -443,7 +542,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_batch(const at::Tensor& x
   const double total = (cfg.square ? corr.square() : corr.abs()).sum().item<double>();
   const double pairs = double(pair_count(c, cfg.include_diagonal));
   return {at::scalar_tensor(total / pairs, x.options().dtype(type)), mu.view({1, c}),
-          r.to(type).view({1, c})};
+          r.to(type).view({1, c}), at::empty({0}, x.options().dtype(at::kByte))};
 }
 
 at::Tensor backward_batch(double scale, const at::Tensor& x, const at::Tensor& mean,
@@ -474,19 +573,18 @@ at::Tensor backward_batch(double scale, const at::Tensor& x, const at::Tensor& m
 
 // ---- operator entry points ----
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> pcc_forward_op(const at::Tensor& x,
-                                                             c10::string_view orientation,
-                                                             c10::string_view group,
-                                                             c10::string_view penalty,
-                                                             bool include_diagonal, double eps) {
+PCCOutputs pcc_forward_op(const at::Tensor& x, c10::string_view orientation,
+                          c10::string_view group, c10::string_view penalty,
+                          bool include_diagonal, double eps) {
   return pcc_forward_cpu(x, parse_pcc_config(orientation, group, penalty, include_diagonal, eps));
 }
 
 at::Tensor pcc_backward_op(const at::Tensor& grad_score, const at::Tensor& x,
                            const at::Tensor& mean, const at::Tensor& rstd,
-                           c10::string_view orientation, c10::string_view group,
-                           c10::string_view penalty, bool include_diagonal, double eps) {
-  return pcc_backward_cpu(grad_score, x, mean, rstd,
+                           const at::Tensor& sign_codes, c10::string_view orientation,
+                           c10::string_view group, c10::string_view penalty,
+                           bool include_diagonal, double eps) {
+  return pcc_backward_cpu(grad_score, x, mean, rstd, sign_codes,
                           parse_pcc_config(orientation, group, penalty, include_diagonal, eps));
 }
 
@@ -518,8 +616,7 @@ PCCConfig parse_pcc_config(std::string_view orientation, std::string_view group,
   return cfg;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> pcc_forward_cpu(const at::Tensor& x,
-                                                               const PCCConfig& cfg) {
+PCCOutputs pcc_forward_cpu(const at::Tensor& x, const PCCConfig& cfg) {
   check_input(x, cfg);
   // The arithmetic is fp32 (fp64) by definition: the ATen ops inside must not be autocast.
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
@@ -528,7 +625,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pcc_forward_cpu(const at::Tensor&
 
 at::Tensor pcc_backward_cpu(const at::Tensor& grad_score, const at::Tensor& x,
                             const at::Tensor& mean, const at::Tensor& rstd,
-                            const PCCConfig& cfg) {
+                            const at::Tensor& sign_codes, const PCCConfig& cfg) {
   check_input(x, cfg);
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const Sizes s = sizes_of(x, cfg);
@@ -537,10 +634,21 @@ at::Tensor pcc_backward_cpu(const at::Tensor& grad_score, const at::Tensor& x,
                         rstd.sizes() == mean.sizes(),
                     "mean and rstd must have shape (", groups, ", ", rows, "), got ",
                     mean.sizes(), " and ", rstd.sizes());
+  // The forward's sign codes, or none (shape (0,)): then the backward recomputes R.
+  const bool kept = keeps_signs(s.rows, s.features, cfg);
+  const int64_t code_bytes = kept ? sign_code_bytes(s.rows) : 0;
+  TORCH_CHECK_TYPE(sign_codes.scalar_type() == at::kByte, "sign_codes must be a uint8 tensor, got ",
+                   sign_codes.scalar_type());
+  TORCH_CHECK_VALUE(sign_codes.sizes() == at::IntArrayRef({0}) ||
+                        (kept && sign_codes.sizes() == at::IntArrayRef({groups, code_bytes})),
+                    "sign_codes must have shape (0,)", kept ? " or (" : "",
+                    kept ? std::to_string(groups) + ", " + std::to_string(code_bytes) + ")" : "",
+                    " (pcc_forward's 4th output), got ", sign_codes.sizes());
   const double pairs = double(groups) * double(pair_count(rows, cfg.include_diagonal));
   const double scale = grad_score.item<double>() / pairs;
   return cfg.group == Group::Batch ? backward_batch(scale, x, mean, rstd, cfg)
-                                   : backward_grouped(scale, x, mean, rstd, cfg);
+                                   : backward_grouped(scale, x, mean, rstd,
+                                                      sign_codes.contiguous(), cfg);
 }
 
 TORCH_LIBRARY_IMPL(pccfast, CPU, m) {

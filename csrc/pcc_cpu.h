@@ -1,5 +1,6 @@
-// PCC forward and backward on the CPU (SPEC section 1), chunked over groups so that between
-// forward and backward only the per-row statistics (mean, rstd) are kept.
+// PCC forward and backward on the CPU (SPEC section 1). Between forward and backward only the
+// per-row statistics (mean, rstd) are kept, and for "abs" where they are small (at most 1/8 of
+// the activation's fp32 bytes) the 2-bit signs of R, which spare the backward forming R again.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -22,12 +23,17 @@ struct PCCConfig {
 PCCConfig parse_pcc_config(std::string_view orientation, std::string_view group,
                            std::string_view penalty, bool include_diagonal, double eps);
 
-// x: (N, C, H, W) -> (score 0-d, mean (G, M), rstd (G, M)), all in the compute dtype.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> pcc_forward_cpu(const at::Tensor& x,
-                                                               const PCCConfig& cfg);
+// score (0-d), mean and rstd ((G, M)) in the compute dtype, and the signs of R kept for the
+// backward: uint8 (G, bytes per group), or (0,) where none are kept (see pcc_cpu.cpp).
+using PCCOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-// -> dx with x's dtype, shape and memory format.
+// x: (N, C, H, W) -> PCCOutputs.
+PCCOutputs pcc_forward_cpu(const at::Tensor& x, const PCCConfig& cfg);
+
+// -> dx with x's dtype, shape and memory format. sign_codes: the forward's 4th output, or an
+// empty (0,) uint8 tensor (then R is formed again).
 at::Tensor pcc_backward_cpu(const at::Tensor& grad_score, const at::Tensor& x,
-                            const at::Tensor& mean, const at::Tensor& rstd, const PCCConfig& cfg);
+                            const at::Tensor& mean, const at::Tensor& rstd,
+                            const at::Tensor& sign_codes, const PCCConfig& cfg);
 
 }  // namespace pccfast

@@ -201,6 +201,146 @@ def test_cpu_backend_short_rows_at_block_boundaries(features, dtype, threads):
         torch.set_num_threads(saved)
 
 
+# Sizes around the kept sign codes' rule (2 bits a pair of R's upper staircase, kept for "abs"
+# when at most 1/8 of the fp32 activation) and the staircase's blocks (32 rows up to M = 256):
+# with K = 1 (short rows) or 7 (codes too large) none are kept, with K = 49, 64, 256 they are,
+# with K = 32 for all but M = 130 (2 * 2691 bytes > 130 * 32).
+SIGN_ROW_COUNTS = [31, 32, 33, 64, 65, 130]
+SIGN_FEATURE_COUNTS = [1, 7, 32, 49, 64, 256]
+_MAPS = {1: (1, 1), 7: (1, 7), 31: (1, 31), 32: (4, 8), 33: (3, 11), 49: (7, 7), 64: (8, 8),
+         65: (5, 13), 130: (10, 13), 256: (16, 16)}
+
+
+def _sign_input(groups, rows, features, orientation, dtype, g):
+    """(G, C, H, W) with M rows of K features, ReLU'd, with an all-zero and a constant row."""
+    h, w = _MAPS[features if orientation == "channel" else rows]
+    c = rows if orientation == "channel" else features
+    x = torch.randn(groups, c, h, w, generator=g).relu()
+    rows_of = x if orientation == "channel" else x.flatten(2).transpose(1, 2)  # a view
+    rows_of[:, 1] = 0.0  # vhat = 0: R = 0 exactly against every row, code 0
+    rows_of[:, 2] = 0.5
+    return x.to(dtype)
+
+
+def _op_backward(x, mean, rstd, codes, options, grad=-1.25):
+    """dx from the compiled backward with the given sign codes ((0,): R formed again)."""
+    from pccfast.ops.pcc_options import PCCOptions
+
+    g = torch.tensor(grad, dtype=mean.dtype)
+    return torch.ops.pccfast.pcc_backward(g, x, mean, rstd, codes,
+                                          *PCCOptions(**options).op_args())
+
+
+NO_CODES = torch.empty(0, dtype=torch.uint8)
+
+
+@needs_ext
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_cpu_backend_sign_codes_give_the_recomputed_gradient(dtype, threads):
+    """The forward's kept signs of R ("abs") give bit for bit the dx of forming R again, and
+    the reference's: rows around the rule's boundary and the staircase's blocks, channel and
+    pixel rows, with and without the diagonal, zero and constant rows (R = 0: sign 0), whole
+    groups per thread on 1 and 2 threads. The codes are used: negated, they negate dx."""
+    from pccfast.ops.pcc_cpu import sign_code_bytes
+    from pccfast.ops.pcc_options import PCCOptions
+
+    g = torch.Generator().manual_seed(7 + threads)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    kept = 0
+    try:
+        for rows, features in itertools.product(SIGN_ROW_COUNTS, SIGN_FEATURE_COUNTS):
+            for orientation, diagonal in itertools.product(("channel", "pixel"), (False, True)):
+                options = dict(orientation=orientation, include_diagonal=diagonal)
+                x = _sign_input(2, rows, features, orientation, dtype, g)
+                _, mean, rstd, codes = torch.ops.pccfast.pcc_forward(
+                    x, *PCCOptions(**options).op_args())
+                size = sign_code_bytes(rows, features, PCCOptions(**options))
+                assert codes.shape == ((2, size) if size else (0,))
+                assert size == 0 or 2 * size <= rows * features  # <= 1/8 of the fp32 rows
+                dx = _op_backward(x, mean, rstd, codes, options)
+                assert torch.equal(dx, _op_backward(x, mean, rstd, NO_CODES, options))
+                if size:
+                    kept += 1
+                    assert codes[:, 0].tolist() == [1, 1]  # the whole-group path kept them
+                    # 1 <-> 2 in every 2-bit field: every sign negated, so D and dx negated
+                    negated = ((codes & 0x55) << 1) | ((codes & 0xAA) >> 1)
+                    negated[:, 0] = 1
+                    assert torch.equal(_op_backward(x, mean, rstd, negated, options), -dx)
+                if features in (7, 64) or dtype == torch.float32:
+                    _compare_backend("cpu", x, options)
+    finally:
+        torch.set_num_threads(saved)
+    assert kept == 2 * 2 * (len(SIGN_ROW_COUNTS) * 4 - 1)  # see SIGN_FEATURE_COUNTS
+
+
+@needs_ext
+def test_cpu_backend_sign_codes_across_thread_counts():
+    """Forward and backward on different thread counts: a forward that took the chunked path
+    (3 groups on 2 threads) keeps no signs (headers 0) and a whole-groups backward forms R
+    again; codes of a whole-groups forward are decoded by a whole-groups backward on another
+    thread count and ignored by a chunked one. Every dx bit for bit the recomputed one's."""
+    from pccfast.ops.pcc_options import PCCOptions
+
+    g = torch.Generator().manual_seed(3)
+    saved = torch.get_num_threads()
+    try:
+        for groups, forward_threads, backward_threads in [(3, 2, 1), (4, 2, 1), (3, 1, 2),
+                                                          (4, 1, 2)]:
+            for orientation in ("channel", "pixel"):
+                options = dict(orientation=orientation)
+                x = _sign_input(groups, 65 if orientation == "channel" else 64,
+                                49 if orientation == "channel" else 256, orientation,
+                                torch.float32, g)
+                torch.set_num_threads(forward_threads)
+                _, mean, rstd, codes = torch.ops.pccfast.pcc_forward(
+                    x, *PCCOptions(**options).op_args())
+                assert codes.dim() == 2 and codes.shape[0] == groups
+                chunked_forward = groups % forward_threads != 0
+                assert codes[:, 0].tolist() == [0 if chunked_forward else 1] * groups
+                torch.set_num_threads(backward_threads)
+                dx = _op_backward(x, mean, rstd, codes, options)
+                assert torch.equal(dx, _op_backward(x, mean, rstd, NO_CODES, options))
+                _compare_backend("cpu", x, options)
+    finally:
+        torch.set_num_threads(saved)
+
+
+@needs_ext
+def test_cpu_backend_sign_codes_shape_from_shapes_alone():
+    """The fake implementation (torch.compile, export) gives the codes' real shape: a sweep of
+    row and feature counts across the keep rule's boundary, on 1 and 2 threads, both penalties
+    and group modes; a bad codes tensor is a clear error."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from pccfast.ops.pcc_options import PCCOptions
+
+    saved = torch.get_num_threads()
+    fake_mode = FakeTensorMode()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            for c, (h, w) in itertools.product([5, 30, 33, 64, 65, 129, 200],
+                                               [(1, 5), (2, 2), (3, 4), (5, 5), (4, 9), (8, 8)]):
+                x = torch.randn(3, c, h, w)
+                for group, penalty in itertools.product(("sample", "batch", "batch_mean"),
+                                                        ("abs", "square")):
+                    args = PCCOptions(group=group, penalty=penalty).op_args()
+                    real = torch.ops.pccfast.pcc_forward(x, *args)[3]
+                    with fake_mode:
+                        fake = torch.ops.pccfast.pcc_forward(fake_mode.from_tensor(x), *args)[3]
+                    assert fake.shape == real.shape and fake.dtype == real.dtype == torch.uint8
+    finally:
+        torch.set_num_threads(saved)
+    x = torch.randn(2, 40, 8, 8)
+    _, mean, rstd, codes = torch.ops.pccfast.pcc_forward(x, *PCCOptions().op_args())
+    with pytest.raises(ValueError, match="sign_codes must have shape"):
+        _op_backward(x, mean, rstd, codes[:, 1:], {})
+    with pytest.raises(TypeError, match="sign_codes must be a uint8"):
+        _op_backward(x, mean, rstd, codes.float(), {})
+
+
 @needs_ext
 def test_cpu_backend_without_the_exported_blas():
     """A torch built with another BLAS exports no sgemm_/dgemm_: the kernels then multiply
@@ -219,8 +359,9 @@ def test_cpu_backend_without_the_exported_blas():
 
 
 @needs_ext
-def test_cpu_backend_keeps_only_row_statistics():
-    """Autograd saves x itself and (G, M) statistics, nothing activation- or Gram-sized."""
+def test_cpu_backend_keeps_row_statistics_and_small_sign_codes():
+    """Autograd saves x itself, (G, M) statistics and the signs of R (uint8, at most 1/8 of the
+    fp32 activation's bytes), nothing activation- or Gram-sized."""
     x = torch.randn(4, 6, 5, 5, requires_grad=True)
     saved = []
 
@@ -232,8 +373,11 @@ def test_cpu_backend_keeps_only_row_statistics():
         s = pccfast.pcc(x, backend="cpu")
     s.backward()
     assert any(t.data_ptr() == x.data_ptr() for t in saved)  # x itself, not a copy
+    codes = [t for t in saved if t.dtype == torch.uint8]
+    assert len(codes) == 1 and 0 < 8 * codes[0].numel() <= 4 * x.numel()
     for t in saved:
-        assert t.data_ptr() == x.data_ptr() or t.numel() <= 4 * 6, tuple(t.shape)
+        if t.dtype != torch.uint8:
+            assert t.data_ptr() == x.data_ptr() or t.numel() <= 4 * 6, tuple(t.shape)
     assert x.grad is not None
 
 

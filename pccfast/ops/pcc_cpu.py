@@ -3,9 +3,12 @@
 The operators are defined in csrc/ (TORCH_LIBRARY). This module gives them what the
 dispatcher needs from Python: fake (meta) implementations, so ``torch.compile`` can trace them,
 and a registered autograd formula. Forward returns the score plus per-row statistics
-``(mean, rstd)`` of shape (G, M); backward recomputes everything else from ``x`` chunk by chunk,
-so nothing activation- or Gram-sized is kept in between. Under ``create_graph=True`` the backward
-runs through the reference instead, so higher derivatives are exact (and cost the reference's
+``(mean, rstd)`` of shape (G, M) and, for penalty "abs" where they are small, the signs of the
+correlations at 2 bits a pair (``sign_codes``, uint8 (G, bytes), at most 1/8 of the activation's
+fp32 bytes; else shape (0,)): the backward of "abs" needs only sign(R), so with them it skips
+forming R again. Everything else the backward recomputes from ``x`` chunk by chunk, so nothing
+activation- or Gram-sized is kept in between. Under ``create_graph=True`` the backward runs
+through the reference instead, so higher derivatives are exact (and cost the reference's
 memory).
 """
 
@@ -18,32 +21,63 @@ from . import _C
 from .pcc_options import PCCOptions, compute_dtype, pcc_shape
 from .pcc_reference import pcc_input_gradient, pcc_reference
 
+# The kernels' constants that size the kept sign codes (csrc/pcc_cpu.cpp, pcc_short_rows.h):
+# R's blocks are at most _TILE_ELEMENTS values and _STAIRCASE_MIN_ROWS rows or more; rows of
+# at most _SHORT_ROW_FEATURES features take the pair loops, which keep no codes.
+_TILE_ELEMENTS = 1 << 16
+_STAIRCASE_MIN_ROWS = 32
+_SHORT_ROW_FEATURES = 4
+
+
+def _staircase_rows(m: int) -> int:
+    tile = min(max(_TILE_ELEMENTS // m, 1), m)
+    return min(tile, max(_STAIRCASE_MIN_ROWS, (m // 8 + 7) // 8 * 8))
+
+
+def sign_code_bytes(rows: int, features: int, opts: PCCOptions) -> int:
+    """Bytes per group of the sign codes pcc_forward keeps (0: none), as csrc/pcc_cpu.cpp's
+    keeps_signs and sign_code_bytes: a header byte, then ceil(w / 4) bytes for each row of R's
+    upper staircase of blocks (w: the row's width), kept for "abs" on per-sample or batch-mean
+    groups of rows longer than the short rows, where 2 * bytes <= rows * features (at most an
+    eighth of the group's fp32 activation). From shapes and options alone, so fake tensors get
+    the real shape whatever the thread count."""
+    if opts.penalty != "abs" or opts.group == "batch" or features <= _SHORT_ROW_FEATURES:
+        return 0
+    block = _staircase_rows(rows)
+    size = 1 + sum(min(block, rows - i0) * ((rows - i0 + 3) // 4) for i0 in range(0, rows, block))
+    return size if 2 * size <= rows * features else 0
+
+
 def _fake_forward(x, orientation, group, penalty, include_diagonal, eps):
     opts = PCCOptions(orientation, group, penalty, include_diagonal, eps)
     shape = pcc_shape(x.shape, opts)
     dtype = compute_dtype(x.dtype)
     stats = (shape.groups, shape.rows)
+    code_bytes = sign_code_bytes(shape.rows, shape.features, opts)
+    codes = (shape.groups, code_bytes) if code_bytes else (0,)
     return (x.new_empty((), dtype=dtype), x.new_empty(stats, dtype=dtype),
-            x.new_empty(stats, dtype=dtype))
+            x.new_empty(stats, dtype=dtype), x.new_empty(codes, dtype=torch.uint8))
 
 
-def _fake_backward(grad, x, mean, rstd, orientation, group, penalty, include_diagonal, eps):
+def _fake_backward(grad, x, mean, rstd, sign_codes, orientation, group, penalty,
+                   include_diagonal, eps):
     return torch.empty_like(x)
 
 
 def _setup_context(ctx, inputs, output):
     x, orientation, group, penalty, include_diagonal, eps = inputs
-    _, mean, rstd = output
-    ctx.save_for_backward(x, mean, rstd)
+    _, mean, rstd, sign_codes = output
+    ctx.save_for_backward(x, mean, rstd, sign_codes)
     ctx.options = (orientation, group, penalty, include_diagonal, eps)
 
 
-def _backward(ctx, grad_score, grad_mean, grad_rstd):
-    x, mean, rstd = ctx.saved_tensors
+def _backward(ctx, grad_score, grad_mean, grad_rstd, grad_codes):
+    x, mean, rstd, sign_codes = ctx.saved_tensors
     if torch.is_grad_enabled():  # create_graph=True: the backward must be differentiable itself
         grad_x = pcc_input_gradient(grad_score, x, PCCOptions(*ctx.options))
     else:
-        grad_x = torch.ops.pccfast.pcc_backward(grad_score, x, mean, rstd, *ctx.options)
+        grad_x = torch.ops.pccfast.pcc_backward(grad_score, x, mean, rstd, sign_codes,
+                                                *ctx.options)
     return grad_x, None, None, None, None, None
 
 
@@ -65,7 +99,7 @@ def pcc_cpu(x: torch.Tensor, opts: PCCOptions) -> torch.Tensor:
     can overflow a variance: that shows as rstd = 0 (1/sqrt(inf)) or a non-finite score, and
     such inputs are computed by the reference instead, which scales its rows (outside
     torch.compile, where the check would break the graph)."""
-    score, _, rstd = torch.ops.pccfast.pcc_forward(x, *opts.op_args())
+    score, _, rstd, _ = torch.ops.pccfast.pcc_forward(x, *opts.op_args())
     if not is_compiling() and (not bool(torch.isfinite(score)) or bool((rstd == 0).any())):
         return pcc_reference(x, opts)
     return score

@@ -106,9 +106,9 @@ void test_pcc_against_definition() {
           auto x = torch::randn({3, 5, 2, 3}, torch::kFloat64).requires_grad_(true);
           auto want = pcc_definition(x, cfg);
           auto grad_want = torch::autograd::grad({want}, {x})[0];
-          auto [score, mean, rstd] = pccfast::pcc_forward_cpu(x.detach(), cfg);
+          auto [score, mean, rstd, codes] = pccfast::pcc_forward_cpu(x.detach(), cfg);
           check(std::abs(score.item<double>() - want.item<double>()) <= 1e-12, "PCC forward " + name);
-          auto grad = pccfast::pcc_backward_cpu(torch::ones({}, torch::kFloat64), x.detach(), mean, rstd, cfg);
+          auto grad = pccfast::pcc_backward_cpu(torch::ones({}, torch::kFloat64), x.detach(), mean, rstd, codes, cfg);
           const double scale = grad_want.abs().max().item<double>() + 1e-30;
           check((grad - grad_want).abs().max().item<double>() <= 1e-9 * scale, "PCC backward " + name);
         }
