@@ -157,6 +157,27 @@ def test_the_interaction_and_the_reading_say_no_more_than_the_interval():
     assert math.isnan(one.low) and "no conclusion" in study_stats.reading(one, "x")
 
 
+def test_differences_without_spread_get_no_interval_and_no_test():
+    """Cells at chance in every seed differ by exactly 0: the report must not print a
+    point interval [+0.00, +0.00] with p = nan, nor call a constant nonzero difference
+    significant."""
+    pytest.importorskip("scipy")
+    zero = study_stats.paired([0.0, 0.0, 0.0])
+    assert zero.no_spread and not zero.excludes_zero
+    assert "no spread" in study_stats.reading(zero, "x")
+    constant = study_stats.paired([0.01, 0.01])
+    assert constant.no_spread and not constant.excludes_zero
+    assert not study_stats.paired([0.01, 0.02]).no_spread
+    values = {}
+    for s in range(3):
+        for arm in ("no_pcc", "pcc"):
+            values[(arm, "ci", s)] = 0.1
+            values[(arm, "random", s)] = 0.1
+    text = study_report.markdown(_rows(values))
+    assert "nan" not in text and "[+0.00, +0.00]" not in text
+    assert "– (no spread)" in text and "nothing to test" in text
+
+
 # ----------------------------------------------------------------------------- bookkeeping
 def test_changed_settings_are_never_served_from_the_caches(tmp_path, monkeypatch):
     """Issue 19, item 1: after deleting the rows a changed setting refused, the rerun measures

@@ -104,8 +104,17 @@ def _cell(stat) -> str:
 def _interval(p: st.Paired) -> str:
     if p.n < 2:
         return f"{100 * p.mean:+.2f} | – | – | {p.n}"
+    if p.no_spread:  # every seed the same difference: nothing to test (footnoted)
+        return f"{100 * p.mean:+.2f} | – (no spread) | – | {p.n}"
     return (f"{100 * p.mean:+.2f} | [{100 * p.low:+.2f}, {100 * p.high:+.2f}] | {p.p:.3g} | "
             f"{p.n}")
+
+
+def _no_spread_note(stats) -> list[str]:
+    if not any(p.no_spread for p in stats):
+        return []
+    return ["", "– (no spread): every seed gave the same difference (e.g. every cell at the same "
+            "accuracy, as at chance), so there is no interval and nothing to test."]
 
 
 def _names(rows: list[dict], config) -> tuple[list, list, list]:
@@ -211,6 +220,7 @@ def _comparisons(rows, arms, allocations, criteria) -> list[str]:
                         if k[1:4] == (arm, allocation, criterion):
                             label = _label(arm, allocation, criterion, allocations)
                             lines.append(f"| {label} | {100 * k[4]:.1f}% | {_interval(diffs[k])} |")
+        lines += _no_spread_note(diffs[k] for k in keys)
         lines.append("")
     if "random" in criteria and criteria[0] != "random":
         for arm in arms[1:]:
@@ -225,6 +235,7 @@ def _comparisons(rows, arms, allocations, criteria) -> list[str]:
                 for (stage, allocation, target), p in sorted(found.items()):
                     lines.append(f"| {SHORT[stage]} | {allocation} | {100 * target:.1f}% | "
                                  f"{_interval(p)} |")
+                lines += _no_spread_note(found.values())
                 lines.append("")
     return lines
 

@@ -24,10 +24,17 @@ class Paired:
     low: float       # 95% t-interval of the mean difference (nan for n < 2)
     high: float
     p: float         # two-sided p-value of "mean difference = 0" (nan for n < 2 or sd = 0)
+    # (for sd = 0, low = high = mean: ``no_spread`` says so, and the report prints no interval)
+
+    @property
+    def no_spread(self) -> bool:
+        """Every seed gave the same difference (e.g. both arms exactly at chance): the t-interval
+        collapses to a point and there is nothing to test, which is not certainty."""
+        return self.n >= 2 and self.sd == 0
 
     @property
     def excludes_zero(self) -> bool:
-        return self.n >= 2 and (self.low > 0 or self.high < 0)
+        return self.n >= 2 and not self.no_spread and (self.low > 0 or self.high < 0)
 
     @property
     def bound(self) -> float:
@@ -75,6 +82,9 @@ def reading(stat: Paired, what: str) -> str:
     if stat.n < 2:
         return (f"{what}: {100 * stat.mean:+.2f} points from one seed; no interval, so no "
                 "conclusion.")
+    if stat.no_spread:
+        return (f"{what}: {100 * stat.mean:+.2f} points in every one of n = {stat.n} seeds; no "
+                "spread, so no interval and no test.")
     text = (f"{what}: {100 * stat.mean:+.2f} points, 95% interval [{100 * stat.low:+.2f}, "
             f"{100 * stat.high:+.2f}], p = {stat.p:.3g}, n = {stat.n} seeds")
     if stat.excludes_zero:
