@@ -1,5 +1,10 @@
 """PCC on the CPU: the compiled "cpu" backend against the eager reference, forward + backward, at
 the VGG-16-CIFAR conv-output shapes, batch 128. Targets: no slower, >= 5x less extra memory.
+PCCFAST_BENCH_WIDTH (default 1) takes the shapes of the narrower VGG-16 the studies train
+(0.25, 0.5); OMP_NUM_THREADS=1 gives the per-layer figures of benchmarks/RESULTS.md:
+
+    PCCFAST_BENCH_WIDTH=0.5 OMP_NUM_THREADS=1 python -m pytest benchmarks/bench_pcc.py \
+        --benchmark-only -k "cpu and channel"
 
 Memory is reported two ways: the bytes autograd keeps between forward and backward (exact;
 the input itself not counted) and the extra peak: the peak resident-set growth of forward +
@@ -9,11 +14,13 @@ backward, measured in a fresh process, minus the input gradient itself (the same
 from __future__ import annotations
 
 import functools
+import os
 
 import pytest
 import torch
 
 import pccfast
+from pccfast.models._common import scaled
 
 from conftest import _TABLES
 from memory import peak_extra_bytes
@@ -24,10 +31,12 @@ VGG16_CIFAR_CONV_OUTPUTS = [
     (64, 32), (64, 32), (128, 16), (128, 16), (256, 8), (256, 8), (256, 8),
     (512, 4), (512, 4), (512, 4), (512, 2), (512, 2), (512, 2),
 ]
-DISTINCT = sorted(set(VGG16_CIFAR_CONV_OUTPUTS), reverse=True)
+WIDTH = float(os.environ.get("PCCFAST_BENCH_WIDTH", "1"))
+DISTINCT = sorted({(scaled(c, WIDTH), h) for c, h in VGG16_CIFAR_CONV_OUTPUTS}, reverse=True)
 OPTIONS = {"channel/sample/abs": dict(),
            "pixel/sample/square": dict(orientation="pixel", penalty="square")}
-SUITE = "PCC forward+backward, batch 128: cpu backend vs eager reference"
+SUITE = ("PCC forward+backward, batch 128: cpu backend vs eager reference"
+         + (f", VGG-16 width {WIDTH:g}" if WIDTH != 1 else ""))
 
 
 def make_input(c, h):
