@@ -616,6 +616,12 @@ PCCConfig parse_pcc_config(std::string_view orientation, std::string_view group,
   return cfg;
 }
 
+int64_t pcc_sign_code_bytes(int64_t rows, int64_t features, const PCCConfig& cfg) {
+  TORCH_CHECK_VALUE(rows >= 1 && features >= 1, "rows and features must be positive, got ", rows,
+                    " and ", features);
+  return keeps_signs(rows, features, cfg) ? sign_code_bytes(rows) : 0;
+}
+
 PCCOutputs pcc_forward_cpu(const at::Tensor& x, const PCCConfig& cfg) {
   check_input(x, cfg);
   // The arithmetic is fp32 (fp64) by definition: the ATen ops inside must not be autocast.
