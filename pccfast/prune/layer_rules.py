@@ -1,11 +1,11 @@
 """How a module type takes part in pccfast's own pruning graph: one entry per layer type
 (Torch-Pruning's customized pruners). The built-in types (convs, BatchNorm, Linear, norms,
-activations, ...) are registered by :mod:`pccfast.prune.fx_graph`; a layer of your own registers
+activations, ...) are registered by :mod:`pccfast.prune.fx_layers`; a layer of your own registers
 the same way, next to its class (the zoo's :class:`pccfast.models.PadShortcut` does)::
 
     from pccfast.prune.layer_rules import register_layer
 
-    def shortcut_graph(builder, n):        # n: a fx_graph.NodeInfo; builder: fx_graph.GraphBuilder
+    def shortcut_graph(builder, n):        # n: fx_groups.NodeInfo; builder: fx_graph.GraphBuilder
         ...                                # add the layer's ports, say what channels it writes
     def shortcut_slice(module, kept):      # kept: role -> kept indices (None: unchanged)
         ...
