@@ -178,8 +178,9 @@ SHORT_ROW_COUNTS = [1, 2, 3, 4, 5, 7, 8, 9, 11, 15, 16, 17, 33]
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("features", [1, 2, 3, 4, 5])
 def test_cpu_backend_short_rows_at_block_boundaries(features, dtype, threads):
-    """Rows of 1-4 features take the register-blocked pair loops (5: the products), whose row
-    blocks, column vectors and padding end at the row counts above: every count against the
+    """Rows of 1-4 features take the register-blocked pair loops (5: the products, or for
+    "abs" without kept signs the register tiles of FUSED_ROW_SHAPES), whose row blocks, column
+    vectors and padding end at the row counts above: every count against the
     reference, both penalties, with and without the diagonal, channel and pixel rows, a
     constant row and a duplicated one among random ones, whole groups per thread."""
     g = torch.Generator().manual_seed(features * 100 + threads)
