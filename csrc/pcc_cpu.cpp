@@ -3,6 +3,9 @@
 // The groups are processed in chunks of a bounded number of floats of temporaries: each chunk's
 // rows are normalised, their correlation matrix R (or, for "square" with K < M, the K x K Gram
 // matrix of the features) is formed with one batched matrix product, and phi(R) is reduced.
+// Rows of few features skip the products: for "square" and "abs" on rows of at most 4
+// features, and "abs" on rows of 5-32 features where no signs are kept (below), R is formed
+// in registers and used at once (pcc_short_rows.h, pcc_fused_rows.h; whole groups per thread).
 // The per-row mean and rstd leave the forward pass, and for "abs" on rows that are neither short
 // nor many against their length, the signs of R (2 bits a pair, at most 1/8 of the activation's
 // fp32 bytes, see keeps_signs): the backward then needs only D = factor * sign(R), which it
@@ -10,6 +13,7 @@
 // chunk. The one-group "batch" mode streams its N*P-long rows over sample chunks and keeps only
 // C x C matrices.
 #include "pcc_cpu.h"
+#include "pcc_fused_rows.h"
 #include "pcc_gemm.h"
 #include "pcc_rows.h"
 #include "pcc_short_rows.h"
@@ -189,6 +193,15 @@ bool keeps_signs(int64_t m, int64_t k, const PCCConfig& cfg) {
          2 * sign_code_bytes(m) <= m * k;
 }
 
+// Rows a little longer than the short ones take the register tiles of pcc_fused_rows.h for
+// "abs" where the forward keeps no signs (with them the backward's one product D Vhat, M^2 K
+// multiply-adds, beats the tiles' 1.5 M^2 K) and the padded rows fit in L1 with room to spare.
+bool fused_rows(int64_t m, int64_t k, const PCCConfig& cfg) {
+  return !cfg.square && k > kShortRowFeatures && k <= kFusedRowMaxFeatures &&
+         fused_rows_padded(m) * fused_features_padded(k) <= kFusedRowMaxValues &&
+         !keeps_signs(m, k, cfg);
+}
+
 // The kept codes' tensor: (G, sign_code_bytes(M)) uint8, or (0,) when none are kept.
 at::Tensor sign_codes_for(const Sizes& s, const PCCConfig& cfg, const at::Tensor& x) {
   const at::TensorOptions options = x.options().dtype(at::kByte);
@@ -238,7 +251,8 @@ bool groups_per_thread(int64_t groups) {
 }
 
 // One thread's buffers: a group's normalised rows (M, K), their gradient (backward), a block
-// of R's rows or the (K, K) feature Gram matrix, and for short rows their (K, M) transpose.
+// of R's rows or the (K, K) feature Gram matrix, for short rows their (K, M) transpose, and
+// for the fused rows their scratch (the tile then is unused).
 struct GroupBuffers {
   at::Tensor vhat, dvhat, tile, transposed;
   GroupBuffers(const Sizes& s, const PCCConfig& cfg, at::TensorOptions options, bool backward) {
@@ -248,6 +262,8 @@ struct GroupBuffers {
     tile = at::empty({std::max(gram, tile_rows(s.rows) * s.rows)}, options);
     if (short_rows(s.rows, s.features, cfg)) {
       transposed = at::empty({short_rows_scratch(s.rows, s.features)}, options);
+    } else if (fused_rows(s.rows, s.features, cfg)) {
+      transposed = at::empty({fused_rows_scratch(s.rows, s.features)}, options);
     }
   }
 };
@@ -261,6 +277,10 @@ double group_phi_sum(const at::Tensor& vhat, const GroupBuffers& buf, const PCCC
   if (short_rows(m, k, cfg)) {
     return short_rows_phi_sum(vhat.const_data_ptr<acc_t>(), buf.transposed.data_ptr<acc_t>(),
                               m, k, cfg.square, cfg.include_diagonal);
+  }
+  if (fused_rows(m, k, cfg)) {
+    return fused_rows_phi_sum(vhat.const_data_ptr<acc_t>(), buf.transposed.data_ptr<acc_t>(), m,
+                              k, cfg.include_diagonal);
   }
   const acc_t inv_k = static_cast<acc_t>(1.0 / double(k));
   if (cfg.square && k < m) {
@@ -316,6 +336,11 @@ void group_row_gradient(const at::Tensor& vhat, at::Tensor& dvhat, const GroupBu
     short_rows_gradient(vhat.const_data_ptr<acc_t>(), dvhat.data_ptr<acc_t>(),
                         buf.transposed.data_ptr<acc_t>(), m, k, factor, cfg.square,
                         cfg.include_diagonal);
+    return;
+  }
+  if (fused_rows(m, k, cfg)) {
+    fused_rows_gradient(vhat.const_data_ptr<acc_t>(), dvhat.data_ptr<acc_t>(),
+                        buf.transposed.data_ptr<acc_t>(), m, k, factor, cfg.include_diagonal);
     return;
   }
   const acc_t* v = vhat.const_data_ptr<acc_t>();
@@ -614,6 +639,12 @@ PCCConfig parse_pcc_config(std::string_view orientation, std::string_view group,
   cfg.include_diagonal = include_diagonal;
   cfg.eps = eps;
   return cfg;
+}
+
+int64_t pcc_sign_code_bytes(int64_t rows, int64_t features, const PCCConfig& cfg) {
+  TORCH_CHECK_VALUE(rows >= 1 && features >= 1, "rows and features must be positive, got ", rows,
+                    " and ", features);
+  return keeps_signs(rows, features, cfg) ? sign_code_bytes(rows) : 0;
 }
 
 PCCOutputs pcc_forward_cpu(const at::Tensor& x, const PCCConfig& cfg) {

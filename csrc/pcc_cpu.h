@@ -27,6 +27,11 @@ PCCConfig parse_pcc_config(std::string_view orientation, std::string_view group,
 // backward: uint8 (G, bytes per group), or (0,) where none are kept (see pcc_cpu.cpp).
 using PCCOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
+// Bytes per group of the sign codes pcc_forward keeps for groups of `rows` rows of `features`
+// features (header included), 0 where it keeps none: a rule of shapes and options alone, so
+// the fake implementation (pccfast/ops/pcc_cpu.py) gives the real shape by calling it.
+int64_t pcc_sign_code_bytes(int64_t rows, int64_t features, const PCCConfig& cfg);
+
 // x: (N, C, H, W) -> PCCOutputs.
 PCCOutputs pcc_forward_cpu(const at::Tensor& x, const PCCConfig& cfg);
 

@@ -178,8 +178,9 @@ SHORT_ROW_COUNTS = [1, 2, 3, 4, 5, 7, 8, 9, 11, 15, 16, 17, 33]
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("features", [1, 2, 3, 4, 5])
 def test_cpu_backend_short_rows_at_block_boundaries(features, dtype, threads):
-    """Rows of 1-4 features take the register-blocked pair loops (5: the products), whose row
-    blocks, column vectors and padding end at the row counts above: every count against the
+    """Rows of 1-4 features take the register-blocked pair loops (5: the products, or for
+    "abs" without kept signs the register tiles of FUSED_ROW_SHAPES), whose row blocks, column
+    vectors and padding end at the row counts above: every count against the
     reference, both penalties, with and without the diagonal, channel and pixel rows, a
     constant row and a duplicated one among random ones, whole groups per thread."""
     g = torch.Generator().manual_seed(features * 100 + threads)
@@ -356,6 +357,45 @@ def test_cpu_backend_without_the_exported_blas():
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "passed" in done.stdout and "skipped" not in done.stdout
+
+
+# (C, H, W, orientation) of groups whose rows take the register tiles of csrc/pcc_fused_rows.h
+# ("abs", 5-32 features, no sign codes kept, padded rows within 4096 values): the range's edges
+# in K (5 = just past the short rows, 32) and in M (the fewest rows without codes, 256 = the
+# most at K = 16), odd and even, rows padded or not, one of pixel rows (63 rows of 13).
+FUSED_ROW_SHAPES = [(9, 1, 5, "channel"), (29, 4, 4, "channel"), (64, 4, 4, "channel"),
+                    (130, 3, 3, "channel"), (93, 4, 8, "channel"), (256, 4, 4, "channel"),
+                    (13, 7, 9, "pixel")]
+
+
+@needs_ext
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_cpu_backend_fused_rows_match_the_reference(dtype, threads):
+    """The register-tiled "abs" of few-feature rows (R never stored): score and dx against the
+    reference at the range's edges, with and without the diagonal, per sample and on the batch
+    mean, with an all-zero and a constant row (R = 0 there: sign 0), whole groups per thread on
+    1 and 2 threads; no sign codes are kept for these shapes."""
+    from pccfast.ops.pcc_cpu import sign_code_bytes
+    from pccfast.ops.pcc_options import PCCOptions
+
+    g = torch.Generator().manual_seed(11 + threads)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for c, h, w, orientation in FUSED_ROW_SHAPES:
+            rows, features = (c, h * w) if orientation == "channel" else (h * w, c)
+            x = torch.randn(2, c, h, w, generator=g).relu()
+            rows_of = x if orientation == "channel" else x.flatten(2).transpose(1, 2)  # a view
+            rows_of[:, 1] = 0.0
+            rows_of[:, 2] = 0.5
+            x = x.to(dtype)
+            for group, diagonal in itertools.product(("sample", "batch_mean"), (False, True)):
+                options = dict(orientation=orientation, group=group, include_diagonal=diagonal)
+                assert sign_code_bytes(rows, features, PCCOptions(**options)) == 0
+                _compare_backend("cpu", x, options)
+    finally:
+        torch.set_num_threads(saved)
 
 
 @needs_ext

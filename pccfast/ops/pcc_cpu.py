@@ -23,31 +23,12 @@ from . import _C
 from .pcc_options import PCCOptions, compute_dtype, pcc_shape
 from .pcc_reference import pcc_input_gradient, pcc_reference
 
-# The kernels' constants that size the kept sign codes (csrc/pcc_cpu.cpp, pcc_short_rows.h):
-# R's blocks are at most _TILE_ELEMENTS values and _STAIRCASE_MIN_ROWS rows or more; rows of
-# at most _SHORT_ROW_FEATURES features take the pair loops, which keep no codes.
-_TILE_ELEMENTS = 1 << 16
-_STAIRCASE_MIN_ROWS = 32
-_SHORT_ROW_FEATURES = 4
-
-
-def _staircase_rows(m: int) -> int:
-    tile = min(max(_TILE_ELEMENTS // m, 1), m)
-    return min(tile, max(_STAIRCASE_MIN_ROWS, (m // 8 + 7) // 8 * 8))
-
-
 def sign_code_bytes(rows: int, features: int, opts: PCCOptions) -> int:
-    """Bytes per group of the sign codes pcc_forward keeps (0: none), as csrc/pcc_cpu.cpp's
-    keeps_signs and sign_code_bytes: a header byte, then ceil(w / 4) bytes for each row of R's
-    upper staircase of blocks (w: the row's width), kept for "abs" on per-sample or batch-mean
-    groups of rows longer than the short rows, where 2 * bytes <= rows * features (at most an
-    eighth of the group's fp32 activation). From shapes and options alone, so fake tensors get
-    the real shape whatever the thread count."""
-    if opts.penalty != "abs" or opts.group == "batch" or features <= _SHORT_ROW_FEATURES:
-        return 0
-    block = _staircase_rows(rows)
-    size = 1 + sum(min(block, rows - i0) * ((rows - i0 + 3) // 4) for i0 in range(0, rows, block))
-    return size if 2 * size <= rows * features else 0
+    """Bytes per group of the sign codes pcc_forward keeps for groups of rows x features
+    (a header byte, then 2 bits a pair of R's staircase; 0: none kept), by the kernels' own rule
+    (csrc/pcc_cpu.cpp, keeps_signs): from shapes and options alone, so fake tensors get the
+    real shape whatever the thread count."""
+    return _C.extension().pcc_sign_code_bytes(int(rows), int(features), *opts.op_args())
 
 
 def _fake_forward(x, orientation, group, penalty, include_diagonal, eps):
