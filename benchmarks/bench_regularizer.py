@@ -7,13 +7,14 @@ The floor is the ratio the multiply-adds alone would give: the step's conv and l
 (R by symmetry, M^2 K / 2, in forward and again in backward, and D Vhat, M^2 K) and
 2 G M K min(M, K) for "square" (the K x K side when K < M). It assumes PCC's products run
 as fast as the convolutions'; row passes (normalisation, its backward) are not counted.
-`blas_floor` measures instead, on the layers whose rows the kernels multiply with BLAS (more
-than SHORT_ROW_FEATURES features): the same products (R = Vhat Vhat^T and D Vhat, or their
-K x K forms for "square") as batched BLAS calls on each layer's shape, plus the least memory
-traffic (forward reads the activation once; backward reads it and adds to its gradient), timed
-in the same alternating rounds and added to the step without PCC; the short-row layers (2x2
-maps, pair loops that beat batched BLAS there) count at the `floor`'s multiply-add rate. What a
-kernel that only multiplied, at the BLAS's speed on these thin shapes, would cost.
+`blas_floor` measures instead, on the layers of more than SHORT_ROW_FEATURES features a row
+(the kernels use BLAS there, or register tiles for "abs" on 3x3-4x4 maps): the same products
+(R = Vhat Vhat^T and D Vhat, or their K x K forms for "square") as batched BLAS calls on
+each layer's shape, plus the least memory traffic (forward reads the activation once; backward
+reads it and adds to its gradient), timed in the same alternating rounds and added to the step
+without PCC; the short-row layers (2x2 maps, pair loops that beat batched BLAS there) count at
+the `floor`'s multiply-add rate. What a kernel that only multiplied, at the BLAS's speed on
+these thin shapes, would cost.
 
     python -m pytest benchmarks/bench_regularizer.py --benchmark-only
     PCCFAST_BENCH_MODELS=vgg16_cifar-0.25 python -m pytest benchmarks/bench_regularizer.py ...
