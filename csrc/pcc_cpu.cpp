@@ -420,11 +420,7 @@ double raw_rows_phi_sum(const acc_t* x, int64_t ld, int64_t m, int64_t k, double
   acc_t* rs = mu + m;
   const double inv_k = 1.0 / double(k);
   for (int64_t i = 0; i < m; ++i) {
-    const acc_t* row = x + i * ld;
-    double sum = 0.0;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t j = 0; j < k; ++j) sum += row[j];
-    mu[i] = static_cast<acc_t>(sum * inv_k);
+    mu[i] = static_cast<acc_t>(row_sum(x + i * ld, k) * inv_k);
   }
   gemm<acc_t>(m, m, k, 1, {x, ld, false}, {x, ld, true}, 0, g, m);  // G = X X^T
   const double bound = raw_row_max_mean_ratio<acc_t>();
@@ -483,7 +479,7 @@ void raw_rows_gradient(const acc_t* x, int64_t ld, int64_t m, int64_t k, const a
       for (int64_t j = i0 + b; j < m; ++j) d[j * m + i] = row[j - i0];  // the lower side
     }
   }
-  std::vector<double> c(m);
+  acc_t* c = buf.vhat.data_ptr<acc_t>();  // (M): vhat is unused here
   for (int64_t i = 0; i < m; ++i) {
     acc_t* row = d + i * m;
     double ci = 0.0;
@@ -492,28 +488,11 @@ void raw_rows_gradient(const acc_t* x, int64_t ld, int64_t m, int64_t k, const a
       row[j] *= rs[j];
       ci += double(row[j]) * mu[j];
     }
-    c[i] = ci;
+    c[i] = static_cast<acc_t>(ci);
   }
   gemm<acc_t>(m, k, m, 1, {d, m, false}, {x, ld, false}, 0, p, k);  // P = D diag(rstd) X
-  const double inv_k = 1.0 / double(k);
   for (int64_t i = 0; i < m; ++i) {
-    const acc_t* pr = p + i * k;
-    const acc_t* xr = x + i * ld;
-    const acc_t ci = static_cast<acc_t>(c[i]), mi = mu[i], ri = rs[i];
-    double sd = 0.0, sdv = 0.0;
-#pragma omp simd reduction(+ : sd, sdv)
-    for (int64_t j = 0; j < k; ++j) {
-      const acc_t dv = pr[j] - ci, v = (xr[j] - mi) * ri;
-      sd += dv;
-      sdv += double(dv) * v;
-    }
-    const acc_t a = ri, bb = static_cast<acc_t>(-double(ri) * sdv * inv_k),
-                e = static_cast<acc_t>(-double(ri) * sd * inv_k);
-    acc_t* out = dx + i * dx_ld;
-#pragma omp simd
-    for (int64_t j = 0; j < k; ++j) {
-      out[j] = a * (pr[j] - ci) + bb * ((xr[j] - mi) * ri) + e;
-    }
+    raw_row_backward(p + i * k, x + i * ld, dx + i * dx_ld, k, c[i], mu[i], rs[i]);
   }
 }
 
