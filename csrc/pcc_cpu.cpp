@@ -9,7 +9,9 @@
 // The per-row mean and rstd leave the forward pass, and for "abs" on rows that are neither short
 // nor many against their length, the signs of R (2 bits a pair, at most 1/8 of the activation's
 // fp32 bytes, see keeps_signs): the backward then needs only D = factor * sign(R), which it
-// decodes instead of forming R again. Otherwise the backward recomputes vhat and R chunk by
+// decodes instead of forming R again. Where those rows are fp32/fp64 channel rows of at least
+// 64 features whose means are not large against their spread, both passes work on x itself
+// ("raw rows" below: no normalised copy). Otherwise the backward recomputes vhat and R chunk by
 // chunk. The one-group "batch" mode streams its N*P-long rows over sample chunks and keeps only
 // C x C matrices.
 #include "pcc_cpu.h"
