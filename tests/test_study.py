@@ -167,7 +167,11 @@ def test_arms_are_compared_with_the_first_one_seed_by_seed(finished):
     part = text[text.index("## Each arm minus no_pcc, paired by seed"):]
     part = part[part.index("### After fine-tuning"):]
     row = next(line for line in part.splitlines() if line.startswith("| pcc / l1 | 50.0% |"))
-    assert f"| {100 * got.mean:+.2f} | [{100 * got.low:+.2f}, {100 * got.high:+.2f}] |" in row
+    # the tiny models may sit at chance in both arms on some machines and thread counts: equal
+    # per-seed differences then have no interval (tested on hand-made rows in test_study_design)
+    interval = ("– (no spread)" if got.no_spread
+                else f"[{100 * got.low:+.2f}, {100 * got.high:+.2f}]")
+    assert f"| {100 * got.mean:+.2f} | {interval} |" in row
     assert text.index("## Primary endpoint") < text.index("## Each arm minus")
 
 

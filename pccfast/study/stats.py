@@ -89,5 +89,6 @@ def reading(stat: Paired, what: str) -> str:
             f"{100 * stat.high:+.2f}], p = {stat.p:.3g}, n = {stat.n} seeds")
     if stat.excludes_zero:
         return text + " — the interval excludes 0."
-    return (text + f" — no effect shown; the interval leaves effects up to "
-            f"{100 * stat.bound:.2f} points either way possible.")
+    return (text + f" — no effect shown; effects from {100 * stat.low:+.2f} to "
+            f"{100 * stat.high:+.2f} points remain possible, none larger than "
+            f"{100 * stat.bound:.2f} points.")
