@@ -9,7 +9,9 @@
 // The per-row mean and rstd leave the forward pass, and for "abs" on rows that are neither short
 // nor many against their length, the signs of R (2 bits a pair, at most 1/8 of the activation's
 // fp32 bytes, see keeps_signs): the backward then needs only D = factor * sign(R), which it
-// decodes instead of forming R again. Otherwise the backward recomputes vhat and R chunk by
+// decodes instead of forming R again. Where those rows are fp32/fp64 channel rows of at least
+// 64 features whose means are not large against their spread, both passes work on x itself
+// ("raw rows" below: no normalised copy). Otherwise the backward recomputes vhat and R chunk by
 // chunk. The one-group "batch" mode streams its N*P-long rows over sample chunks and keeps only
 // C x C matrices.
 #include "pcc_cpu.h"
@@ -376,6 +378,126 @@ void group_row_gradient(const at::Tensor& vhat, at::Tensor& dvhat, const GroupBu
   }
 }
 
+// ---- raw rows: R from the rows as they are, no normalised copy ("abs" with kept signs) ----
+// For rows of at least kRawRowMinFeatures features, read straight from x (fp32 or fp64 channel
+// rows, contiguous features), the forward forms G = X X^T with one product on x itself and
+// R_ij = (G_ij / K - mu_i mu_j) rstd_i rstd_j, mu from one pass of row sums and the variance
+// from G's diagonal; the backward forms dvhat = D Vhat as (D diag(rstd)) X - (D (rstd mu)) 1^T,
+// one product on x, and the layer-norm backward reads x and that product once and writes dx.
+// Neither writes or reads a normalised copy. Cancellation: G's rounding, gamma |x_i| |x_j| with
+// |x_i|^2 = K (var_i + mu_i^2), reaches R as gamma sqrt((1 + a_i)(1 + a_j)), a_i = mu_i^2
+// rstd_i^2, where the normalised rows' products give gamma: a group whose rows all have
+// a_i <= kRawRowMaxMeanRatio loses at most a factor 1 + a (16: four of fp32's 24 bits) against
+// the present path; any other group (constant rows, large offsets) takes the present path.
+// The header byte of its codes says which path the forward took (2: raw rows), and the
+// backward follows it (without codes it forms R again from the normalised rows).
+constexpr int64_t kRawRowMinFeatures = 64;
+constexpr uint8_t kRawRowsHeader = 2;
+
+template <typename acc_t>
+constexpr double raw_row_max_mean_ratio() {
+  return std::is_same_v<acc_t, float> ? 15.0 : 1e4;
+}
+
+bool raw_rows(int64_t m, int64_t k, const PCCConfig& cfg) {
+  return keeps_signs(m, k, cfg) && k >= kRawRowMinFeatures && m * m <= kTileElements &&
+         !cfg.pixel;
+}
+
+// Whether the forward (and so the backward) can read the rows of `layout` in place.
+template <typename scalar_t, typename acc_t>
+bool raw_rows_addressable(const RowLayout& layout) {
+  return std::is_same_v<scalar_t, acc_t> && layout.feature == 1;
+}
+
+// The forward of one group on its raw rows x (M, K, row stride ld): writes mean, rstd and the
+// signs (after the header, which the caller writes) and returns sum phi(R); or returns a
+// negative value, having written nothing, when a row's mean is too large against its spread.
+template <typename acc_t>
+double raw_rows_phi_sum(const acc_t* x, int64_t ld, int64_t m, int64_t k, double eps,
+                        const GroupBuffers& buf, const PCCConfig& cfg, acc_t* mean_out,
+                        acc_t* rstd_out, uint8_t* codes) {
+  acc_t* g = buf.tile.data_ptr<acc_t>();
+  acc_t* mu = buf.vhat.data_ptr<acc_t>();  // (M) row means, then (M) rstd: vhat is unused here
+  acc_t* rs = mu + m;
+  const double inv_k = 1.0 / double(k);
+  for (int64_t i = 0; i < m; ++i) {
+    mu[i] = static_cast<acc_t>(row_sum(x + i * ld, k) * inv_k);
+  }
+  gemm<acc_t>(m, m, k, 1, {x, ld, false}, {x, ld, true}, 0, g, m);  // G = X X^T
+  const double bound = raw_row_max_mean_ratio<acc_t>();
+  for (int64_t i = 0; i < m; ++i) {
+    const double mean = mu[i];
+    const double var = std::max(0.0, double(g[i * m + i]) * inv_k - mean * mean);
+    rs[i] = static_cast<acc_t>(1.0 / std::sqrt(var + eps));
+    const double ratio = mean * double(rs[i]);
+    if (ratio * ratio > bound) return -1.0;
+  }
+  // R in place, row by row: G_ij / K - mu_i mu_j, scaled by rstd_i rstd_j
+  const acc_t ik = static_cast<acc_t>(inv_k);
+  for (int64_t i = 0; i < m; ++i) {
+    acc_t* row = g + i * m;
+    const acc_t mi = mu[i], ri = rs[i];
+#pragma omp simd
+    for (int64_t j = 0; j < m; ++j) row[j] = (row[j] * ik - mi * mu[j]) * (ri * rs[j]);
+  }
+  double total = 0.0;
+  const int64_t block_rows = staircase_rows(m);
+  for (int64_t i0 = 0; i0 < m; i0 += block_rows) {
+    const int64_t b = std::min(block_rows, m - i0), width = m - i0;
+    for (int64_t i = i0; i < i0 + b; ++i) {
+      const acc_t* row = g + i * m + i0;
+      encode_signs(row, width, codes);
+      codes += (width + 3) / 4;
+      total += phi_row_sum(row, b, acc_t(1), false) +
+               2.0 * phi_row_sum(row + b, width - b, acc_t(1), false);
+      if (!cfg.include_diagonal) total -= std::abs(double(row[i - i0]));
+    }
+  }
+  std::copy(mu, mu + m, mean_out);
+  std::copy(rs, rs + m, rstd_out);
+  return total;
+}
+
+// dx of one group from its raw rows x (M, K, row stride ld) and the forward's signs (after
+// the header): D = factor sign(R) with the diagonal masked, P = (D diag(rstd)) X, c = D (rstd
+// mu), dvhat = P - c 1^T, and the layer-norm backward dx_i = rstd_i (dvhat_i - mean(dvhat_i) -
+// vhat_i mean(dvhat_i vhat_i)) with vhat_i = (x_i - mu_i) rstd_i formed on the fly.
+template <typename acc_t>
+void raw_rows_gradient(const acc_t* x, int64_t ld, int64_t m, int64_t k, const acc_t* mu,
+                       const acc_t* rs, const uint8_t* codes, double factor,
+                       bool include_diagonal, const GroupBuffers& buf, acc_t* dx,
+                       int64_t dx_ld) {
+  acc_t* d = buf.tile.data_ptr<acc_t>();
+  acc_t* p = buf.dvhat.data_ptr<acc_t>();
+  const int64_t block_rows = staircase_rows(m);
+  for (int64_t i0 = 0; i0 < m; i0 += block_rows) {
+    const int64_t b = std::min(block_rows, m - i0), width = m - i0;
+    for (int64_t i = i0; i < i0 + b; ++i) {
+      acc_t* row = d + i * m + i0;
+      decode_signs(codes, width, static_cast<acc_t>(factor), row);
+      codes += (width + 3) / 4;
+      if (!include_diagonal) row[i - i0] = 0;
+      for (int64_t j = i0 + b; j < m; ++j) d[j * m + i] = row[j - i0];  // the lower side
+    }
+  }
+  acc_t* c = buf.vhat.data_ptr<acc_t>();  // (M): vhat is unused here
+  for (int64_t i = 0; i < m; ++i) {
+    acc_t* row = d + i * m;
+    double ci = 0.0;
+#pragma omp simd reduction(+ : ci)
+    for (int64_t j = 0; j < m; ++j) {
+      row[j] *= rs[j];
+      ci += double(row[j]) * mu[j];
+    }
+    c[i] = static_cast<acc_t>(ci);
+  }
+  gemm<acc_t>(m, k, m, 1, {d, m, false}, {x, ld, false}, 0, p, k);  // P = D diag(rstd) X
+  for (int64_t i = 0; i < m; ++i) {
+    raw_row_backward(p + i * k, x + i * ld, dx + i * dx_ld, k, c[i], mu[i], rs[i]);
+  }
+}
+
 double forward_groups_per_thread(const at::Tensor& src, const RowLayout& layout, const Sizes& s,
                                  const PCCConfig& cfg, at::Tensor& mean, at::Tensor& rstd,
                                  at::Tensor& codes) {
@@ -387,15 +509,28 @@ double forward_groups_per_thread(const at::Tensor& src, const RowLayout& layout,
     const scalar_t* x = src.const_data_ptr<scalar_t>();
     acc_t* mean_all = mean.data_ptr<acc_t>();
     acc_t* rstd_all = rstd.data_ptr<acc_t>();
+    const bool raw = codes_all && raw_rows(s.rows, s.features, cfg) &&
+                     raw_rows_addressable<scalar_t, acc_t>(layout);
     return at::parallel_reduce(
         0, s.groups, 1, 0.0,
         [&](int64_t begin, int64_t end, double partial) {
           const GroupBuffers buf(s, cfg, mean.options(), /*backward=*/false);
           for (int64_t g = begin; g < end; ++g) {
+            uint8_t* group_codes = codes_all ? codes_all + g * code_bytes : nullptr;
+            if (raw) {
+              const double sum = raw_rows_phi_sum<acc_t>(
+                  reinterpret_cast<const acc_t*>(x + g * layout.group), layout.row, s.rows,
+                  s.features, cfg.eps, buf, cfg, mean_all + g * s.rows, rstd_all + g * s.rows,
+                  group_codes + 1);
+              if (sum >= 0) {  // else a row's mean is too large against its spread
+                group_codes[0] = kRawRowsHeader;
+                partial += sum;
+                continue;
+              }
+            }
             normalize_row_range(x + g * layout.group, layout, s.rows, s.features, 0, s.rows,
                                 cfg.eps, /*compute_stats=*/true, buf.vhat.data_ptr<acc_t>(),
                                 mean_all + g * s.rows, rstd_all + g * s.rows);
-            uint8_t* group_codes = codes_all ? codes_all + g * code_bytes : nullptr;
             if (group_codes) *group_codes++ = 1;  // the header: valid
             partial += group_phi_sum<acc_t>(buf.vhat, buf, cfg, group_codes);
           }
@@ -425,16 +560,27 @@ void backward_groups_per_thread(const at::Tensor& src, const RowLayout& layout, 
     acc_t* mean_all = const_cast<acc_t*>(mean.const_data_ptr<acc_t>());
     acc_t* rstd_all = const_cast<acc_t*>(rstd.const_data_ptr<acc_t>());
     const bool direct = writes_directly<scalar_t, acc_t>(dst_layout);
+    // raw-row codes (header 2) on rows that cannot be read in place: decoded as any others
+    const bool raw = codes_all && direct && raw_rows_addressable<scalar_t, acc_t>(layout);
     at::parallel_for(0, s.groups, 1, [&](int64_t begin, int64_t end) {
       GroupBuffers buf(s, cfg, mean.options(), /*backward=*/true);
       std::vector<acc_t> staging(direct ? 0 : s.features);
       for (int64_t g = begin; g < end; ++g) {
+        if (raw && codes_all[g * code_bytes] == kRawRowsHeader) {
+          raw_rows_gradient<acc_t>(reinterpret_cast<const acc_t*>(x + g * layout.group),
+                                   layout.row, s.rows, s.features, mean_all + g * s.rows,
+                                   rstd_all + g * s.rows, codes_all + g * code_bytes + 1, factor,
+                                   cfg.include_diagonal, buf,
+                                   reinterpret_cast<acc_t*>(dx + g * dst_layout.group),
+                                   dst_layout.row);
+          continue;
+        }
         normalize_row_range(x + g * layout.group, layout, s.rows, s.features, 0, s.rows, cfg.eps,
                             /*compute_stats=*/false, buf.vhat.data_ptr<acc_t>(),
                             mean_all + g * s.rows, rstd_all + g * s.rows);
         // the forward's signs where it kept them (header byte 1), else R formed again
         const uint8_t* group_codes = codes_all ? codes_all + g * code_bytes : nullptr;
-        const bool kept = group_codes && group_codes[0] == 1;
+        const bool kept = group_codes && group_codes[0] != 0;
         group_row_gradient<acc_t>(buf.vhat, buf.dvhat, buf, cfg, factor,
                                   kept ? group_codes + 1 : nullptr);
         row_backward_range(buf.dvhat.const_data_ptr<acc_t>(), buf.vhat.const_data_ptr<acc_t>(),

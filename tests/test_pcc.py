@@ -264,7 +264,8 @@ def test_cpu_backend_sign_codes_give_the_recomputed_gradient(dtype, threads):
                 assert torch.equal(dx, _op_backward(x, mean, rstd, NO_CODES, options))
                 if size:
                     kept += 1
-                    assert codes[:, 0].tolist() == [1, 1]  # the whole-group path kept them
+                    # the whole-group path kept them (the constant row: normalised rows)
+                    assert codes[:, 0].tolist() == [1, 1]
                     # 1 <-> 2 in every 2-bit field: every sign negated, so D and dx negated
                     negated = ((codes & 0x55) << 1) | ((codes & 0xAA) >> 1)
                     negated[:, 0] = 1
@@ -274,6 +275,46 @@ def test_cpu_backend_sign_codes_give_the_recomputed_gradient(dtype, threads):
     finally:
         torch.set_num_threads(saved)
     assert kept == 2 * 2 * (len(SIGN_ROW_COUNTS) * 4 - 1)  # see SIGN_FEATURE_COUNTS
+
+
+# (C, H, W) of channel rows that take the raw-row path for "abs" (csrc/pcc_cpu.cpp: kept signs,
+# at least 64 features, fp32/fp64): the range's edges in K (64, 8x8) and M (33 rows: the
+# fewest with codes at K = 64; 256: the most), odd maps, the staircase's two blocks (65 rows).
+RAW_ROW_SHAPES = [(33, 8, 8), (65, 8, 8), (16, 32, 32), (31, 9, 11), (256, 16, 16)]
+
+
+@needs_ext
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_backend_raw_rows_match_the_reference(dtype, threads):
+    """R formed from the raw rows (X X^T and the row sums, no normalised copy; header 2): score
+    and dx against the reference, with an all-zero row (mean 0: still raw rows); rows whose
+    mean is large against their spread (an offset, a constant row) take the normalised rows
+    (header 1) and must agree too; sample groups and the batch mean, 1 and 2 threads."""
+    from pccfast.ops.pcc_options import PCCOptions
+
+    g = torch.Generator().manual_seed(17 + threads)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for (c, h, w), variant in itertools.product(RAW_ROW_SHAPES, ("raw", "offset", "const")):
+            x = torch.randn(2, c, h, w, generator=g).relu()
+            x[:, 1] = 0.0
+            if variant == "offset":  # mean^2 / var ~ 5^2 / 0.34: past the fp32 bound
+                x[:, 3] += 5.0 if dtype == torch.float32 else 500.0
+            if variant == "const":
+                x[:, 2] = 0.5
+            x = x.to(dtype)
+            for group, diagonal in itertools.product(("sample", "batch_mean"), (False, True)):
+                options = dict(group=group, include_diagonal=diagonal)
+                codes = torch.ops.pccfast.pcc_forward(x, *PCCOptions(**options).op_args())[3]
+                groups = 2 if group == "sample" else 1
+                # one group on 2 threads: the chunked path, no codes kept (header 0)
+                header = 0 if groups < threads else 2 if variant == "raw" else 1
+                assert codes[:, 0].tolist() == [header] * groups, (c, h, w, variant, group)
+                _compare_backend("cpu", x, options)
+    finally:
+        torch.set_num_threads(saved)
 
 
 @needs_ext
