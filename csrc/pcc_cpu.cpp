@@ -380,7 +380,7 @@ void group_row_gradient(const at::Tensor& vhat, at::Tensor& dvhat, const GroupBu
 
 // ---- raw rows: R from the rows as they are, no normalised copy ("abs" with kept signs) ----
 // For rows of at least kRawRowMinFeatures features, read straight from x (fp32 or fp64 channel
-// rows, contiguous features), the forward forms G = X X^T with one product on x itself and
+// rows, contiguous features), the forward forms G = X X^T's upper staircase on x itself and
 // R_ij = (G_ij / K - mu_i mu_j) rstd_i rstd_j, mu from one pass of row sums and the variance
 // from G's diagonal; the backward forms dvhat = D Vhat as (D diag(rstd)) X - (D (rstd mu)) 1^T,
 // one product on x, and the layer-norm backward reads x and that product once and writes dx.
@@ -424,7 +424,14 @@ double raw_rows_phi_sum(const acc_t* x, int64_t ld, int64_t m, int64_t k, double
   for (int64_t i = 0; i < m; ++i) {
     mu[i] = static_cast<acc_t>(row_sum(x + i * ld, k) * inv_k);
   }
-  gemm<acc_t>(m, m, k, 1, {x, ld, false}, {x, ld, true}, 0, g, m);  // G = X X^T
+  // G = X X^T on R's upper staircase only (as group_phi_sum): rows [i0, i0 + b) against
+  // columns [i0, M), written where they sit in the M x M tile
+  const int64_t block_rows = staircase_rows(m);
+  for (int64_t i0 = 0; i0 < m; i0 += block_rows) {
+    const int64_t b = std::min(block_rows, m - i0);
+    const acc_t* xi = x + i0 * ld;
+    gemm<acc_t>(b, m - i0, k, 1, {xi, ld, false}, {xi, ld, true}, 0, g + i0 * m + i0, m);
+  }
   const double bound = raw_row_max_mean_ratio<acc_t>();
   for (int64_t i = 0; i < m; ++i) {
     const double mean = mu[i];
@@ -433,20 +440,18 @@ double raw_rows_phi_sum(const acc_t* x, int64_t ld, int64_t m, int64_t k, double
     const double ratio = mean * double(rs[i]);
     if (ratio * ratio > bound) return -1.0;
   }
-  // R in place, row by row: G_ij / K - mu_i mu_j, scaled by rstd_i rstd_j
+  // R in place, row by row over the staircase: (G_ij / K - mu_i mu_j) rstd_i rstd_j
   const acc_t ik = static_cast<acc_t>(inv_k);
-  for (int64_t i = 0; i < m; ++i) {
-    acc_t* row = g + i * m;
-    const acc_t mi = mu[i], ri = rs[i];
-#pragma omp simd
-    for (int64_t j = 0; j < m; ++j) row[j] = (row[j] * ik - mi * mu[j]) * (ri * rs[j]);
-  }
   double total = 0.0;
-  const int64_t block_rows = staircase_rows(m);
   for (int64_t i0 = 0; i0 < m; i0 += block_rows) {
     const int64_t b = std::min(block_rows, m - i0), width = m - i0;
     for (int64_t i = i0; i < i0 + b; ++i) {
-      const acc_t* row = g + i * m + i0;
+      acc_t* row = g + i * m + i0;
+      const acc_t mi = mu[i], ri = rs[i];
+      const acc_t* mj = mu + i0;
+      const acc_t* rj = rs + i0;
+#pragma omp simd
+      for (int64_t j = 0; j < width; ++j) row[j] = (row[j] * ik - mi * mj[j]) * (ri * rj[j]);
       encode_signs(row, width, codes);
       codes += (width + 3) / 4;
       total += phi_row_sum(row, b, acc_t(1), false) +
