@@ -178,6 +178,20 @@ def test_differences_without_spread_get_no_interval_and_no_test():
     assert "– (no spread)" in text and "nothing to test" in text
 
 
+
+def test_only_a_best_mean_no_other_row_ties_is_bold():
+    """Right after deep pruning every row can sit at chance: bolding all of them as "the best"
+    says nothing, so a tie marks none; a unique best is marked once."""
+    tied = {(a, c, s): 0.1 for a in ("no_pcc", "pcc") for c in ("ci", "random") for s in range(3)}
+    table = [line for line in study_report.markdown(_rows(tied)).splitlines()
+             if line.startswith(("| no_pcc /", "| pcc /")) and " ± " in line]
+    assert len(table) == 4 and not any("**" in line for line in table)
+    best = {**tied, **{("pcc", "ci", s): 0.7 + 0.01 * s for s in range(3)}}
+    table = [line for line in study_report.markdown(_rows(best)).splitlines()
+             if line.startswith(("| no_pcc /", "| pcc /")) and " ± " in line]
+    assert [line.count("**") for line in table] == [0, 0, 2, 0]
+    assert "| pcc / ci | **71.00 ± 1.00 (3)** |" in table
+
 # ----------------------------------------------------------------------------- bookkeeping
 def test_changed_settings_are_never_served_from_the_caches(tmp_path, monkeypatch):
     """Issue 19, item 1: after deleting the rows a changed setting refused, the rerun measures

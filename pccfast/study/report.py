@@ -191,7 +191,7 @@ def markdown(rows: list[dict], config=None, features: list[dict] | None = None) 
             if targets:
                 lines += ["", f"## {title.capitalize()} accuracy {STAGE_TITLES[stage]}", "",
                           "Mean ± standard deviation over seeds (n); the best mean of each "
-                          "target in bold.", ""]
+                          "target in bold where no other row ties it.", ""]
                 lines += _table(stage, targets, columns, stats, allocations)
     return "\n".join(lines) + "\n"
 
@@ -283,6 +283,9 @@ def _table(stage, targets, columns, stats, allocations) -> list[str]:
         lines.append("| *FLOPs removed, measured* | " + " | ".join(measured) + " |")
     top = {t: max((s["acc"][0] for (col, tt), s in found.items() if tt == t and s), default=None)
            for t in targets}
+    # a best shared by several rows (all at chance right after deep pruning) marks none
+    ties = {t: sum(1 for (col, tt), s in found.items() if tt == t and s and s["acc"][0] == top[t])
+            for t in targets}
     for col in columns:
         if not any(found[(col, t)] for t in targets):
             continue
@@ -290,7 +293,8 @@ def _table(stage, targets, columns, stats, allocations) -> list[str]:
         for t in targets:
             s = found[(col, t)]
             text = "" if s is None else _cell(s)
-            cells.append(f"**{text}**" if s is not None and s["acc"][0] == top[t] else text)
+            cells.append(f"**{text}**" if s is not None and s["acc"][0] == top[t]
+                         and ties[t] == 1 else text)
         lines.append(f"| {_label(col[0], col[1], col[2], allocations)} | " + " | ".join(cells)
                      + " |")
     return lines
