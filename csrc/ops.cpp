@@ -7,7 +7,8 @@ TORCH_LIBRARY(pccfast, m) {
   // x: (N, C, H, W) -> (score: 0-d, mean: (G, M), rstd: (G, M)), fp32 (fp64 for fp64 input),
   // and sign_codes: uint8 (G, bytes), the signs of R at 2 bits a pair, kept for "abs" where they
   // are at most 1/8 of the activation's fp32 bytes (the rule: csrc/pcc_cpu.cpp keeps_signs,
-  // from the shapes and options alone), else (0,).
+  // from the shapes and options alone), then for long channel rows a double a row (R's row sums
+  // of |R|, group_code_bytes), else (0,).
   m.def(
       "pcc_forward(Tensor x, str orientation, str group, str penalty, bool include_diagonal, "
       "float eps) -> (Tensor, Tensor, Tensor, Tensor)");

@@ -11,7 +11,8 @@
 // fp32 bytes, see keeps_signs): the backward then needs only D = factor * sign(R), which it
 // decodes instead of forming R again. Where those rows are fp32/fp64 channel rows of at least
 // 64 features whose means are not large against their spread, both passes work on x itself
-// ("raw rows" below: no normalised copy). Otherwise the backward recomputes vhat and R chunk by
+// ("raw rows" below: no normalised copy; the backward is one product into dx, from the rows'
+// sums of |R| kept with the signs). Otherwise the backward recomputes vhat and R chunk by
 // chunk. The one-group "batch" mode streams its N*P-long rows over sample chunks and keeps only
 // C x C matrices.
 #include "pcc_cpu.h"
@@ -24,6 +25,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
+#include <vector>
 
 namespace pccfast {
 namespace {
@@ -174,6 +177,7 @@ bool short_rows(int64_t m, int64_t k, const PCCConfig& cfg) {
 // [i0, i0 + b) of a block have width M - i0) ceil(w / 4) bytes, "planar": byte q holds
 // columns q, q + L, q + 2L, q + 3L (L = ceil(w / 4)) in bits 0-1, 2-3, 4-5, 6-7, each as
 // 0 (zero), 1 (positive) or 2 (negative), so that both loops below run over contiguous columns.
+// Shapes that may take the raw rows (below) add M doubles after the signs (group_code_bytes).
 
 // Bytes of one group's codes, header included.
 int64_t sign_code_bytes(int64_t m) {
@@ -202,13 +206,6 @@ bool fused_rows(int64_t m, int64_t k, const PCCConfig& cfg) {
   return !cfg.square && k > kShortRowFeatures && k <= kFusedRowMaxFeatures &&
          fused_rows_padded(m) * fused_features_padded(k) <= kFusedRowMaxValues &&
          !keeps_signs(m, k, cfg);
-}
-
-// The kept codes' tensor: (G, sign_code_bytes(M)) uint8, or (0,) when none are kept.
-at::Tensor sign_codes_for(const Sizes& s, const PCCConfig& cfg, const at::Tensor& x) {
-  const at::TensorOptions options = x.options().dtype(at::kByte);
-  if (!keeps_signs(s.rows, s.features, cfg)) return at::empty({0}, options);
-  return at::empty({s.groups, sign_code_bytes(s.rows)}, options);
 }
 
 // Writes the sign codes of one staircase row r[0, w) (raw products K R, the sign of R).
@@ -391,6 +388,11 @@ void group_row_gradient(const at::Tensor& vhat, at::Tensor& dvhat, const GroupBu
 // the present path; any other group (constant rows, large offsets) takes the present path.
 // The header byte of its codes says which path the forward took (2: raw rows), and the
 // backward follows it (without codes it forms R again from the normalised rows).
+// The backward needs no pass over D Vhat for the layer-norm's row sums: sum_k dvhat_ik = 0, as
+// every vhat row sums to 0, and sum_k dvhat_ik vhat_ik = K sum_j D_ij R_ij = K factor S_i with
+// S_i = sum_j |R_ij| (the pairs D keeps), which the forward adds up as it goes and keeps after
+// the signs (one double a row). So dx_i = rstd_i (dvhat_i - vhat_i factor S_i) is one product,
+// dx = A X + u 1^T with A = diag(rstd) D diag(rstd) - diag(factor S rstd^2), u = -A mu.
 constexpr int64_t kRawRowMinFeatures = 64;
 constexpr uint8_t kRawRowsHeader = 2;
 
@@ -404,19 +406,34 @@ bool raw_rows(int64_t m, int64_t k, const PCCConfig& cfg) {
          !cfg.pixel;
 }
 
+// Bytes of one group's codes: the signs (header included), then for shapes that may take the
+// raw rows the M row sums S_i (doubles, unaligned: read and written with memcpy). A rule of
+// shapes and options alone, as keeps_signs; unused where a group takes the normalised rows.
+int64_t group_code_bytes(int64_t m, int64_t k, const PCCConfig& cfg) {
+  return sign_code_bytes(m) + (raw_rows(m, k, cfg) ? m * int64_t(sizeof(double)) : 0);
+}
+
+// The kept codes' tensor: (G, group_code_bytes) uint8, or (0,) when none are kept.
+at::Tensor sign_codes_for(const Sizes& s, const PCCConfig& cfg, const at::Tensor& x) {
+  const at::TensorOptions options = x.options().dtype(at::kByte);
+  if (!keeps_signs(s.rows, s.features, cfg)) return at::empty({0}, options);
+  return at::empty({s.groups, group_code_bytes(s.rows, s.features, cfg)}, options);
+}
+
 // Whether the forward (and so the backward) can read the rows of `layout` in place.
 template <typename scalar_t, typename acc_t>
 bool raw_rows_addressable(const RowLayout& layout) {
   return std::is_same_v<scalar_t, acc_t> && layout.feature == 1;
 }
 
-// The forward of one group on its raw rows x (M, K, row stride ld): writes mean, rstd and the
-// signs (after the header, which the caller writes) and returns sum phi(R); or returns a
-// negative value, having written nothing, when a row's mean is too large against its spread.
+// The forward of one group on its raw rows x (M, K, row stride ld): writes mean, rstd, the
+// signs (after the header, which the caller writes) and the row sums S (at `sums`) and returns
+// sum phi(R); or returns a negative value, having written nothing, when a row's mean is too
+// large against its spread.
 template <typename acc_t>
 double raw_rows_phi_sum(const acc_t* x, int64_t ld, int64_t m, int64_t k, double eps,
                         const GroupBuffers& buf, const PCCConfig& cfg, acc_t* mean_out,
-                        acc_t* rstd_out, uint8_t* codes) {
+                        acc_t* rstd_out, uint8_t* codes, uint8_t* sums) {
   acc_t* g = buf.tile.data_ptr<acc_t>();
   acc_t* mu = buf.vhat.data_ptr<acc_t>();  // (M) row means, then (M) rstd: vhat is unused here
   acc_t* rs = mu + m;
@@ -440,8 +457,12 @@ double raw_rows_phi_sum(const acc_t* x, int64_t ld, int64_t m, int64_t k, double
     const double ratio = mean * double(rs[i]);
     if (ratio * ratio > bound) return -1.0;
   }
-  // R in place, row by row over the staircase: (G_ij / K - mu_i mu_j) rstd_i rstd_j
+  // R in place, row by row over the staircase: (G_ij / K - mu_i mu_j) rstd_i rstd_j. Row i's
+  // sum of |R| over the block's columns and beyond goes to S_i; the pairs beyond the block
+  // (formed once) also to S_j, through `below` (column sums in acc_t, as R's row sums are).
   const acc_t ik = static_cast<acc_t>(inv_k);
+  std::vector<double> row_sums(m, 0.0);
+  std::vector<acc_t> below(m, acc_t(0));
   double total = 0.0;
   for (int64_t i0 = 0; i0 < m; i0 += block_rows) {
     const int64_t b = std::min(block_rows, m - i0), width = m - i0;
@@ -454,53 +475,68 @@ double raw_rows_phi_sum(const acc_t* x, int64_t ld, int64_t m, int64_t k, double
       for (int64_t j = 0; j < width; ++j) row[j] = (row[j] * ik - mi * mj[j]) * (ri * rj[j]);
       encode_signs(row, width, codes);
       codes += (width + 3) / 4;
-      total += phi_row_sum(row, b, acc_t(1), false) +
-               2.0 * phi_row_sum(row + b, width - b, acc_t(1), false);
-      if (!cfg.include_diagonal) total -= std::abs(double(row[i - i0]));
+      const double block = phi_row_sum(row, b, acc_t(1), false);
+      const double beyond = phi_row_sum(row + b, width - b, acc_t(1), false);
+      total += block + 2.0 * beyond;
+      row_sums[i] += block + beyond;
+      if (!cfg.include_diagonal) {
+        total -= std::abs(double(row[i - i0]));
+        row_sums[i] -= std::abs(double(row[i - i0]));
+      }
+      acc_t* col = below.data() + i0 + b;
+      const acc_t* r = row + b;
+#pragma omp simd
+      for (int64_t j = 0; j < width - b; ++j) col[j] += std::abs(r[j]);
+    }
+    // the column sums of this block's pairs are complete for the rows of the next block on
+    for (int64_t j = i0 + b; j < std::min(m, i0 + b + block_rows); ++j) {
+      row_sums[j] += below[j];
     }
   }
+  std::memcpy(sums, row_sums.data(), m * sizeof(double));
   std::copy(mu, mu + m, mean_out);
   std::copy(rs, rs + m, rstd_out);
   return total;
 }
 
-// dx of one group from its raw rows x (M, K, row stride ld) and the forward's signs (after
-// the header): D = factor sign(R) with the diagonal masked, P = (D diag(rstd)) X, c = D (rstd
-// mu), dvhat = P - c 1^T, and the layer-norm backward dx_i = rstd_i (dvhat_i - mean(dvhat_i) -
-// vhat_i mean(dvhat_i vhat_i)) with vhat_i = (x_i - mu_i) rstd_i formed on the fly.
+// dx of one group from its raw rows x (M, K, row stride ld), the forward's signs (after the
+// header) and row sums S (at `sums`): D = factor sign(R) with the diagonal masked, then (see
+// above) A = diag(rstd) D diag(rstd) - diag(factor S rstd^2) and dx = A X - (A mu) 1^T,
+// written straight into dx.
 template <typename acc_t>
 void raw_rows_gradient(const acc_t* x, int64_t ld, int64_t m, int64_t k, const acc_t* mu,
-                       const acc_t* rs, const uint8_t* codes, double factor,
+                       const acc_t* rs, const uint8_t* codes, const uint8_t* sums, double factor,
                        bool include_diagonal, const GroupBuffers& buf, acc_t* dx,
                        int64_t dx_ld) {
-  acc_t* d = buf.tile.data_ptr<acc_t>();
-  acc_t* p = buf.dvhat.data_ptr<acc_t>();
+  acc_t* a = buf.tile.data_ptr<acc_t>();
   const int64_t block_rows = staircase_rows(m);
   for (int64_t i0 = 0; i0 < m; i0 += block_rows) {
     const int64_t b = std::min(block_rows, m - i0), width = m - i0;
     for (int64_t i = i0; i < i0 + b; ++i) {
-      acc_t* row = d + i * m + i0;
+      acc_t* row = a + i * m + i0;
       decode_signs(codes, width, static_cast<acc_t>(factor), row);
       codes += (width + 3) / 4;
       if (!include_diagonal) row[i - i0] = 0;
-      for (int64_t j = i0 + b; j < m; ++j) d[j * m + i] = row[j - i0];  // the lower side
+      for (int64_t j = i0 + b; j < m; ++j) a[j * m + i] = row[j - i0];  // the lower side
     }
   }
-  acc_t* c = buf.vhat.data_ptr<acc_t>();  // (M): vhat is unused here
+  std::vector<double> s(m);
+  std::memcpy(s.data(), sums, m * sizeof(double));
+  acc_t* u = buf.vhat.data_ptr<acc_t>();  // (M): vhat is unused here
   for (int64_t i = 0; i < m; ++i) {
-    acc_t* row = d + i * m;
-    double ci = 0.0;
-#pragma omp simd reduction(+ : ci)
+    acc_t* row = a + i * m;
+    const acc_t ri = rs[i];
+    row[i] = static_cast<acc_t>(double(row[i]) - factor * s[i]);  // rstd_i^2 once scaled
+    double ui = 0.0;
+#pragma omp simd reduction(+ : ui)
     for (int64_t j = 0; j < m; ++j) {
-      row[j] *= rs[j];
-      ci += double(row[j]) * mu[j];
+      row[j] *= ri * rs[j];
+      ui += double(row[j]) * mu[j];
     }
-    c[i] = static_cast<acc_t>(ci);
+    u[i] = static_cast<acc_t>(-ui);
   }
-  gemm<acc_t>(m, k, m, 1, {d, m, false}, {x, ld, false}, 0, p, k);  // P = D diag(rstd) X
-  for (int64_t i = 0; i < m; ++i) {
-    raw_row_backward(p + i * k, x + i * ld, dx + i * dx_ld, k, c[i], mu[i], rs[i]);
-  }
+  gemm<acc_t>(m, k, m, 1, {a, m, false}, {x, ld, false}, 0, dx, dx_ld);  // A X
+  for (int64_t i = 0; i < m; ++i) add_to_row(dx + i * dx_ld, k, u[i]);
 }
 
 double forward_groups_per_thread(const at::Tensor& src, const RowLayout& layout, const Sizes& s,
@@ -526,7 +562,7 @@ double forward_groups_per_thread(const at::Tensor& src, const RowLayout& layout,
               const double sum = raw_rows_phi_sum<acc_t>(
                   reinterpret_cast<const acc_t*>(x + g * layout.group), layout.row, s.rows,
                   s.features, cfg.eps, buf, cfg, mean_all + g * s.rows, rstd_all + g * s.rows,
-                  group_codes + 1);
+                  group_codes + 1, group_codes + sign_code_bytes(s.rows));
               if (sum >= 0) {  // else a row's mean is too large against its spread
                 group_codes[0] = kRawRowsHeader;
                 partial += sum;
@@ -574,7 +610,8 @@ void backward_groups_per_thread(const at::Tensor& src, const RowLayout& layout, 
         if (raw && codes_all[g * code_bytes] == kRawRowsHeader) {
           raw_rows_gradient<acc_t>(reinterpret_cast<const acc_t*>(x + g * layout.group),
                                    layout.row, s.rows, s.features, mean_all + g * s.rows,
-                                   rstd_all + g * s.rows, codes_all + g * code_bytes + 1, factor,
+                                   rstd_all + g * s.rows, codes_all + g * code_bytes + 1,
+                                   codes_all + g * code_bytes + sign_code_bytes(s.rows), factor,
                                    cfg.include_diagonal, buf,
                                    reinterpret_cast<acc_t*>(dx + g * dst_layout.group),
                                    dst_layout.row);
@@ -795,7 +832,7 @@ PCCConfig parse_pcc_config(std::string_view orientation, std::string_view group,
 int64_t pcc_sign_code_bytes(int64_t rows, int64_t features, const PCCConfig& cfg) {
   TORCH_CHECK_VALUE(rows >= 1 && features >= 1, "rows and features must be positive, got ", rows,
                     " and ", features);
-  return keeps_signs(rows, features, cfg) ? sign_code_bytes(rows) : 0;
+  return keeps_signs(rows, features, cfg) ? group_code_bytes(rows, features, cfg) : 0;
 }
 
 PCCOutputs pcc_forward_cpu(const at::Tensor& x, const PCCConfig& cfg) {
@@ -818,7 +855,7 @@ at::Tensor pcc_backward_cpu(const at::Tensor& grad_score, const at::Tensor& x,
                     mean.sizes(), " and ", rstd.sizes());
   // The forward's sign codes, or none (shape (0,)): then the backward recomputes R.
   const bool kept = keeps_signs(s.rows, s.features, cfg);
-  const int64_t code_bytes = kept ? sign_code_bytes(s.rows) : 0;
+  const int64_t code_bytes = kept ? group_code_bytes(s.rows, s.features, cfg) : 0;
   TORCH_CHECK_TYPE(sign_codes.scalar_type() == at::kByte, "sign_codes must be a uint8 tensor, got ",
                    sign_codes.scalar_type());
   TORCH_CHECK_VALUE(sign_codes.sizes() == at::IntArrayRef({0}) ||

@@ -142,36 +142,21 @@ PCCFAST_INLINE double row_sum_impl(const acc_t* v, int64_t n) {
   return sum;
 }
 
-// out = rstd (d - mean(d) - vhat mean(d vhat)), d = p - c, vhat = (x - mu) rstd: the layer-norm
-// backward of one row whose dvhat is p - c.
+// v += c (the rank-one part of the raw rows' dx)
 template <typename acc_t>
-PCCFAST_INLINE void raw_row_backward_impl(const acc_t* p, const acc_t* x, acc_t* out, int64_t n,
-                                          acc_t c, acc_t mu, acc_t rs) {
-  double sd = 0.0, sdv = 0.0;
-#pragma omp simd reduction(+ : sd, sdv)
-  for (int64_t k = 0; k < n; ++k) {
-    const acc_t d = p[k] - c, v = (x[k] - mu) * rs;
-    sd += d;
-    sdv += double(d) * v;
-  }
-  const acc_t b = static_cast<acc_t>(-double(rs) * sdv / double(n));
-  const acc_t e = static_cast<acc_t>(-double(rs) * sd / double(n));
+PCCFAST_INLINE void add_to_row_impl(acc_t* v, int64_t n, acc_t c) {
 #pragma omp simd
-  for (int64_t k = 0; k < n; ++k) out[k] = rs * (p[k] - c) + b * ((x[k] - mu) * rs) + e;
+  for (int64_t k = 0; k < n; ++k) v[k] += c;
 }
 
 PCCFAST_SIMD_CLONES inline double row_sum(const float* v, int64_t n) {
   return row_sum_impl(v, n);
 }
 inline double row_sum(const double* v, int64_t n) { return row_sum_impl(v, n); }
-PCCFAST_SIMD_CLONES inline void raw_row_backward(const float* p, const float* x, float* out,
-                                                 int64_t n, float c, float mu, float rs) {
-  raw_row_backward_impl(p, x, out, n, c, mu, rs);
+PCCFAST_SIMD_CLONES inline void add_to_row(float* v, int64_t n, float c) {
+  add_to_row_impl(v, n, c);
 }
-inline void raw_row_backward(const double* p, const double* x, double* out, int64_t n, double c,
-                             double mu, double rs) {
-  raw_row_backward_impl(p, x, out, n, c, mu, rs);
-}
+inline void add_to_row(double* v, int64_t n, double c) { add_to_row_impl(v, n, c); }
 
 template <typename acc_t>
 PCCFAST_INLINE double phi_row_sum_impl(const acc_t* r, int64_t n, acc_t scale, bool square) {

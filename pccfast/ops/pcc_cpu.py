@@ -5,9 +5,10 @@ dispatcher needs from Python: fake (meta) implementations, so ``torch.compile`` 
 and a registered autograd formula. Forward returns the score plus per-row statistics
 ``(mean, rstd)`` of shape (G, M) and, for penalty "abs" where they are small, the signs of the
 correlations at 2 bits a pair (``sign_codes``, uint8 (G, bytes), at most 1/8 of the activation's
-fp32 bytes; else shape (0,)): the backward of "abs" needs only sign(R), so with them it skips
-forming R again. Everything else the backward recomputes from ``x`` chunk by chunk, so nothing
-activation- or Gram-sized is kept in between. Under ``create_graph=True`` the backward runs
+fp32 bytes, and for long channel rows each row's sum of |R|; else shape (0,)): the backward of
+"abs" needs only sign(R) (and those sums), so with them it skips forming R again. Everything
+else the backward recomputes from ``x`` chunk by chunk, so nothing activation- or Gram-sized is
+kept in between. Under ``create_graph=True`` the backward runs
 through the reference instead, so higher derivatives are exact (and cost the reference's
 memory).
 """
@@ -25,8 +26,9 @@ from .pcc_reference import pcc_input_gradient, pcc_reference
 
 def sign_code_bytes(rows: int, features: int, opts: PCCOptions) -> int:
     """Bytes per group of the sign codes pcc_forward keeps for groups of rows x features
-    (a header byte, then 2 bits a pair of R's staircase; 0: none kept), by the kernels' own rule
-    (csrc/pcc_cpu.cpp, keeps_signs): from shapes and options alone, so fake tensors get the
+    (a header byte, then 2 bits a pair of R's staircase, then for long channel rows a double a
+    row; 0: none kept), by the kernels' own rule (csrc/pcc_cpu.cpp, keeps_signs and
+    group_code_bytes): from shapes and options alone, so fake tensors get the
     real shape whatever the thread count."""
     return _C.extension().pcc_sign_code_bytes(int(rows), int(features), *opts.op_args())
 
