@@ -379,12 +379,11 @@ void group_row_gradient(const at::Tensor& vhat, at::Tensor& dvhat, const GroupBu
 // For rows of at least kRawRowMinFeatures features, read straight from x (fp32 or fp64 channel
 // rows, contiguous features), the forward forms G = X X^T's upper staircase on x itself and
 // R_ij = (G_ij / K - mu_i mu_j) rstd_i rstd_j, mu from one pass of row sums and the variance
-// from G's diagonal; the backward forms dvhat = D Vhat as (D diag(rstd)) X - (D (rstd mu)) 1^T,
-// one product on x, and the layer-norm backward reads x and that product once and writes dx.
-// Neither writes or reads a normalised copy. Cancellation: G's rounding, gamma |x_i| |x_j| with
+// from G's diagonal; the backward is one product on x written into dx (below). Neither writes
+// or reads a normalised copy. Cancellation: G's rounding, gamma |x_i| |x_j| with
 // |x_i|^2 = K (var_i + mu_i^2), reaches R as gamma sqrt((1 + a_i)(1 + a_j)), a_i = mu_i^2
 // rstd_i^2, where the normalised rows' products give gamma: a group whose rows all have
-// a_i <= kRawRowMaxMeanRatio loses at most a factor 1 + a (16: four of fp32's 24 bits) against
+// a_i <= raw_row_max_mean_ratio() loses at most a factor 1 + a (16: four of fp32's 24 bits) against
 // the present path; any other group (constant rows, large offsets) takes the present path.
 // The header byte of its codes says which path the forward took (2: raw rows), and the
 // backward follows it (without codes it forms R again from the normalised rows).
@@ -477,12 +476,9 @@ double raw_rows_phi_sum(const acc_t* x, int64_t ld, int64_t m, int64_t k, double
       codes += (width + 3) / 4;
       const double block = phi_row_sum(row, b, acc_t(1), false);
       const double beyond = phi_row_sum(row + b, width - b, acc_t(1), false);
-      total += block + 2.0 * beyond;
-      row_sums[i] += block + beyond;
-      if (!cfg.include_diagonal) {
-        total -= std::abs(double(row[i - i0]));
-        row_sums[i] -= std::abs(double(row[i - i0]));
-      }
+      const double diagonal = cfg.include_diagonal ? 0.0 : std::abs(double(row[i - i0]));
+      total += block + 2.0 * beyond - diagonal;
+      row_sums[i] += block + beyond - diagonal;
       acc_t* col = below.data() + i0 + b;
       const acc_t* r = row + b;
 #pragma omp simd
@@ -520,13 +516,13 @@ void raw_rows_gradient(const acc_t* x, int64_t ld, int64_t m, int64_t k, const a
       for (int64_t j = i0 + b; j < m; ++j) a[j * m + i] = row[j - i0];  // the lower side
     }
   }
-  std::vector<double> s(m);
-  std::memcpy(s.data(), sums, m * sizeof(double));
   acc_t* u = buf.vhat.data_ptr<acc_t>();  // (M): vhat is unused here
   for (int64_t i = 0; i < m; ++i) {
     acc_t* row = a + i * m;
     const acc_t ri = rs[i];
-    row[i] = static_cast<acc_t>(double(row[i]) - factor * s[i]);  // rstd_i^2 once scaled
+    double s_i;
+    std::memcpy(&s_i, sums + i * sizeof(double), sizeof(double));
+    row[i] = static_cast<acc_t>(double(row[i]) - factor * s_i);  // rstd_i^2 once scaled
     double ui = 0.0;
 #pragma omp simd reduction(+ : ui)
     for (int64_t j = 0; j < m; ++j) {
