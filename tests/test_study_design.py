@@ -179,6 +179,63 @@ def test_differences_without_spread_get_no_interval_and_no_test():
 
 
 
+def test_holm_adjusted_p_values_follow_the_step_down_procedure():
+    """Hand-made cases, then random ones (ties included) against the rejection procedure
+    itself: reject the smallest p-values while p_(k) <= alpha / (m - k), stop at the first
+    that is not; the adjusted p-values must reject exactly those at every alpha."""
+    got = study_stats.holm([0.01, 0.04, 0.03, 0.005])
+    assert got == pytest.approx([0.03, 0.06, 0.06, 0.02], rel=1e-12)
+    got = study_stats.holm([0.01, math.nan, 0.02])  # nothing to test: kept out of m
+    assert got[0] == pytest.approx(0.02) and math.isnan(got[1]) and got[2] == pytest.approx(0.02)
+    assert study_stats.holm([0.6, 0.7]) == [1.0, 1.0]
+    assert study_stats.holm([]) == []
+    g = torch.Generator().manual_seed(5)
+    for trial in range(200):
+        m = int(torch.randint(1, 12, (1,), generator=g))
+        p = [round(float(v), 2) for v in torch.rand(m, generator=g) ** 3]  # ties, small ones
+        adjusted = study_stats.holm(p)
+        for alpha in (0.001, 0.01, 0.05, 0.1, 0.3):
+            rejected = set()
+            for k, i in enumerate(sorted(range(m), key=lambda i: p[i])):
+                if p[i] > alpha / (m - k):
+                    break
+                rejected.add(i)
+            assert {i for i in range(m) if adjusted[i] <= alpha} == rejected, (p, alpha)
+        assert all(a >= b for a, b in zip(adjusted, p))
+    for bad in ([1.5], [-0.1], [0.2, float("inf")]):
+        with pytest.raises(ValueError, match="holm"):
+            study_stats.holm(bad)
+
+
+def test_the_report_adjusts_every_secondary_comparison_it_prints():
+    """Holm's family is every comparison the section prints with a p-value, the primary
+    endpoint left out: here pcc / l1, pcc / random and the interaction after fine-tuning."""
+    pytest.importorskip("scipy")
+    g = torch.Generator().manual_seed(11)
+    values = {}
+    for s in range(4):
+        for arm, shift in (("no_pcc", 0.0), ("pcc", 0.01)):
+            for c, level in (("ci", 0.7), ("l1", 0.69), ("random", 0.6)):
+                values[(arm, c, s)] = level + shift + 0.003 * float(torch.randn(1, generator=g))
+    rows = _rows(values)
+    text = study_report.markdown(rows)
+    diffs = study_report.paired_differences(rows, "no_pcc")
+    cell = ("finetuned", "pcc", "fixed")
+    inter = study_report.interaction(rows, "no_pcc", "pcc", "ci")[("finetuned", "fixed", 0.846)]
+    family = [diffs[(*cell, "l1", 0.846)].p, diffs[(*cell, "random", 0.846)].p, inter.p]
+    l1, random, both = study_stats.holm(family)
+    assert "over the 3 secondary comparisons" in text
+    lines = text.splitlines()
+    assert any(line.startswith("| pcc / ci | 84.6% |") and "| (primary) |" in line
+               for line in lines)
+    assert any(line.startswith("| pcc / l1 | 84.6% |") and f"| {l1:.3g} |" in line
+               for line in lines)
+    assert any(line.startswith("| pcc / random | 84.6% |") and f"| {random:.3g} |" in line
+               for line in lines)
+    assert any(line.startswith("| fine-tuned | fixed | 84.6% |") and f"| {both:.3g} |" in line
+               for line in lines)
+    assert min(l1, random, both) < 1  # the check above is not of three 1s
+
 def test_only_a_best_mean_no_other_row_ties_is_bold():
     """Right after deep pruning every row can sit at chance: bolding all of them as "the best"
     says nothing, so a tie marks none; a unique best is marked once."""

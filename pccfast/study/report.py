@@ -101,13 +101,19 @@ def _cell(stat) -> str:
     return f"{100 * m:.2f} ± {100 * s:.2f} ({stat['n']})"
 
 
-def _interval(p: st.Paired) -> str:
+def _testable(p: st.Paired) -> bool:
+    """Whether a comparison has a p-value (two seeds or more, and some spread)."""
+    return p.n >= 2 and not p.no_spread and not math.isnan(p.p)
+
+
+def _interval(p: st.Paired, adjusted: str = "–") -> str:
+    """Table cells: mean | 95% interval | p | Holm p (``adjusted``, already formatted) | n."""
     if p.n < 2:
-        return f"{100 * p.mean:+.2f} | – | – | {p.n}"
+        return f"{100 * p.mean:+.2f} | – | – | – | {p.n}"
     if p.no_spread:  # every seed the same difference: nothing to test (footnoted)
-        return f"{100 * p.mean:+.2f} | – (no spread) | – | {p.n}"
+        return f"{100 * p.mean:+.2f} | – (no spread) | – | – | {p.n}"
     return (f"{100 * p.mean:+.2f} | [{100 * p.low:+.2f}, {100 * p.high:+.2f}] | {p.p:.3g} | "
-            f"{p.n}")
+            f"{adjusted} | {p.n}")
 
 
 def _no_spread_note(stats) -> list[str]:
@@ -132,8 +138,9 @@ def _label(arm, allocation, criterion, allocations) -> str:
     return f"{arm} / {criterion}" + (f" ({allocation})" if len(allocations) > 1 else "")
 
 
-def primary(rows: list[dict], config) -> tuple[str, st.Paired | None]:
-    """The primary endpoint's description and statistics (None: not measured yet)."""
+def primary_key(rows: list[dict], config) -> tuple[str, tuple] | None:
+    """The primary endpoint: its base arm and its paired-difference key (stage, arm,
+    allocation, criterion, target), or None when there is no second arm."""
     arms, allocations, criteria = _names(rows, config)
     if config is not None and len(config.arms) > 1:
         base, arm = config.arms[0].name, config.arms[1].name
@@ -145,12 +152,20 @@ def primary(rows: list[dict], config) -> tuple[str, st.Paired | None]:
         stage, target = "finetuned", max((float(r["target"]) for r in rows
                                           if r["stage"] == "finetuned"), default=0.0)
     else:
+        return None
+    return base, (stage, arm, allocation, criterion, round(target, 6))
+
+
+def primary(rows: list[dict], config) -> tuple[str, st.Paired | None]:
+    """The primary endpoint's description and statistics (None: not measured yet)."""
+    found = primary_key(rows, config)
+    if found is None:
         return "", None
+    base, key = found
+    stage, arm, allocation, criterion, target = key
     what = (f"{arm} − {base}, {criterion} scores, {allocation} allocation, "
             f"{100 * target:.1f}% FLOPs removed, {SHORT[stage]}, test accuracy")
-    found = paired_differences(rows, base).get((stage, arm, allocation, criterion,
-                                                round(target, 6)))
-    return what, found
+    return what, paired_differences(rows, base).get(key)
 
 
 def markdown(rows: list[dict], config=None, features: list[dict] | None = None) -> str:
@@ -175,7 +190,8 @@ def markdown(rows: list[dict], config=None, features: list[dict] | None = None) 
             lines += ["", st.reading(found, "Paired difference")]
         lines.append("")
     if len(arms) > 1 and not missing:
-        lines += _comparisons(rows, arms, allocations, criteria)
+        key = primary_key(rows, config)
+        lines += _comparisons(rows, arms, allocations, criteria, key[1] if key else None)
     pre = [(a, stats.get(("pretrained", a, "-", "-", 0.0))) for a in arms]
     lines += ["## Unpruned (pre-trained) accuracy", "", "| arm | accuracy (n) |", "|---|---|"]
     lines += [f"| {a} | {_cell(s)} |" for a, s in pre if s]
@@ -196,47 +212,72 @@ def markdown(rows: list[dict], config=None, features: list[dict] | None = None) 
     return "\n".join(lines) + "\n"
 
 
-def _comparisons(rows, arms, allocations, criteria) -> list[str]:
+def _comparisons(rows, arms, allocations, criteria, primary=None) -> list[str]:
     base = arms[0]
     diffs = paired_differences(rows, base)
+    interactions = ({arm: interaction(rows, base, arm, criteria[0]) for arm in arms[1:]}
+                    if "random" in criteria and criteria[0] != "random" else {})
+    shown = ("pretrained", "finetuned", "pruned_bn")  # the stages this section prints
+    # Holm's family: every comparison below with a p-value, the primary endpoint left out
+    family = [("diff", k) for k, p in diffs.items()
+              if k[0] in shown and k != primary and _testable(p)]
+    family += [("interaction", arm, k) for arm, found in interactions.items()
+               for k, p in found.items() if _testable(p)]
+
+    def stat_of(member):
+        return diffs[member[1]] if member[0] == "diff" else interactions[member[1]][member[2]]
+
+    holm = dict(zip(family, st.holm([stat_of(m).p for m in family])))
+
+    def adjusted(member) -> str:
+        if member == ("diff", primary):
+            return "(primary)"
+        return f"{holm[member]:.3g}" if member in holm else "–"
+
     lines = [f"## Each arm minus {base}, paired by seed", "",
              "Accuracy points: mean difference, its 95% interval, the two-sided p-value of no "
-             f"difference, and n seeds; positive means the arm beat {base}.", ""]
-    for (stage, arm, _, _, _), p in diffs.items():
-        if stage == "pretrained":
-            lines.append(st.reading(p, f"Unpruned accuracy, {arm} − {base}"))
-            lines.append("")
+             f"difference, Holm's adjusted p-value over the {len(family)} secondary comparisons "
+             "of this section (every one with a p-value, the primary endpoint left out; those "
+             "under 0.05 hold together at a 5% family-wise error rate), and n seeds; positive "
+             f"means the arm beat {base}.", ""]
+    for key, p in diffs.items():
+        if key[0] == "pretrained":
+            text = st.reading(p, f"Unpruned accuracy, {key[1]} − {base}")
+            if ("diff", key) in holm:
+                text += f" Holm-adjusted p = {adjusted(('diff', key))}."
+            lines += [text, ""]
     for stage in ("finetuned", "pruned_bn"):
         keys = sorted(k for k in diffs if k[0] == stage)
         if not keys:
             continue
         lines += [f"### {STAGE_TITLES[stage][0].upper()}{STAGE_TITLES[stage][1:]}", "",
-                  "| arm / criterion | FLOPs target | mean | 95% interval | p | n |",
-                  "|---|---|---|---|---|---|"]
+                  "| arm / criterion | FLOPs target | mean | 95% interval | p | Holm p | n |",
+                  "|---|---|---|---|---|---|---|"]
         for arm in arms[1:]:
             for allocation in allocations:
                 for criterion in criteria:
                     for k in keys:
                         if k[1:4] == (arm, allocation, criterion):
                             label = _label(arm, allocation, criterion, allocations)
-                            lines.append(f"| {label} | {100 * k[4]:.1f}% | {_interval(diffs[k])} |")
+                            cells = _interval(diffs[k], adjusted(("diff", k)))
+                            lines.append(f"| {label} | {100 * k[4]:.1f}% | {cells} |")
         lines += _no_spread_note(diffs[k] for k in keys)
         lines.append("")
-    if "random" in criteria and criteria[0] != "random":
-        for arm in arms[1:]:
-            found = interaction(rows, base, arm, criteria[0])
-            if found:
-                lines += [f"### Interaction: ({arm} − {base}) of ({criteria[0]} − random)", "",
-                          f"Whether {arm} helps {criteria[0]} pruning more than it helps random "
-                          "pruning (which it would if it only made the model more robust to "
-                          "pruning).", "",
-                          "| stage | allocation | FLOPs target | mean | 95% interval | p | n |",
-                          "|---|---|---|---|---|---|---|"]
-                for (stage, allocation, target), p in sorted(found.items()):
-                    lines.append(f"| {SHORT[stage]} | {allocation} | {100 * target:.1f}% | "
-                                 f"{_interval(p)} |")
-                lines += _no_spread_note(found.values())
-                lines.append("")
+    for arm, found in interactions.items():
+        if found:
+            lines += [f"### Interaction: ({arm} − {base}) of ({criteria[0]} − random)", "",
+                      f"Whether {arm} helps {criteria[0]} pruning more than it helps random "
+                      "pruning (which it would if it only made the model more robust to "
+                      "pruning).", "",
+                      "| stage | allocation | FLOPs target | mean | 95% interval | p | Holm p "
+                      "| n |",
+                      "|---|---|---|---|---|---|---|---|"]
+            for key, p in sorted(found.items()):
+                stage, allocation, target = key
+                lines.append(f"| {SHORT[stage]} | {allocation} | {100 * target:.1f}% | "
+                             f"{_interval(p, adjusted(('interaction', arm, key)))} |")
+            lines += _no_spread_note(found.values())
+            lines.append("")
     return lines
 
 
