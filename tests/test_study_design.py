@@ -178,7 +178,6 @@ def test_differences_without_spread_get_no_interval_and_no_test():
     assert "– (no spread)" in text and "nothing to test" in text
 
 
-
 def test_holm_adjusted_p_values_follow_the_step_down_procedure():
     """Hand-made cases, then random ones (ties included) against the rejection procedure
     itself: reject the smallest p-values while p_(k) <= alpha / (m - k), stop at the first
@@ -235,6 +234,7 @@ def test_the_report_adjusts_every_secondary_comparison_it_prints():
     assert any(line.startswith("| fine-tuned | fixed | 84.6% |") and f"| {both:.3g} |" in line
                for line in lines)
     assert min(l1, random, both) < 1  # the check above is not of three 1s
+
 
 def test_only_a_best_mean_no_other_row_ties_is_bold():
     """Right after deep pruning every row can sit at chance: bolding all of them as "the best"

@@ -101,11 +101,6 @@ def _cell(stat) -> str:
     return f"{100 * m:.2f} ± {100 * s:.2f} ({stat['n']})"
 
 
-def _testable(p: st.Paired) -> bool:
-    """Whether a comparison has a p-value (two seeds or more, and some spread)."""
-    return p.n >= 2 and not p.no_spread and not math.isnan(p.p)
-
-
 def _interval(p: st.Paired, adjusted: str = "–") -> str:
     """Table cells: mean | 95% interval | p | Holm p (``adjusted``, already formatted) | n."""
     if p.n < 2:
@@ -156,9 +151,9 @@ def primary_key(rows: list[dict], config) -> tuple[str, tuple] | None:
     return base, (stage, arm, allocation, criterion, round(target, 6))
 
 
-def primary(rows: list[dict], config) -> tuple[str, st.Paired | None]:
-    """The primary endpoint's description and statistics (None: not measured yet)."""
-    found = primary_key(rows, config)
+def primary(rows: list[dict], found: tuple[str, tuple] | None) -> tuple[str, st.Paired | None]:
+    """The primary endpoint's description and statistics (None: not measured yet), from
+    :func:`primary_key`'s answer."""
     if found is None:
         return "", None
     base, key = found
@@ -179,7 +174,8 @@ def markdown(rows: list[dict], config=None, features: list[dict] | None = None) 
              "are 95% Student-t intervals of the mean per-seed difference, in accuracy points.",
              ""]
     missing = st.scipy_missing()
-    what, found = primary(rows, config)
+    endpoint = primary_key(rows, config)
+    what, found = primary(rows, endpoint)
     if what:
         lines += ["## Primary endpoint", "", f"{what}."]
         if found is None:
@@ -190,8 +186,8 @@ def markdown(rows: list[dict], config=None, features: list[dict] | None = None) 
             lines += ["", st.reading(found, "Paired difference")]
         lines.append("")
     if len(arms) > 1 and not missing:
-        key = primary_key(rows, config)
-        lines += _comparisons(rows, arms, allocations, criteria, key[1] if key else None)
+        lines += _comparisons(rows, arms, allocations, criteria,
+                              endpoint[1] if endpoint else None)
     pre = [(a, stats.get(("pretrained", a, "-", "-", 0.0))) for a in arms]
     lines += ["## Unpruned (pre-trained) accuracy", "", "| arm | accuracy (n) |", "|---|---|"]
     lines += [f"| {a} | {_cell(s)} |" for a, s in pre if s]
@@ -219,15 +215,11 @@ def _comparisons(rows, arms, allocations, criteria, primary=None) -> list[str]:
                     if "random" in criteria and criteria[0] != "random" else {})
     shown = ("pretrained", "finetuned", "pruned_bn")  # the stages this section prints
     # Holm's family: every comparison below with a p-value, the primary endpoint left out
-    family = [("diff", k) for k, p in diffs.items()
-              if k[0] in shown and k != primary and _testable(p)]
-    family += [("interaction", arm, k) for arm, found in interactions.items()
-               for k, p in found.items() if _testable(p)]
-
-    def stat_of(member):
-        return diffs[member[1]] if member[0] == "diff" else interactions[member[1]][member[2]]
-
-    holm = dict(zip(family, st.holm([stat_of(m).p for m in family])))
+    family = [(("diff", k), p) for k, p in diffs.items()
+              if k[0] in shown and k != primary and p.tested]
+    family += [(("interaction", arm, k), p) for arm, found in interactions.items()
+               for k, p in found.items() if p.tested]
+    holm = dict(zip((member for member, _ in family), st.holm([p.p for _, p in family])))
 
     def adjusted(member) -> str:
         if member == ("diff", primary):

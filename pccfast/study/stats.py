@@ -35,8 +35,13 @@ class Paired:
         return self.n >= 2 and self.sd == 0
 
     @property
+    def tested(self) -> bool:
+        """Whether there is a p-value: two seeds or more, and some spread."""
+        return self.n >= 2 and not self.no_spread and not math.isnan(self.p)
+
+    @property
     def excludes_zero(self) -> bool:
-        return self.n >= 2 and not self.no_spread and (self.low > 0 or self.high < 0)
+        return self.tested and (self.low > 0 or self.high < 0)
 
     @property
     def bound(self) -> float:
